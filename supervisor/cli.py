@@ -1,0 +1,200 @@
+"""argparse front end: the only place that prints for humans and exits.
+
+Heavy modules (psutil, loguru, the daemon) are imported inside the commands
+that need them, so client commands such as ``gosup status`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from supervisor import __version__
+from supervisor import config as configmod
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+DEFAULT_CONFIG = "app.toml"
+
+
+class CLIError(Exception):
+    """Printed as ``gosup: <message>`` and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def load_config(path: str) -> configmod.AppConfig:
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+# -- run / check ----------------------------------------------------------------
+
+
+def setup_logging(verbose: bool) -> None:
+    from loguru import logger
+
+    logger.remove()
+    under_systemd = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
+    fmt = (
+        "gosup {level}: {message}"
+        if under_systemd
+        else (
+            "<dim>{time:HH:mm:ss.SSS}</dim> <bold>gosup</bold> <level>{level: <7}</level> {message}"
+        )
+    )
+    logger.add(
+        sys.stderr,
+        level="DEBUG" if verbose else "INFO",
+        format=fmt,
+        colorize=None if not under_systemd else False,
+        backtrace=False,
+        diagnose=False,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    config = load_config(args.config)
+    setup_logging(args.verbose)
+    from supervisor.daemon import Supervisor
+
+    echo = sys.stdout.isatty() if args.echo is None else args.echo
+
+    async def main() -> int:
+        return await Supervisor(config, echo=echo).run()
+
+    return asyncio.run(main())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    errors = configmod.check_file(args.config)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return EXIT_USAGE
+    config = configmod.load(args.config)
+    print(f"{args.config}: ok ({len(config.programs)} programs)")
+    return EXIT_OK
+
+
+# -- history ----------------------------------------------------------------------
+
+
+def history_path(args: argparse.Namespace) -> Path:
+    if args.state_dir:
+        return Path(args.state_dir) / "history.jsonl"
+    return load_config(args.config).supervisor.state_dir / "history.jsonl"
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from supervisor import events
+
+    path = history_path(args)
+    if not path.exists() and not args.follow:
+        raise CLIError(f"no history yet at {path}")
+
+    def show(rec: dict[str, object]) -> None:
+        line = json.dumps(rec, ensure_ascii=False) if args.json else events.format_record(rec)
+        print(line, flush=True)
+
+    if not args.json:
+        print(events.format_header())
+    for rec in events.read(path, n=args.n, program=args.program) if path.exists() else []:
+        show(rec)
+    if args.follow:
+        try:
+            for rec in events.follow(path, program=args.program):
+                show(rec)
+        except KeyboardInterrupt:
+            return EXIT_OK
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def _add_config(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument(
+            "config",
+            nargs="?",
+            default=DEFAULT_CONFIG,
+            help="the app.toml to use (default: ./app.toml)",
+        )
+    else:
+        p.add_argument(
+            "-c",
+            "--config",
+            default=DEFAULT_CONFIG,
+            help="the app.toml of the gosup to talk to (default: ./app.toml)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gosup",
+        description="A self-healing process supervisor for Go services.",
+        epilog="Exit codes: 0 done, 1 the operation failed, 2 usage or config error, "
+        "3 no gosup is running there.",
+    )
+    parser.add_argument("--version", action="version", version=f"gosup {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the programs of CONFIG in the foreground")
+    _add_config(p, positional=True)
+    p.add_argument(
+        "--echo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the programs' output with a 'name |' prefix "
+        "(default: when stdout is a terminal)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate CONFIG: exit 0, or 2 with every error on stderr")
+    _add_config(p, positional=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("history", help="show the restart history (works while gosup is down)")
+    _add_config(p)
+    p.add_argument("--state-dir", help="read STATE_DIR/history.jsonl instead of the config's")
+    p.add_argument("-n", type=int, default=20, help="show the last N records (default 20)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    p.add_argument("--program", metavar="NAME", help="only records of program NAME")
+    p.add_argument("--json", action="store_true", help="raw JSON lines")
+    p.set_defaults(func=cmd_history)
+
+    for extend in PARSER_EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+# Client commands register their subparsers here (see control.py).
+PARSER_EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CLIError as exc:
+        print(f"gosup: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,721 @@
+"""The gosup config file (app.toml, DESIGN §4) parsed into frozen dataclasses.
+
+Reading happens once, up front, and either yields a complete `AppConfig` or
+raises one `ConfigError` carrying *every* problem found, each naming the file
+and the key path (``app.toml: programs.api.backoff.max: must be > 0``). An
+operator fixing a config should not have to run ``gosup check`` once per typo.
+
+The shape follows supervisord's ``datatypes.py``: small named converters take
+one raw TOML value and return a typed one or raise `ValueError` with a short
+message; `_Table` applies them key by key, turns each `ValueError` into a
+located message, and reports keys nobody asked for (circus accepts unknown
+keys silently, and its users pay for it). After an error a converter's
+fallback value stands in so that checking can go on; nothing built from a
+config with errors ever leaves this module.
+
+Stdlib only: the fast CLI path (``gosup check``, ``gosup status``) imports it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+import signal
+import tomllib
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
+Converter = Callable[[object], T]
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `errors` holds one located message per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+
+
+# --- units ------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_RE = re.compile(rf"(?:{_NUMBER}(?:ms|s|m|h))+")
+_DURATION_PART_RE = re.compile(rf"({_NUMBER})(ms|s|m|h)")
+_SIZE_RE = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from "250ms", "10s", "5m", "1h", "1.5s", "1m30s" or a plain number."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise ValueError(f"duration {value!r} must not be negative")
+        if re.fullmatch(_NUMBER, text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
+            parts = _DURATION_PART_RE.findall(text)
+            seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in parts)
+        else:
+            raise ValueError(f"invalid duration {value!r} (e.g. '250ms', '10s', '5m', '1h')")
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}")
+    if seconds < 0:
+        raise ValueError(f"duration {value!r} must not be negative")
+    return seconds
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from "512MiB", "2GiB", "100MB", "10KB", "64B" or a plain integer.
+
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (as in
+    GOMEMLIMIT); units are not case-sensitive.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match is None or match[2].lower() not in _SIZE_UNITS:
+            if value.strip().startswith("-"):
+                raise ValueError(f"size {value!r} must not be negative")
+            raise ValueError(f"invalid size {value!r} (e.g. '512MiB', '2GiB', '100MB', 4096)")
+        size = round(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    if size < 0:
+        raise ValueError(f"size {value!r} must not be negative")
+    return size
+
+
+def parse_signal(value: str | int) -> signal.Signals:
+    """A signal from "SIGTERM", "TERM", "term", "15" or 15."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"unknown signal {value!r}")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        try:
+            return signal.Signals(value)
+        except ValueError:
+            raise ValueError(f"unknown signal {value}") from None
+    name = value.strip().upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ValueError(f"unknown signal {value!r}") from None
+
+
+# --- the spec dataclasses ---------------------------------------------------
+
+
+class RestartPolicy(enum.Enum):
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
+class OnChange(enum.Enum):
+    RELOAD = "reload"
+    RESTART = "restart"
+    NONE = "none"
+
+
+class Evidence(enum.Enum):
+    PPROF = "pprof"
+    SIGQUIT = "sigquit"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class BackoffSpec:
+    initial: float = 0.25
+    max: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    reset_after: float = 60.0
+    give_up_after: int = 10  # consecutive failed runs before FATAL; 0 = never
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    max_size: int = 50 * 1024**2
+    backups: int = 5
+
+
+@dataclass(frozen=True)
+class LimitsSpec:
+    interval: float = 5.0
+    sustain: int = 3
+    rss: int | None = None
+    open_fds: int | None = None
+    threads: int | None = None
+    connections: int | None = None
+    goroutines: int | None = None
+    heap_inuse: int | None = None
+    go_metrics: str | None = None
+    allow_remote_metrics: bool = False
+    evidence: Evidence = Evidence.PPROF
+    dump_max_size: int = 16 * 1024**2
+    dump_keep: int = 10
+
+
+@dataclass(frozen=True)
+class ConfigFileSpec:
+    path: Path  # absolute, symlinks kept (a ConfigMap's ..data link is the point)
+    staging: Path | None  # None: watch the live file itself
+    validate: tuple[str, ...] | None = None
+    validate_timeout: float = 30.0
+    on_change: OnChange = OnChange.RELOAD
+    probation: float = 30.0
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    command: tuple[str, ...]
+    directory: Path
+    watch: tuple[str, ...] = ("**/*.go", "go.mod", "go.sum")
+    ignore: tuple[str, ...] = ()
+    debounce: float = 0.2
+
+
+def _empty_environment() -> Mapping[str, str]:
+    return types.MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    name: str
+    command: tuple[str, ...]  # command[0] as written; spawn resolves it against directory
+    directory: Path
+    # hash=False: a mappingproxy is unhashable, yet specs stay hashable and comparable.
+    environment: Mapping[str, str] = field(default_factory=_empty_environment, hash=False)
+    user: str | None = None
+    group: str | None = None
+    autostart: bool = True
+    restart: RestartPolicy = RestartPolicy.ON_FAILURE
+    success_exit_codes: frozenset[int] = frozenset({0})
+    start_seconds: float = 1.0
+    stop_signal: signal.Signals = signal.SIGTERM
+    stop_timeout: float = 10.0
+    reload_signal: signal.Signals = signal.SIGHUP
+    go_env: bool = True
+    backoff: BackoffSpec = field(default_factory=BackoffSpec)
+    logs: LogSpec = field(default_factory=LogSpec)
+    limits: LimitsSpec | None = None
+    config_files: tuple[ConfigFileSpec, ...] = ()
+    build: BuildSpec | None = None
+
+
+@dataclass(frozen=True)
+class SupervisorSpec:
+    state_dir: Path
+    log_dir: Path
+    metrics_listen: str | None = None
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    path: Path
+    sha256: str
+    supervisor: SupervisorSpec
+    programs: tuple[ProgramSpec, ...]
+
+    def program(self, name: str) -> ProgramSpec:
+        """The program called `name`; KeyError if there is none."""
+        for program in self.programs:
+            if program.name == name:
+                return program
+        raise KeyError(name)
+
+
+def _keys(cls: type, *not_keys: str) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls)) - set(not_keys)
+
+
+_TOP_KEYS = frozenset({"supervisor", "programs"})
+_SUPERVISOR_KEYS = _keys(SupervisorSpec)
+_PROGRAM_KEYS = _keys(ProgramSpec, "name")
+_BACKOFF_KEYS = _keys(BackoffSpec)
+_LOG_KEYS = _keys(LogSpec)
+_LIMITS_KEYS = _keys(LimitsSpec)
+_CONFIG_FILE_KEYS = _keys(ConfigFileSpec)
+_BUILD_KEYS = _keys(BuildSpec)
+
+
+# --- converters: one raw TOML value in, a typed value out, or ValueError ----
+
+
+def _toml_type(value: object) -> str:
+    kinds = [(bool, "boolean"), (int, "integer"), (float, "float"), (str, "string")]
+    kinds += [(list, "array"), (dict, "table")]
+    return next((name for kind, name in kinds if isinstance(value, kind)), "date/time")
+
+
+def _wrong_type(expected: str, value: object) -> ValueError:
+    return ValueError(f"must be {expected}, not {_toml_type(value)}")
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type("a string", value)
+    if not value or "\0" in value:
+        raise ValueError("must be a non-empty string without NUL")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong_type("true or false", value)
+    return value
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type("an integer", value)
+    return value
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _wrong_type("a number", value)
+    return float(value)
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _wrong_type("a duration like '10s' or a number of seconds", value)
+    return parse_duration(value)
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _wrong_type("a size like '512MiB' or an integer of bytes", value)
+    return parse_size(value)
+
+
+def _signal(value: object) -> signal.Signals:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _wrong_type("a signal name like 'SIGTERM'", value)
+    return parse_signal(value)
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _wrong_type("an array of strings", value)
+    return tuple(value)
+
+
+def _argv(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("must be an array of strings (argv; no shell)")
+    if not value or not value[0]:
+        raise ValueError("must not be empty: the first item is the program to run")
+    if any("\0" in item for item in value):
+        raise ValueError("must not contain NUL characters")
+    return tuple(value)
+
+
+def _exit_codes(value: object) -> frozenset[int]:
+    if not isinstance(value, list) or not all(type(c) is int and 0 <= c <= 255 for c in value):
+        raise ValueError("must be an array of exit codes (integers 0-255)")
+    return frozenset(value)
+
+
+def _choice(kind: type[E]) -> Converter[E]:
+    allowed = ", ".join(repr(member.value) for member in kind)
+
+    def convert(value: object) -> E:
+        try:
+            return kind(_string(value))
+        except ValueError:
+            raise ValueError(f"must be one of {allowed}, not {value!r}") from None
+
+    return convert
+
+
+def _path(base: str) -> Converter[Path]:
+    # abspath, not resolve(): a symlinked live file must stay the symlink.
+    return lambda value: Path(os.path.abspath(os.path.join(base, _string(value))))
+
+
+def _staging(base: str) -> Converter[Path | None]:
+    def convert(value: object) -> Path | None:
+        if value is False:
+            return None
+        if isinstance(value, bool):
+            raise ValueError("must be a path, or false to watch the live file itself")
+        return _path(base)(value)
+
+    return convert
+
+
+def _listen_address(value: object) -> str:
+    text = _string(value)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        sep = sep if ":" not in host else ""
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be 'host:port' or '[ipv6]:port' with port 1-65535, not {text!r}")
+    return text
+
+
+def _metrics_url(value: object) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, not {text!r}")
+    return text
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _checked(convert: Converter[T], test: Callable[[T], bool], message: str) -> Converter[T]:
+    """`convert`, then insist on `test` (e.g. "must be > 0")."""
+
+    def run(value: object) -> T:
+        result = convert(value)
+        if not test(result):
+            raise ValueError(message)
+        return result
+
+    return run
+
+
+_positive_duration = _checked(_duration, lambda v: v > 0, "must be > 0")
+_positive_size = _checked(_size, lambda v: v > 0, "must be > 0")
+_positive_integer = _checked(_integer, lambda v: v > 0, "must be > 0")
+_non_negative_integer = _checked(_integer, lambda v: v >= 0, "must be >= 0")
+_one_or_more = _checked(_integer, lambda v: v >= 1, "must be >= 1")
+_at_least_one = _checked(_number, lambda v: v >= 1, "must be >= 1")
+_fraction = _checked(_number, lambda v: 0 <= v < 1, "must be >= 0 and < 1")
+
+
+# --- reading tables ---------------------------------------------------------
+
+
+def _quote(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+class _Table:
+    """One TOML table being read: converts keys, locates errors, rejects unknown keys."""
+
+    def __init__(
+        self, errors: list[str], source: str, data: Mapping[str, object], path: str,
+        known: frozenset[str] | None,
+    ) -> None:  # fmt: skip
+        """`known` lists the allowed keys; None allows any (environment, programs)."""
+        self._errors, self._source, self._data, self.path = errors, source, data, path
+        for key in data:
+            if known is not None and key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.error(key, f"unknown key{hint}")
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{_quote(key)}" if self.path else _quote(key)
+
+    def error(self, key: str, message: str) -> None:
+        self._errors.append(f"{self._source}: {self.key_path(key)}: {message}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def get(self, key: str, convert: Converter[T], default: T) -> T:
+        """The converted value of `key`; `default` when absent or invalid."""
+        if key not in self._data:
+            return default
+        try:
+            return convert(self._data[key])
+        except ValueError as exc:
+            self.error(key, str(exc))
+            return default
+
+    def require(self, key: str, convert: Converter[T], fallback: T) -> T:
+        if key not in self._data:
+            self.error(key, "is required")
+        return self.get(key, convert, fallback)
+
+    def table(self, key: str, known: frozenset[str] | None) -> _Table | None:
+        value = self._data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.error(key, f"must be a table, not {_toml_type(value)}")
+            return None
+        return self._child(value, self.key_path(key), known)
+
+    def tables(self, key: str, known: frozenset[str]) -> list[_Table]:
+        """An array of tables (``[[key]]``)."""
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.error(key, f"must be an array of tables ([[{self.key_path(key)}]])")
+            return []
+        return [self._child(v, f"{self.key_path(key)}[{i}]", known) for i, v in enumerate(value)]
+
+    def items(self) -> Iterable[tuple[str, object]]:
+        return self._data.items()
+
+    def _child(self, data: Mapping[str, object], path: str, known: frozenset[str] | None) -> _Table:
+        return _Table(self._errors, self._source, data, path, known)
+
+
+# --- building the specs -----------------------------------------------------
+
+
+def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
+    if t is None:
+        t = _Table([], "", {}, "supervisor", None)  # all defaults
+    return SupervisorSpec(
+        state_dir=t.get("state_dir", _path(base), _path(base)(".gosup")),
+        log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
+        metrics_listen=t.get("metrics_listen", _listen_address, None),
+        shutdown_timeout=t.get("shutdown_timeout", _positive_duration, 30.0),
+    )
+
+
+def _environment(t: _Table, key: str) -> Mapping[str, str]:
+    env = t.table(key, None)
+    if env is None:
+        return _empty_environment()
+    result = {}
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name:
+            env.error(name, "is not a valid environment variable name")
+        elif isinstance(value, str) and "\0" not in value:
+            result[name] = value
+        else:
+            env.error(name, f"must be a string, not {_toml_type(value)}")
+    return types.MappingProxyType(result)
+
+
+def _backoff(t: _Table | None) -> BackoffSpec:
+    if t is None:
+        return BackoffSpec()
+    d = BackoffSpec()
+    spec = BackoffSpec(
+        initial=t.get("initial", _positive_duration, d.initial),
+        max=t.get("max", _positive_duration, d.max),
+        multiplier=t.get("multiplier", _at_least_one, d.multiplier),
+        jitter=t.get("jitter", _fraction, d.jitter),
+        reset_after=t.get("reset_after", _positive_duration, d.reset_after),
+        give_up_after=t.get("give_up_after", _non_negative_integer, d.give_up_after),
+    )
+    if spec.max < spec.initial and "max" in t:
+        t.error("max", f"must be >= initial ({spec.initial:g}s)")
+    return spec
+
+
+def _logs(t: _Table | None) -> LogSpec:
+    if t is None:
+        return LogSpec()
+    return LogSpec(
+        max_size=t.get("max_size", _positive_size, LogSpec.max_size),
+        backups=t.get("backups", _non_negative_integer, LogSpec.backups),
+    )
+
+
+def _limits(t: _Table | None) -> LimitsSpec | None:
+    if t is None:
+        return None
+    d = LimitsSpec()
+    spec = LimitsSpec(
+        interval=t.get("interval", _positive_duration, d.interval),
+        sustain=t.get("sustain", _one_or_more, d.sustain),
+        rss=t.get("rss", _positive_size, None),
+        open_fds=t.get("open_fds", _positive_integer, None),
+        threads=t.get("threads", _positive_integer, None),
+        connections=t.get("connections", _positive_integer, None),
+        goroutines=t.get("goroutines", _positive_integer, None),
+        heap_inuse=t.get("heap_inuse", _positive_size, None),
+        go_metrics=t.get("go_metrics", _metrics_url, None),
+        allow_remote_metrics=t.get("allow_remote_metrics", _boolean, False),
+        evidence=t.get("evidence", _choice(Evidence), d.evidence),
+        dump_max_size=t.get("dump_max_size", _positive_size, d.dump_max_size),
+        dump_keep=t.get("dump_keep", _one_or_more, d.dump_keep),
+    )
+    if spec.go_metrics and not spec.allow_remote_metrics and not _is_loopback(spec.go_metrics):
+        host = urlsplit(spec.go_metrics).hostname
+        t.error("go_metrics", f"{host} is not loopback; set allow_remote_metrics = true if meant")
+    return spec
+
+
+def _config_file(t: _Table, base: str) -> tuple[ConfigFileSpec, bool]:
+    """The spec, and whether its path is real (not a stand-in after an error)."""
+    path: Path | None = t.require("path", _path(base), None)
+    real = path is not None
+    path = path or Path(base)
+    default_staging: Path | None = Path(f"{path}.new")
+    staging = t.get("staging", _staging(base), default_staging)
+    spec = ConfigFileSpec(
+        path=path,
+        staging=staging,
+        validate=t.get("validate", _argv, None),
+        validate_timeout=t.get("validate_timeout", _positive_duration, 30.0),
+        on_change=t.get("on_change", _choice(OnChange), OnChange.RELOAD),
+        probation=t.get("probation", _duration, 30.0),
+    )
+    return spec, real
+
+
+def _config_files(t: _Table, base: str, seen: dict[Path, str]) -> tuple[ConfigFileSpec, ...]:
+    specs = []
+    for item in t.tables("config_files", _CONFIG_FILE_KEYS):
+        spec, real = _config_file(item, base)
+        if real and spec.path in seen:
+            item.error("path", f"{spec.path} is already watched by {seen[spec.path]}")
+        elif real:
+            seen[spec.path] = item.key_path("path")
+        if spec.staging == spec.path:
+            item.error("staging", "must differ from path (use false to watch the live file)")
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _build(t: _Table | None, base: str, directory: Path) -> BuildSpec | None:
+    if t is None:
+        return None
+    return BuildSpec(
+        command=t.require("command", _argv, ()),
+        directory=t.get("directory", _path(base), directory),
+        watch=t.get("watch", _strings, BuildSpec.watch),
+        ignore=t.get("ignore", _strings, ()),
+        debounce=t.get("debounce", _duration, 0.2),
+    )
+
+
+_PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _program(name: str, t: _Table, base: str, seen: dict[Path, str]) -> ProgramSpec:
+    directory = t.get("directory", _path(base), Path(base))
+    return ProgramSpec(
+        name=name,
+        command=t.require("command", _argv, ()),
+        directory=directory,
+        environment=_environment(t, "environment"),
+        user=t.get("user", _string, None),
+        group=t.get("group", _string, None),
+        autostart=t.get("autostart", _boolean, True),
+        restart=t.get("restart", _choice(RestartPolicy), RestartPolicy.ON_FAILURE),
+        success_exit_codes=t.get("success_exit_codes", _exit_codes, frozenset({0})),
+        start_seconds=t.get("start_seconds", _duration, 1.0),
+        stop_signal=t.get("stop_signal", _signal, signal.SIGTERM),
+        stop_timeout=t.get("stop_timeout", _positive_duration, 10.0),
+        reload_signal=t.get("reload_signal", _signal, signal.SIGHUP),
+        go_env=t.get("go_env", _boolean, True),
+        backoff=_backoff(t.table("backoff", _BACKOFF_KEYS)),
+        logs=_logs(t.table("logs", _LOG_KEYS)),
+        limits=_limits(t.table("limits", _LIMITS_KEYS)),
+        config_files=_config_files(t, base, seen),
+        build=_build(t.table("build", _BUILD_KEYS), base, directory),
+    )
+
+
+def _programs(table: _Table | None, base: str) -> tuple[ProgramSpec, ...]:
+    if table is None:
+        return ()
+    seen: dict[Path, str] = {}
+    programs = []
+    for name, _ in table.items():
+        if not _PROGRAM_NAME.fullmatch(name):
+            table.error(name, "program names are letters, digits, '_', '.', '-'")
+        t = table.table(name, _PROGRAM_KEYS)
+        if t is not None:
+            programs.append(_program(name, t, base, seen))
+    return tuple(programs)
+
+
+# --- entry points -----------------------------------------------------------
+
+
+def _syntax_error(source: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    message = str(exc)
+    where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if where:
+        return f"{source}: line {where[1]}, column {where[2]}: {message[: where.start()]}"
+    if message.endswith("(at end of document)"):
+        return f"{source}: line {text.count(chr(10)) + 1}: {message}"
+    return f"{source}: {message}"
+
+
+def _parse(text: str, source: str, sha256: str) -> AppConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_error(source, text, exc)]) from None
+    path = Path(os.path.abspath(source))
+    base = str(path.parent)
+    errors: list[str] = []
+    root = _Table(errors, source, data, "", _TOP_KEYS)
+    config = AppConfig(
+        path=path,
+        sha256=sha256,
+        supervisor=_supervisor(root.table("supervisor", _SUPERVISOR_KEYS), base),
+        programs=_programs(root.table("programs", None), base),
+    )
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def loads(text: str, path: str | os.PathLike[str]) -> AppConfig:
+    """Parse `text` as if read from `path` (used in messages and for relative paths)."""
+    return _parse(text, os.fspath(path), hashlib.sha256(text.encode()).hexdigest())
+
+
+def load(path: str | os.PathLike[str]) -> AppConfig:
+    """Read and validate the config file at `path`; ConfigError lists every problem."""
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not valid UTF-8 (byte {exc.start})"]) from None
+    return _parse(text, source, hashlib.sha256(raw).hexdigest())
+
+
+def check_file(path: str | os.PathLike[str]) -> list[str]:
+    """Every error in the config file at `path`; empty when it is valid."""
+    try:
+        load(path)
+    except ConfigError as exc:
+        return exc.errors
+    return []

@@ -1,0 +1,261 @@
+"""The Supervisor: loads the config, owns the programs, turns signals into
+commands, applies a reloaded app.toml, and shuts everything down in order.
+
+Signal handlers only enqueue (``loop.add_signal_handler`` + ``put_nowait``);
+``_dispatch_signals`` is the one task that acts on them, so nothing runs
+inside a handler and nothing races with the programs' own tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from loguru import logger
+
+from supervisor import __version__
+from supervisor import config as configmod
+from supervisor.config import AppConfig, ProgramSpec
+from supervisor.events import History
+from supervisor.program import CommandError, Context, Kill, Program, Start, Stop
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, *FORWARDED_SIGNALS)
+
+
+class Attachment(Protocol):
+    """Something that lives beside a program (config watcher, builder ...)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# Each factory may attach one helper object to a program; later features
+# (config sync, build watcher) register themselves here.
+AttachmentFactory = Callable[["Supervisor", Program], Attachment | None]
+ATTACHMENT_FACTORIES: list[AttachmentFactory] = []
+# Supervisor-wide services (control socket, metrics, sampler, sd_notify).
+ServiceFactory = Callable[["Supervisor"], Attachment | None]
+SERVICE_FACTORIES: list[ServiceFactory] = []
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state directory private to gosup's user (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class Supervisor:
+    def __init__(self, config: AppConfig, *, echo: bool = False) -> None:
+        self.config = config
+        self.echo = echo
+        sup = config.supervisor
+        prepare_state_dir(sup.state_dir)
+        sup.log_dir.mkdir(parents=True, exist_ok=True)
+        self.history = History(sup.state_dir / "history.jsonl")
+        self.ctx = Context(
+            history=self.history, log_dir=sup.log_dir, echo_width=self._echo_width(config.programs)
+        )
+        self.programs: dict[str, Program] = {}
+        self.attachments: dict[str, list[Attachment]] = {}
+        self.services: list[Attachment] = []
+        self.state_listeners: list[Callable[[Program, Any, Any], None]] = []
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._done = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self.shutting_down = False
+
+    def _echo_width(self, programs: tuple[ProgramSpec, ...]) -> int | None:
+        if not self.echo:
+            return None
+        return max((len(p.name) for p in programs), default=4)
+
+    # -- life ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until told to stop; return the exit code."""
+        loop = asyncio.get_running_loop()
+        self.history.record(
+            "supervisor_started", version=__version__, config_sha256=self.config.sha256
+        )
+        logger.info(
+            "gosup {} started with {} ({} programs)",
+            __version__,
+            self.config.path,
+            len(self.config.programs),
+        )
+        for sig in HANDLED_SIGNALS:
+            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        dispatcher = loop.create_task(self._dispatch_signals(), name="signals")
+        try:
+            for factory in SERVICE_FACTORIES:
+                service = factory(self)
+                if service is not None:
+                    await service.start()
+                    self.services.append(service)
+            for spec in self.config.programs:
+                await self._add_program(spec)
+            await self._done.wait()
+        finally:
+            dispatcher.cancel()
+            for sig in HANDLED_SIGNALS:
+                loop.remove_signal_handler(sig)
+            if self._shutdown_task is None:  # an error brought us here: still stop everything
+                await self._stop_all()
+            await self._close()
+        return 0
+
+    async def _add_program(self, spec: ProgramSpec) -> Program:
+        program = Program(spec, self.ctx)
+        program.state_listeners.extend(self.state_listeners)
+        self.programs[spec.name] = program
+        program.launch()
+        attached = []
+        for factory in ATTACHMENT_FACTORIES:
+            att = factory(self, program)
+            if att is not None:
+                await att.start()
+                attached.append(att)
+        self.attachments[spec.name] = attached
+        if spec.autostart:
+            program.post(Start(reason="autostart"))
+        return program
+
+    async def _remove_program(self, name: str, reason: str) -> None:
+        program = self.programs.pop(name)
+        for att in self.attachments.pop(name, []):
+            await att.close()
+        with contextlib.suppress(CommandError):
+            await program.request(Stop(reason=reason, join=True))
+        await program.close()
+
+    def shutdown(self) -> None:
+        """Begin the orderly stop (idempotent); ``run`` returns once it is done."""
+        if self._shutdown_task is None:
+            self.shutting_down = True
+            self._shutdown_task = asyncio.get_running_loop().create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        logger.info("stopping {} programs", len(self.programs))
+        await self._stop_all()
+        self._done.set()
+
+    async def _stop_all(self) -> None:
+        """Stop programs in reverse order of start, within shutdown_timeout; then kill."""
+        for att_list in self.attachments.values():
+            for att in att_list:
+                with contextlib.suppress(Exception):
+                    await att.close()
+        self.attachments.clear()
+        order = sorted(self.programs.values(), key=lambda p: p.start_seq, reverse=True)
+        try:
+            async with asyncio.timeout(self.config.supervisor.shutdown_timeout):
+                for program in order:
+                    with contextlib.suppress(CommandError):
+                        await program.request(Stop(reason="shutdown", join=True))
+        except TimeoutError:
+            logger.error("shutdown_timeout passed: killing what still runs")
+            await self.kill_all()
+
+    async def kill_all(self) -> None:
+        await asyncio.gather(
+            *(p.request(Kill()) for p in self.programs.values()), return_exceptions=True
+        )
+        waits: list[Awaitable[Any]] = [
+            p.request(Stop(reason="killed", join=True)) for p in self.programs.values()
+        ]
+        await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _close(self) -> None:
+        for service in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await service.close()
+        for program in self.programs.values():
+            await program.close()
+        self.history.record(
+            "supervisor_stopped", version=__version__, config_sha256=self.config.sha256
+        )
+        self.history.close()
+        logger.info("gosup stopped")
+
+    # -- signals -----------------------------------------------------------------
+
+    async def _dispatch_signals(self) -> None:
+        while True:
+            sig = await self._signals.get()
+            name = signal.Signals(sig).name
+            if sig in STOP_SIGNALS:
+                if self.shutting_down and sig == signal.SIGINT:
+                    logger.warning("second SIGINT: killing every program now")
+                    await self.kill_all()
+                else:
+                    logger.info("{}: stopping", name)
+                    self.shutdown()
+            elif sig == signal.SIGHUP:
+                logger.info("SIGHUP: reloading {}", self.config.path)
+                try:
+                    await self.reload()
+                except configmod.ConfigError as exc:
+                    logger.error("reload refused, nothing changed:\n{}", exc)
+            else:
+                await self.forward_signal(sig, reason="forwarded")
+
+    async def forward_signal(self, sig: int, reason: str) -> list[str]:
+        """Send ``sig`` to every running program; return who got it."""
+        from supervisor.program import SendSignal
+        from supervisor.states import SIGNALLABLE_STATES
+
+        got = []
+        for program in list(self.programs.values()):
+            if program.state in SIGNALLABLE_STATES:
+                with contextlib.suppress(CommandError):
+                    await program.request(SendSignal(signum=sig, reason=reason))
+                    got.append(program.name)
+        return got
+
+    # -- reload --------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-read app.toml and apply only the difference.
+
+        An invalid file raises ConfigError before anything changes. Added
+        programs start, removed ones stop, changed ones restart with their new
+        spec, and untouched ones keep running with their pid.
+        """
+        async with self._reload_lock:
+            new = configmod.load(self.config.path)
+            if new.supervisor != self.config.supervisor:
+                logger.warning("[supervisor] changes take effect at the next gosup start")
+            old_specs = {p.name: p for p in self.config.programs}
+            new_specs = {p.name: p for p in new.programs}
+            removed = [n for n in old_specs if n not in new_specs]
+            added = [n for n in new_specs if n not in old_specs]
+            changed = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]
+            self.history.record(
+                "supervisor_reloaded",
+                version=__version__,
+                config_sha256=new.sha256,
+                added=added,
+                removed=removed,
+                changed=changed,
+            )
+            self.config = new
+            for name in removed:
+                await self._remove_program(name, reason="removed by reload")
+            for name in changed:
+                await self._remove_program(name, reason="changed by reload")
+                await self._add_program(new_specs[name])
+            for name in added:
+                await self._add_program(new_specs[name])
+            # Keep app.toml order for status listings.
+            self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
+            logger.info("reloaded: added {}, removed {}, changed {}", added, removed, changed)
+            return {"added": added, "removed": removed, "changed": changed}

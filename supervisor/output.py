@@ -1,0 +1,188 @@
+"""Capture of a child's stdout and stderr.
+
+The hot path is ``_PipeProtocol.data_received``: the event loop hands over
+chunks of up to 256 KiB, which go straight to an unbuffered file with one
+``write`` each. Nothing is split into lines unless a terminal is attached, so
+a child flooding its output costs one syscall per chunk and gosup's memory
+does not grow (asyncio stops reading the pipe while we write, and the kernel's
+pipe buffer pushes back on the child).
+
+stderr also keeps a bounded tail, which is what the Go crash parser reads
+after the child exits (the runtime writes its panic there), and can be tapped
+for a window (a SIGQUIT goroutine dump).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, BinaryIO
+
+TAIL_BYTES = 64 * 1024
+_COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
+
+
+class RotatingFile:
+    """An append-only file rotated to ``name.1 .. name.N`` when it would pass ``max_size``."""
+
+    def __init__(self, path: Path, max_size: int, backups: int) -> None:
+        self.path = path
+        self.max_size = max_size
+        self.backups = backups
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._open()
+        self.size = os.fstat(self._file.fileno()).st_size
+
+    def _open(self) -> BinaryIO:
+        return open(self.path, "ab", buffering=0)
+
+    def write(self, data: bytes) -> None:
+        if self.size + len(data) > self.max_size and self.size > 0:
+            self.rotate()
+        self._file.write(data)
+        self.size += len(data)
+
+    def rotate(self) -> None:
+        self._file.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self._file = self._open()
+        self.size = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TerminalEcho:
+    """Prints whole lines to a terminal as ``name | line`` in the program's colour."""
+
+    def __init__(self, name: str, width: int, out: BinaryIO | None = None, colour: bool = True):
+        code = _COLOURS[sum(name.encode()) % len(_COLOURS)]
+        label = name.ljust(width).encode()
+        self._prefix = (
+            f"\x1b[{code}m".encode() + label + b" |\x1b[0m " if colour else label + b" | "
+        )
+        self._out = out if out is not None else sys.stdout.buffer
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > TAIL_BYTES:  # a "line" with no end in sight: print it anyway
+            lines.append(self._partial)
+            self._partial = b""
+        if lines:
+            prefix = self._prefix
+            with contextlib.suppress(OSError, ValueError):
+                self._out.write(b"".join(prefix + line + b"\n" for line in lines))
+                self._out.flush()
+
+    def flush(self) -> None:
+        if self._partial:
+            self.feed(b"\n")
+
+
+class Stream:
+    """One of the program's two streams, shared by all its runs."""
+
+    def __init__(self, file: RotatingFile, echo: TerminalEcho | None, keep_tail: bool) -> None:
+        self.file = file
+        self.echo = echo
+        self.keep_tail = keep_tail
+        self.tail = bytearray()
+        self.bytes_total = 0
+        self.taps: list[Callable[[bytes], None]] = []
+
+    def feed(self, data: bytes) -> None:
+        self.file.write(data)
+        self.bytes_total += len(data)
+        if self.echo is not None:
+            self.echo.feed(data)
+        if self.keep_tail:
+            self.tail += data
+            if len(self.tail) > 2 * TAIL_BYTES:
+                del self.tail[:-TAIL_BYTES]
+        for tap in self.taps:
+            tap(data)
+
+    def tail_text(self) -> str:
+        return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")
+
+
+class _PipeProtocol(asyncio.Protocol):
+    def __init__(self, stream: Stream, done: asyncio.Future[None]) -> None:
+        self.stream = stream
+        self.done = done
+
+    def data_received(self, data: bytes) -> None:
+        self.stream.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream.echo is not None:
+            self.stream.echo.flush()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _factory(protocol: _PipeProtocol) -> Callable[[], _PipeProtocol]:
+    return lambda: protocol
+
+
+class OutputCapture:
+    """A program's log files, attached to each new child's pipes in turn."""
+
+    def __init__(
+        self, name: str, log_dir: Path, max_size: int, backups: int, echo_width: int | None
+    ) -> None:
+        colour = echo_width is not None and sys.stdout.isatty()
+
+        def echo() -> TerminalEcho | None:
+            return TerminalEcho(name, echo_width, colour=colour) if echo_width else None
+
+        self.stdout = Stream(
+            RotatingFile(log_dir / f"{name}.stdout.log", max_size, backups), echo(), keep_tail=False
+        )
+        self.stderr = Stream(
+            RotatingFile(log_dir / f"{name}.stderr.log", max_size, backups), echo(), keep_tail=True
+        )
+        self._transports: list[asyncio.BaseTransport] = []
+        self._done: list[asyncio.Future[None]] = []
+
+    async def attach(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+        """Start pumping a new child's pipes (the previous run's must be detached)."""
+        loop = asyncio.get_running_loop()
+        self.stderr.tail.clear()
+        for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
+            done: asyncio.Future[None] = loop.create_future()
+            protocol = _PipeProtocol(stream, done)
+            transport, _ = await loop.connect_read_pipe(_factory(protocol), pipe)
+            self._transports.append(transport)
+            self._done.append(done)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for both pipes to reach EOF (so a crash's last words are read), then
+        close them; a descendant that keeps the pipe open cannot hold us longer than ``timeout``."""
+        if self._done:
+            await asyncio.wait(self._done, timeout=timeout)
+        self.detach()
+
+    def detach(self) -> None:
+        for transport in self._transports:
+            transport.close()
+        self._transports.clear()
+        self._done.clear()
+
+    def close(self) -> None:
+        self.detach()
+        self.stdout.file.close()
+        self.stderr.file.close()

@@ -1,0 +1,550 @@
+"""One program: its state machine, restart loop and start/stop sequences.
+
+A ``Program`` is an actor. Everything that can change it (an operator's
+command, a signal to forward, a leak finding, a config change, the child's
+own exit, a timer) arrives as a message in one inbox, and one task handles
+the messages in order. Only that task spawns, signals or kills the child, so
+"stop during a restart" or "exit during a stop" are just the next message in
+the queue, never a race between tasks.
+
+Time is ``ctx.clock`` (monotonic). The only timer is ``_deadline``: what
+happens when it passes depends on the state (STARTING: now RUNNING; BACKOFF:
+start again; STOPPING: SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from loguru import logger
+
+from supervisor import gopanic, spawn
+from supervisor.backoff import BackoffPolicy
+from supervisor.config import ProgramSpec, RestartPolicy
+from supervisor.events import History
+from supervisor.output import OutputCapture
+from supervisor.states import SIGNALLABLE_STATES, ProcessState, check_transition
+
+S = ProcessState
+DRAIN_TIMEOUT = 0.5  # how long a crash's last words may take to arrive after the exit
+
+
+class CommandError(Exception):
+    """A request that cannot be carried out in the program's current state."""
+
+
+@dataclass
+class Context:
+    """What every program shares with its supervisor."""
+
+    history: History
+    log_dir: Path
+    echo_width: int | None = None
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    extra_env: Callable[[ProgramSpec], dict[str, str]] = lambda spec: {}
+
+
+# -- messages ---------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    reply: asyncio.Future[str] | None = field(default=None, kw_only=True)
+
+
+@dataclass
+class Start(Message):
+    reason: str = "operator"
+
+
+@dataclass
+class Stop(Message):
+    reason: str = "operator"
+    join: bool = False  # a stop already under way is joined instead of refused
+
+
+@dataclass
+class Restart(Message):
+    reason: str = "operator"
+
+
+@dataclass
+class SendSignal(Message):
+    signum: int = signal.SIGHUP
+    reason: str = "operator"
+
+
+@dataclass
+class Kill(Message):
+    """SIGKILL the whole tree now (second SIGINT)."""
+
+
+@dataclass
+class _Exited(Message):
+    child: spawn.Child
+    code: int
+
+
+class Program:
+    def __init__(self, spec: ProgramSpec, ctx: Context) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.ctx = ctx
+        self.state = S.STOPPED
+        self.child: spawn.Child | None = None
+        self.started_at: float | None = None
+        self.start_seq = 0  # order of the latest start among all programs (shutdown reverses it)
+        self.failures = 0  # consecutive failed runs
+        self.starts = 0
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.last_exit: dict[str, Any] | None = None
+        self.figures: dict[str, Any] = {}  # filled by samplers: rss_bytes, goroutines, ...
+        self.policy = BackoffPolicy(spec.backoff, ctx.rng)
+        self.output = OutputCapture(
+            spec.name, ctx.log_dir, spec.logs.max_size, spec.logs.backups, ctx.echo_width
+        )
+        self.state_listeners: list[Callable[[Program, ProcessState, ProcessState], None]] = []
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._wake = asyncio.Event()
+        self._deadline: float | None = None
+        self._waiters: list[tuple[frozenset[ProcessState], asyncio.Future[str]]] = []
+        self._start_after_stop: Start | None = None
+        self._stop_reason = ""
+        self._stop_deadline = 0.0
+        self._oom_kills_at_start = 0
+        self._snapshot: list[psutil.Process] = []
+        self._killed = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the outside world's side --------------------------------------------
+
+    def launch(self) -> None:
+        """Start the program's own task (it idles in STOPPED until told to start)."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"program:{self.name}"
+        )
+
+    def post(self, msg: Message) -> None:
+        self._inbox.append(msg)
+        self._wake.set()
+
+    async def request(self, msg: Message) -> str:
+        """Post a command and wait for its outcome; CommandError when refused or failed."""
+        msg.reply = asyncio.get_running_loop().create_future()
+        self.post(msg)
+        return await msg.reply
+
+    async def close(self) -> None:
+        """End the task (the child must already be stopped) and close the log files."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.output.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    def uptime(self) -> float | None:
+        if self.started_at is None or self.child is None:
+            return None
+        return self.ctx.clock() - self.started_at
+
+    def status(self) -> dict[str, Any]:
+        uptime = self.uptime()
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "uptime_s": round(uptime, 3) if uptime is not None else None,
+            "restarts": sum(self.restarts.values()),
+            "failures": self.failures,
+            "last_exit": self.last_exit,
+            **self.figures,
+        }
+
+    # -- the actor -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            msg = await self._next()
+            try:
+                if msg is None:
+                    await self._on_deadline()
+                else:
+                    await self._handle(msg)
+            except CommandError as exc:
+                if msg is not None and msg.reply is not None and not msg.reply.done():
+                    msg.reply.set_exception(exc)
+            except Exception as exc:  # a bug: log it, keep supervising
+                logger.opt(exception=exc).error("{}: internal error handling {}", self.name, msg)
+                if msg is not None and msg.reply is not None and not msg.reply.done():
+                    msg.reply.set_exception(CommandError(f"internal error: {exc}"))
+
+    async def _next(self) -> Message | None:
+        """The next message, or None when the deadline has passed."""
+        while not self._inbox:
+            self._wake.clear()
+            timeout = None
+            if self._deadline is not None:
+                timeout = self._deadline - self.ctx.clock()
+                if timeout <= 0:
+                    self._deadline = None
+                    return None
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        return self._inbox.popleft()
+
+    async def _handle(self, msg: Message) -> None:
+        if isinstance(msg, _Exited):
+            await self._on_exit(msg.child, msg.code)
+        elif isinstance(msg, Start):
+            await self._on_start(msg)
+        elif isinstance(msg, Stop):
+            self._on_stop(msg)
+        elif isinstance(msg, Restart):
+            await self._on_restart(msg)
+        elif isinstance(msg, SendSignal):
+            self._on_signal(msg)
+        elif isinstance(msg, Kill):
+            self._on_kill(msg)
+
+    def _reply(self, msg: Message, text: str) -> None:
+        if msg.reply is not None and not msg.reply.done():
+            msg.reply.set_result(text)
+
+    def _wait_for(self, msg: Message, states: frozenset[ProcessState]) -> None:
+        """Reply to ``msg`` when the program next enters one of ``states``."""
+        if msg.reply is not None:
+            self._waiters.append((states, msg.reply))
+
+    # -- transitions -------------------------------------------------------------
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.ctx.history.record(event, self.name, **fields)
+
+    def _transition(self, new: ProcessState, event: str | None = None, **fields: Any) -> None:
+        """The one place the state changes: check the edge, write the record, then act."""
+        old = self.state
+        check_transition(old, new)
+        if event is not None:
+            self._record(event, **fields)
+        self.state = new
+        logger.debug("{}: {} -> {}", self.name, old.value, new.value)
+        for listener in self.state_listeners:
+            listener(self, old, new)
+        waiters, self._waiters = self._waiters, []
+        for states, fut in waiters:
+            if fut.done():
+                continue
+            if new in states:
+                fut.set_result(self._describe())
+            elif new in (S.EXITED, S.FATAL, S.STOPPED, S.BACKOFF):
+                fut.set_exception(CommandError(f"{self.name}: {self._describe()}"))
+            else:
+                self._waiters.append((states, fut))
+
+    def _describe(self) -> str:
+        if self.state is S.RUNNING:
+            return f"{self.name} running (pid {self.pid})"
+        if self.state is S.EXITED and self.last_exit:
+            return f"{self.name} exited: {_exit_summary(self.last_exit)}"
+        return f"{self.name} {self.state.value.lower()}"
+
+    # -- starting ----------------------------------------------------------------
+
+    async def _on_start(self, msg: Start) -> None:
+        if self.state in (S.STARTING, S.RUNNING):
+            self._reply(msg, f"{self.name} already running (pid {self.pid})")
+            return
+        if self.state is S.STOPPING:
+            raise CommandError(f"{self.name} is stopping; start it once it has stopped")
+        if msg.reason == "operator":
+            self.failures = 0  # an operator's start begins a fresh series (and leaves FATAL)
+        self._deadline = None
+        self._wait_for(msg, frozenset({S.RUNNING}))
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        self._transition(S.STARTING)
+        self.start_seq = _next_start_seq()
+        spec = self.spec
+        try:
+            identity = spawn.resolve_identity(spec.user, spec.group)
+            env = spawn.child_environment(spec, identity, self.ctx.extra_env(spec))
+            executable = spawn.resolve_executable(spec.command[0], spec.directory, env)
+            digest = await asyncio.to_thread(spawn.binary_sha256, executable)
+            child = spawn.spawn(spec, identity=identity, extra_env=self.ctx.extra_env(spec))
+        except (spawn.SpawnError, OSError) as exc:
+            logger.error("{}: cannot start: {}", self.name, exc)
+            self.last_exit = {"pid": None, "exit_code": None, "signal": None, "error": str(exc)}
+            self._transition(
+                S.EXITED,
+                "exited",
+                pid=None,
+                exit_code=None,
+                signal=None,
+                uptime_s=0.0,
+                error=str(exc),
+            )
+            self._after_failed_run(healthy=False)
+            return
+        self.child = child
+        self.started_at = self.ctx.clock()
+        self.starts += 1
+        self._killed = False
+        self._oom_kills_at_start = _oom_kills()
+        self._record("started", pid=child.pid, attempt=self.failures + 1, binary_sha256=digest)
+        assert child.popen.stdout is not None and child.popen.stderr is not None
+        await self.output.attach(child.popen.stdout, child.popen.stderr)
+        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+        logger.info("{}: started pid {}", self.name, child.pid)
+        self._deadline = self.ctx.clock() + spec.start_seconds
+
+    async def _on_deadline(self) -> None:
+        if self.state is S.STARTING:  # STARTING -> RUNNING: stayed up start_seconds
+            self._transition(S.RUNNING, "running", pid=self.pid)
+        elif self.state is S.BACKOFF:  # BACKOFF -> STARTING: the delay is over
+            await self._spawn()
+        elif self.state is S.STOPPING:  # STOPPING: stop_timeout passed, no more asking
+            self._kill_tree()
+
+    # -- exits -------------------------------------------------------------------
+
+    async def _on_exit(self, child: spawn.Child, code: int) -> None:
+        if child is not self.child:
+            return  # a previous run, already accounted for
+        uptime = self.ctx.clock() - (self.started_at or self.ctx.clock())
+        await self.output.drain(DRAIN_TIMEOUT)
+        leftovers = self._leftovers(child)
+        info = self._exit_info(child, code, uptime)
+        self.last_exit = info
+        self.child = None
+        self._deadline = None
+        if self.state is S.STOPPING:
+            await self._finish_stop(child, info, leftovers)
+            return
+        healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
+        spawn.sweep(leftovers)  # a crashed program's helpers must not outlive it
+        was_running = self.state is S.RUNNING
+        self._transition(S.EXITED, "exited", **info)
+        logger.warning("{}: exited: {}", self.name, _exit_summary(info))
+        if self._should_restart(code):
+            self._after_failed_run(healthy=healthy and was_running)
+
+    def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
+        """What is left of the child's tree: its group, plus the snapshot taken at stop."""
+        procs = list(self._snapshot)
+        try:
+            os.killpg(child.pid, 0)  # cheap test: does anyone of the group remain?
+        except OSError:
+            return procs
+        with contextlib.suppress(psutil.Error):
+            procs += [p for p in psutil.process_iter() if _pgid(p.pid) == child.pid]
+        return procs
+
+    def _exit_info(self, child: spawn.Child, code: int, uptime: float) -> dict[str, Any]:
+        sig = -code if code < 0 else None
+        info: dict[str, Any] = {
+            "pid": child.pid,
+            "exit_code": code if code >= 0 else None,
+            "signal": signal.Signals(sig).name if sig else None,
+            "uptime_s": round(uptime, 3),
+        }
+        crash = None
+        if code != 0 and self.state is not S.STOPPING:
+            crash = gopanic.parse(self.output.stderr.tail_text())
+            oom = _oom_kills() > self._oom_kills_at_start
+            if crash is None and sig == signal.SIGKILL and not self._killed and oom:
+                crash = gopanic.oom_crash()
+        if crash is not None:
+            info["crash"] = crash.to_dict()
+        return info
+
+    def _should_restart(self, code: int) -> bool:
+        policy = self.spec.restart
+        if policy is RestartPolicy.ALWAYS:
+            return True
+        if policy is RestartPolicy.NEVER:
+            return False
+        return code not in self.spec.success_exit_codes
+
+    def _after_failed_run(self, *, healthy: bool) -> None:
+        """EXITED -> STARTING / BACKOFF / FATAL, by the backoff policy."""
+        if healthy:
+            self.failures = 0
+            self.restarts["crash"] += 1
+            self._deadline = self.ctx.clock()  # EXITED -> STARTING at once, via the timer
+            self._transition(S.BACKOFF, "backoff", attempt=1, delay_s=0.0)
+            return
+        self.failures += 1
+        decision = self.policy.decide(self.failures)
+        if decision.give_up:
+            self._transition(S.FATAL, "fatal", attempts=self.failures)
+            logger.error("{}: gave up after {} failed runs", self.name, self.failures)
+            return
+        self.restarts["crash"] += 1
+        self._deadline = self.ctx.clock() + decision.delay
+        self._transition(
+            S.BACKOFF, "backoff", attempt=self.failures, delay_s=round(decision.delay, 3)
+        )
+
+    # -- stopping ----------------------------------------------------------------
+
+    def _on_stop(self, msg: Stop) -> None:
+        if self.state is S.STOPPING:
+            if not msg.join:
+                raise CommandError(f"{self.name} is already stopping")
+            self._start_after_stop = None
+            self._wait_for(msg, frozenset({S.STOPPED}))
+            return
+        if self.state is S.STOPPED:
+            self._reply(msg, f"{self.name} already stopped")
+            return
+        if self.state in (S.BACKOFF, S.EXITED, S.FATAL):  # nothing runs: just settle
+            self._deadline = None
+            self._transition(S.STOPPED)
+            self._reply(msg, f"{self.name} stopped")
+            return
+        self._wait_for(msg, frozenset({S.STOPPED}))
+        self._begin_stop(msg.reason)
+
+    def _begin_stop(self, reason: str) -> None:
+        child = self.child
+        assert child is not None
+        self._stop_reason = reason
+        self._transition(S.STOPPING, "stopping", pid=child.pid, reason=reason)
+        self._snapshot = child.tree()
+        sig = self.spec.stop_signal
+        child.signal_group(sig)
+        for proc in self._snapshot:  # descendants that left the group ask to stop too
+            if _pgid(proc.pid) not in (child.pid, None):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
+        self._stop_deadline = self._deadline = self.ctx.clock() + self.spec.stop_timeout
+
+    def _kill_tree(self) -> None:
+        if self.child is not None:
+            self._killed = True
+            self.child.signal_group(signal.SIGKILL)
+            spawn.sweep(self._snapshot + self.child.tree())
+
+    def _on_kill(self, msg: Kill) -> None:
+        if self.state in (S.STARTING, S.RUNNING):
+            self._begin_stop("killed")
+        if self.state is S.STOPPING:
+            self._kill_tree()
+        self._reply(msg, f"{self.name} killed")
+
+    async def _finish_stop(
+        self, child: spawn.Child, info: dict[str, Any], leftovers: list[psutil.Process]
+    ) -> None:
+        """The main process is gone: give the rest of the tree what is left of
+        stop_timeout, then SIGKILL whatever still runs, so no descendant survives."""
+        survivors = spawn.alive(leftovers)
+        if survivors and not self._killed:
+            budget = self._stop_deadline - self.ctx.clock()
+            survivors = await spawn.wait_gone(survivors, budget, self.ctx.clock)
+        if survivors:
+            self._killed = True
+            spawn.sweep(survivors)
+            await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
+        self._snapshot = []
+        self._record("exited", **info)
+        self._transition(
+            S.STOPPED, "stopped", pid=child.pid, reason=self._stop_reason, killed=self._killed
+        )
+        logger.info("{}: stopped ({})", self.name, self._stop_reason)
+        pending, self._start_after_stop = self._start_after_stop, None
+        if pending is not None:
+            self._wait_for(pending, frozenset({S.RUNNING}))
+            await self._spawn()
+
+    # -- restart and signals ------------------------------------------------------
+
+    async def _on_restart(self, msg: Restart) -> None:
+        if self.state is S.STOPPING:
+            raise CommandError(f"{self.name} is stopping; start it once it has stopped")
+        self._record("restart_requested", reason=msg.reason)
+        self.restarts[msg.reason] += 1
+        if self.state in (S.STARTING, S.RUNNING):
+            self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
+            self._begin_stop(f"restart ({msg.reason})")
+            return
+        if msg.reason == "operator":
+            self.failures = 0
+        self._deadline = None
+        self._wait_for(msg, frozenset({S.RUNNING}))
+        if self.state is not S.STOPPED:
+            self._transition(S.STOPPED)
+        await self._spawn()
+
+    def _on_signal(self, msg: SendSignal) -> None:
+        child = self.child
+        if child is None or self.state not in SIGNALLABLE_STATES:
+            raise CommandError(f"{self.name} is not running ({self.state.value})")
+        name = signal.Signals(msg.signum).name
+        self._record("signal_sent", signal=name, reason=msg.reason)
+        try:
+            os.kill(child.pid, msg.signum)
+        except ProcessLookupError:
+            raise CommandError(f"{self.name} is not running") from None
+        self._reply(msg, f"{name} sent to {self.name} (pid {child.pid})")
+
+
+_start_counter = 0
+
+
+def _next_start_seq() -> int:
+    global _start_counter
+    _start_counter += 1
+    return _start_counter
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _exit_summary(info: dict[str, Any]) -> str:
+    if info.get("error"):
+        return str(info["error"])
+    how = f"signal {info['signal']}" if info.get("signal") else f"exit code {info.get('exit_code')}"
+    crash = info.get("crash")
+    if crash:
+        how += f" ({crash['kind']}: {crash['message']})"
+    return how
+
+
+def _oom_kills() -> int:
+    """How often the kernel's OOM killer acted in our cgroup (cgroup v2 memory.events)."""
+
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = f.read().strip().rpartition(":")[2]
+        with open(f"/sys/fs/cgroup{rel}/memory.events") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

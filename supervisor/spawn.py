@@ -1,0 +1,274 @@
+"""The OS side of a child: exec in a new session, signals to its process group,
+privilege drop, and a stop that leaves no descendant behind.
+
+Why not ``asyncio.create_subprocess_exec``: its child watchers either start a
+thread per child or are deprecated, and they reap with ``waitpid(-1)`` in some
+configurations, which would steal exit statuses we need. We use
+``subprocess.Popen`` and learn about the exit through a pidfd registered with
+the event loop (Linux >= 5.3), so one loop thread sees every exit at once, and
+only ``Popen`` itself ever reaps our children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import grp
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from supervisor.config import ProgramSpec
+
+PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+class SpawnError(Exception):
+    """The child could not be started; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the child runs as (None: as gosup itself)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str
+    home: str
+
+
+def resolve_identity(user: str | None, group: str | None) -> Identity | None:
+    """Look up ``user``/``group``; refuse a switch gosup has no right to make."""
+    if user is None and group is None:
+        return None
+    me = pwd.getpwuid(os.getuid())
+    try:
+        pw = pwd.getpwnam(user) if user is not None else me
+    except KeyError:
+        raise SpawnError(f"user {user!r} does not exist") from None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group is not None else pw.pw_gid
+    except KeyError:
+        raise SpawnError(f"group {group!r} does not exist") from None
+    if os.geteuid() != 0 and (pw.pw_uid != os.getuid() or gid != os.getgid()):
+        raise SpawnError(
+            f"cannot run as user {pw.pw_name!r}: gosup is not root (it runs as {me.pw_name!r})"
+        )
+    groups = tuple(os.getgrouplist(pw.pw_name, gid))
+    return Identity(pw.pw_uid, gid, groups, pw.pw_name, pw.pw_dir)
+
+
+def resolve_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> str:
+    """Find the binary the way a shell would, relative paths against ``directory``."""
+    if "/" in argv0:
+        path = str(directory / argv0)
+        if not os.path.exists(path):
+            raise SpawnError(f"binary {argv0!r} not found (looked for {path})")
+    else:
+        found = shutil.which(argv0, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise SpawnError(f"binary {argv0!r} not found on PATH")
+        path = found
+    if os.path.isdir(path):
+        raise SpawnError(f"binary {argv0!r} is a directory ({path})")
+    if not os.access(path, os.X_OK):
+        raise SpawnError(f"binary {argv0!r} is not executable ({path})")
+    return path
+
+
+_sha_cache: dict[tuple[str, int, int, int], str] = {}
+
+
+def binary_sha256(path: str) -> str:
+    """SHA-256 of the binary, cached by (path, inode, size, mtime): restarts stay fast."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _sha_cache.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = _sha_cache[key] = h.hexdigest()
+    return digest
+
+
+def child_environment(
+    spec: ProgramSpec, identity: Identity | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """gosup's environment, then the program's, then HOME/USER of a dropped identity."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # systemd's socket is gosup's, never a child's
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    env.update(spec.environment)
+    if identity is not None:
+        env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)
+    for key, value in (extra or {}).items():
+        env.setdefault(key, value)
+    return env
+
+
+def _set_parent_death_signal() -> None:
+    # Runs in the child between fork and exec: if gosup dies (even SIGKILL),
+    # the kernel kills the child instead of leaving an orphan.
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Child:
+    """One running child process and the pipes of its output."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], executable: str) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.executable = executable
+        self.exited = asyncio.get_running_loop().create_future()
+        self._pidfd: int | None = None
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:  # pragma: no cover - kernels before 5.3
+            self._poll_exit_later(loop)
+            return
+        loop.add_reader(self._pidfd, self._on_exit_readable)
+
+    def _poll_exit_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.popen.poll() is None:
+            loop.call_later(0.05, self._poll_exit_later, loop)
+        elif not self.exited.done():
+            self.exited.set_result(self.popen.returncode)
+
+    def _on_exit_readable(self) -> None:
+        code = self.popen.poll()
+        if code is None:
+            return
+        assert self._pidfd is not None
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def signal_group(self, sig: int) -> bool:
+        """Send ``sig`` to the child's process group; False if it is gone."""
+        if self.exited.done():
+            return False
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def tree(self) -> list[psutil.Process]:
+        """The child and every descendant now (taken before signalling: descendants
+        that left the group are only found through their parents)."""
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+
+def spawn(
+    spec: ProgramSpec,
+    *,
+    identity: Identity | None,
+    extra_env: Mapping[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> Child:
+    """Start the program in a new session; raise SpawnError naming what is wrong."""
+    if not spec.directory.is_dir():
+        raise SpawnError(f"directory {str(spec.directory)!r} does not exist")
+    env = child_environment(spec, identity, extra_env)
+    executable = resolve_executable(spec.command[0], spec.directory, env)
+    drop = identity is not None and os.geteuid() == 0
+    try:
+        popen = subprocess.Popen(
+            [executable, *spec.command[1:]],
+            cwd=spec.directory,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_set_parent_death_signal,
+            pass_fds=pass_fds,
+            user=identity.uid if drop and identity else None,
+            group=identity.gid if drop and identity else None,
+            extra_groups=list(identity.groups) if drop and identity else None,
+        )
+    except OSError as exc:
+        raise SpawnError(f"cannot execute {executable}: {exc.strerror or exc}") from exc
+    except subprocess.SubprocessError as exc:
+        raise SpawnError(f"cannot start {executable}: {exc}") from exc
+    return Child(popen, executable)
+
+
+def sweep(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
+    """Signal every process of a snapshot that still runs (and its children).
+
+    ``psutil.Process`` remembers each process's start time, so a pid reused
+    since the snapshot is never hit. Returns how many were signalled.
+    """
+    seen: set[int] = set()
+    hit = 0
+    pending = list(procs)
+    while pending:
+        proc = pending.pop()
+        if proc.pid in seen:
+            continue
+        seen.add(proc.pid)
+        with contextlib.suppress(psutil.Error):
+            if not proc.is_running():
+                continue
+            pending.extend(proc.children())
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            proc.send_signal(sig)
+            hit += 1
+    return hit
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of a snapshot that still exist and are not zombies."""
+    out = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+    return out
+
+
+async def wait_gone(
+    procs: list[psutil.Process], timeout: float, clock: Callable[[], float]
+) -> list[psutil.Process]:
+    """Wait until none of ``procs`` is alive, or ``timeout``; return the survivors."""
+    deadline = clock() + timeout
+    left = alive(procs)
+    delay = 0.005
+    while left and clock() < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+        left = alive(left)
+    return left
+
+
+def signal_by_name(sig: int) -> str:
+    return signal.Signals(sig).name
