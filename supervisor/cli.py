@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from supervisor import __version__
+from supervisor import __version__, features
 from supervisor import config as configmod
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     echo = sys.stdout.isatty() if args.echo is None else args.echo
 
     async def main() -> int:
-        return await Supervisor(config, echo=echo).run()
+        return await Supervisor(config, echo=echo, dev=args.dev).run()
 
     return asyncio.run(main())
 
@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the programs' output with a 'name |' prefix "
         "(default: when stdout is a terminal)",
     )
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: build programs that have a [build] section before "
+        "starting them, rebuild and restart on source change, apply app.toml on save",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
 
@@ -174,12 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="raw JSON lines")
     p.set_defaults(func=cmd_history)
 
+    features.load(features.CLIENT_MODULES)
     for extend in PARSER_EXTENSIONS:
         extend(sub)
     return parser
 
 
-# Client commands register their subparsers here (see control.py).
+# Client modules (features.CLIENT_MODULES) register their subcommands here.
 PARSER_EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 

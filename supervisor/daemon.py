@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from supervisor import __version__
+from supervisor import __version__, features
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
 from supervisor.events import History
@@ -53,9 +53,10 @@ def prepare_state_dir(path: Path) -> None:
 
 
 class Supervisor:
-    def __init__(self, config: AppConfig, *, echo: bool = False) -> None:
+    def __init__(self, config: AppConfig, *, echo: bool = False, dev: bool = False) -> None:
         self.config = config
         self.echo = echo
+        self.dev = dev
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
         sup.log_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +83,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Run until told to stop; return the exit code."""
+        features.load(features.DAEMON_MODULES)
         loop = asyncio.get_running_loop()
         self.history.record(
             "supervisor_started", version=__version__, config_sha256=self.config.sha256
