@@ -41,8 +41,15 @@ class RotatingFile:
         return open(self.path, "ab", buffering=0)
 
     def write(self, data: bytes) -> None:
-        if self.size + len(data) > self.max_size and self.size > 0:
-            self.rotate()
+        if self.size + len(data) > self.max_size:
+            # Rotate at a line boundary: the part that fits, up to its last newline,
+            # closes the old file. (Only on this rare path do we look at the bytes.)
+            cut = data.rfind(b"\n", 0, max(self.max_size - self.size, 0)) + 1
+            if cut:
+                self._file.write(data[:cut])
+                data = data[cut:]
+            if self.size + cut > 0:
+                self.rotate()
         self._file.write(data)
         self.size += len(data)
 

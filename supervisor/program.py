@@ -78,6 +78,10 @@ class Stop(Message):
 @dataclass
 class Restart(Message):
     reason: str = "operator"
+    # Sent instead of spec.stop_signal for this stop: SIGQUIT makes a Go child
+    # write its goroutine dump on the way out (leak evidence), and the exit it
+    # causes is still a requested stop, not a crash.
+    stop_signal: int | None = None
 
 
 @dataclass
@@ -283,7 +287,6 @@ class Program:
 
     async def _spawn(self) -> None:
         self._transition(S.STARTING)
-        self.start_seq = _next_start_seq()
         spec = self.spec
         try:
             identity = spawn.resolve_identity(spec.user, spec.group)
@@ -306,6 +309,7 @@ class Program:
             self._after_failed_run(healthy=False)
             return
         self.child = child
+        self.start_seq = _next_start_seq()
         self.started_at = self.ctx.clock()
         self.starts += 1
         self._killed = False
@@ -425,13 +429,13 @@ class Program:
         self._wait_for(msg, frozenset({S.STOPPED}))
         self._begin_stop(msg.reason)
 
-    def _begin_stop(self, reason: str) -> None:
+    def _begin_stop(self, reason: str, sig: int | None = None) -> None:
         child = self.child
         assert child is not None
         self._stop_reason = reason
         self._transition(S.STOPPING, "stopping", pid=child.pid, reason=reason)
         self._snapshot = child.tree()
-        sig = self.spec.stop_signal
+        sig = sig or self.spec.stop_signal
         child.signal_group(sig)
         for proc in self._snapshot:  # descendants that left the group ask to stop too
             if _pgid(proc.pid) not in (child.pid, None):
@@ -485,7 +489,7 @@ class Program:
         self.restarts[msg.reason] += 1
         if self.state in (S.STARTING, S.RUNNING):
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
-            self._begin_stop(f"restart ({msg.reason})")
+            self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
         if msg.reason == "operator":
             self.failures = 0

@@ -1,0 +1,249 @@
+"""Shared fixtures: Go binaries built once per session, a real `gosup run`
+driver, deadline-based waiting, and a check that every test leaves no process
+behind.
+
+Leak check: each test gets a unique tag in its environment
+(GOSUP_TEST_TAG). Everything a test starts (gosup, its children, their
+grandchildren, even ones that left the process group or were re-parented to
+init) inherits it, so after the test we look for any process still carrying
+the tag, zombie or not, and fail the test if one is found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gobuild  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+TAG_VAR = "GOSUP_TEST_TAG"
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+# -- Go fixtures ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def go_bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gobin")
+
+
+@pytest.fixture(scope="session")
+def goapp(go_bin_dir: Path) -> Path:
+    """The multi-mode Go test program (tests/fixtures/goapp), built once."""
+    return gobuild.build(FIXTURES / "goapp", go_bin_dir / "goapp")
+
+
+# -- leak check --------------------------------------------------------------------
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    found = []
+    needle = f"{TAG_VAR}={tag}".encode()
+    me = os.getpid()
+    for pid in psutil.pids():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(psutil.Process(pid))
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append(f"pid {p.pid} {p.status()} {p.cmdline()[:4]}")
+    return "; ".join(out)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Fail the test if any process it started (at any depth) outlives it."""
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(TAG_VAR, tag)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    yield tag
+    left: list[psutil.Process] = []
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        left = tagged_processes(tag)
+        if not left:
+            break
+        time.sleep(0.05)
+    if left:
+        desc = _describe(left)
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        pytest.fail(f"processes left behind: {desc}")
+    leaked_fds = set(os.listdir("/proc/self/fd")) - fds_before
+    # fds the test process itself still holds open (pipes to gosup, files)
+    leaked = {fd for fd in leaked_fds if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"file descriptors left open: {leaked}"
+
+
+# -- a real gosup ------------------------------------------------------------------
+
+
+class Gosup:
+    """`gosup run app.toml` as a user runs it, in a temp directory."""
+
+    def __init__(self, directory: Path, config_text: str, args: tuple[str, ...] = ()) -> None:
+        self.dir = directory
+        self.config = directory / "app.toml"
+        self.config.write_text(textwrap.dedent(config_text))
+        self.state_dir = directory / ".gosup"
+        self.log_dir = directory / "logs"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.out = directory / "gosup.out"
+        self.err = directory / "gosup.err"
+
+    def start(self, extra_env: dict[str, str] | None = None) -> Gosup:
+        env = dict(os.environ, **(extra_env or {}))
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor.cli", "run", str(self.config), *self.args],
+                cwd=self.dir,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        return self
+
+    def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """Run a gosup client command against this instance's config."""
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", *args],
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def history(self, program: str | None = None, event: str | None = None) -> list[dict[str, Any]]:
+        path = self.state_dir / "history.jsonl"
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rec = json.loads(line)
+                if program is not None and rec.get("program") != program:
+                    continue
+                if event is not None and rec.get("event") != event:
+                    continue
+                records.append(rec)
+        return records
+
+    def wait_event(
+        self,
+        event: str,
+        program: str | None = None,
+        count: int = 1,
+        timeout: float = 15.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` records of ``event`` exist; return them."""
+
+        def found() -> list[dict[str, Any]] | None:
+            self.assert_alive()
+            recs = [r for r in self.history(program, event) if where is None or where(r)]
+            return recs if len(recs) >= count else None
+
+        result: list[dict[str, Any]] = wait_for(
+            found, timeout, f"{count} x {event!r} for {program} in history"
+        )
+        return result
+
+    def running_pid(self, program: str, timeout: float = 15.0) -> int:
+        """Pid of the program's newest run once it is RUNNING."""
+        recs = self.wait_event("running", program, timeout=timeout)
+        return int(recs[-1]["pid"])
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"gosup exited with {self.proc.returncode}:\n{self.err.read_text()[-3000:]}"
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"gosup did not stop:\n{self.err.read_text()[-3000:]}") from None
+
+    def log(self) -> str:
+        return self.err.read_text()
+
+
+@pytest.fixture
+def gosup_factory(tmp_path: Path) -> Iterator[Callable[..., Gosup]]:
+    """Make (and afterwards stop) gosup instances in this test's temp dir."""
+    made: list[Gosup] = []
+
+    def make(config_text: str, *args: str, subdir: str = "") -> Gosup:
+        directory = tmp_path / subdir if subdir else tmp_path
+        directory.mkdir(parents=True, exist_ok=True)
+        g = Gosup(directory, config_text, args)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        if g.proc is not None and g.proc.poll() is None:
+            g.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
