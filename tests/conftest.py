@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import gobuild  # noqa: E402
+import gobuild
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

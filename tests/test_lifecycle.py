@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, pid_alive, wait_for
+from conftest import pid_alive, wait_for
 
 
 def ts(rec: dict[str, Any]) -> float:
@@ -246,7 +246,8 @@ def test_programs_stop_in_reverse_start_order(gosup_factory: Any, goapp: Path) -
 
 def test_malformed_config_exits_2_naming_every_problem(gosup_factory: Any) -> None:
     g = gosup_factory(
-        '[programs.api]\ncomand = ["x"]\nstop_signal = "SIGNOPE"\n[programs.api.backoff]\nmax = "1 parsec"\n'
+        '[programs.api]\ncomand = ["x"]\nstop_signal = "SIGNOPE"\n'
+        '[programs.api.backoff]\nmax = "1 parsec"\n'
     )
     result = g.cli("run", str(g.config))
     assert result.returncode == 2

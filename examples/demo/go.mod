@@ -1,0 +1,3 @@
+module gosup.example/demo
+
+go 1.22
