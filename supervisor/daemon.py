@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,7 @@ class Supervisor:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self.shutting_down = False
+        self._started = False
 
     def _echo_width(self, programs: tuple[ProgramSpec, ...]) -> int | None:
         if not self.echo:
@@ -85,15 +87,6 @@ class Supervisor:
         """Run until told to stop; return the exit code."""
         features.load(features.DAEMON_MODULES)
         loop = asyncio.get_running_loop()
-        self.history.record(
-            "supervisor_started", version=__version__, config_sha256=self.config.sha256
-        )
-        logger.info(
-            "gosup {} started with {} ({} programs)",
-            __version__,
-            self.config.path,
-            len(self.config.programs),
-        )
         for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         dispatcher = loop.create_task(self._dispatch_signals(), name="signals")
@@ -103,6 +96,19 @@ class Supervisor:
                 if service is not None:
                     await service.start()
                     self.services.append(service)
+            # Recorded once the services are up: a gosup that the control
+            # service refused (another one owns this state_dir) must leave no
+            # started/stopped records in the running one's history.
+            self.history.record(
+                "supervisor_started", version=__version__, config_sha256=self.config.sha256
+            )
+            self._started = True
+            logger.info(
+                "gosup {} started with {} ({} programs)",
+                __version__,
+                self.config.path,
+                len(self.config.programs),
+            )
             for spec in self.config.programs:
                 await self._add_program(spec)
             await self._done.wait()
@@ -127,7 +133,10 @@ class Supervisor:
                 await att.start()
                 attached.append(att)
         self.attachments[spec.name] = attached
-        if spec.autostart:
+        # An attachment that must act before the first start (dev mode's
+        # initial build) sets holds_autostart and posts the Start itself.
+        held = any(getattr(att, "holds_autostart", False) for att in attached)
+        if spec.autostart and not held:
             program.post(Start(reason="autostart"))
         return program
 
@@ -147,7 +156,8 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         logger.info("stopping {} programs", len(self.programs))
-        await self._stop_all()
+        async with self._reload_lock:  # a reload under way finishes first, then stops too
+            await self._stop_all()
         self._done.set()
 
     async def _stop_all(self) -> None:
@@ -182,11 +192,12 @@ class Supervisor:
                 await service.close()
         for program in self.programs.values():
             await program.close()
-        self.history.record(
-            "supervisor_stopped", version=__version__, config_sha256=self.config.sha256
-        )
+        if self._started:
+            self.history.record(
+                "supervisor_stopped", version=__version__, config_sha256=self.config.sha256
+            )
+            logger.info("gosup stopped")
         self.history.close()
-        logger.info("gosup stopped")
 
     # -- signals -----------------------------------------------------------------
 
@@ -207,6 +218,8 @@ class Supervisor:
                     await self.reload()
                 except configmod.ConfigError as exc:
                     logger.error("reload refused, nothing changed:\n{}", exc)
+                except Exception as exc:  # this task must survive to handle SIGTERM
+                    logger.opt(exception=exc).error("reload failed: {}", exc)
             else:
                 await self.forward_signal(sig, reason="forwarded")
 
@@ -233,6 +246,9 @@ class Supervisor:
         spec, and untouched ones keep running with their pid.
         """
         async with self._reload_lock:
+            if self.shutting_down:  # everything is being stopped: start nothing new
+                logger.warning("reload ignored: gosup is shutting down")
+                return {"added": [], "removed": [], "changed": []}
             new = configmod.load(self.config.path)
             if new.supervisor != self.config.supervisor:
                 logger.warning("[supervisor] changes take effect at the next gosup start")
@@ -249,7 +265,9 @@ class Supervisor:
                 removed=removed,
                 changed=changed,
             )
-            self.config = new
+            # The [supervisor] section in use stays the one gosup started with
+            # (its state_dir holds our socket and history).
+            self.config = dataclasses.replace(new, supervisor=self.config.supervisor)
             for name in removed:
                 await self._remove_program(name, reason="removed by reload")
             for name in changed:

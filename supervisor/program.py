@@ -491,7 +491,7 @@ class Program:
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
-        if msg.reason == "operator":
+        if msg.reason in ("operator", "build"):  # a person acted: a fresh series
             self.failures = 0
         self._deadline = None
         self._wait_for(msg, frozenset({S.RUNNING}))

@@ -1,0 +1,394 @@
+"""Building in development mode: which file changes are sources, how they
+reach the loop, and running the build command without ever blocking it.
+
+Sources: ``[build] watch`` globs under ``[build] directory``, minus
+``ignore``, minus ``DEFAULT_IGNORE`` (VCS data, vendored code, editors'
+temporary files), minus gosup's own files and the binary the build writes.
+Globs use '/' and match like .gitignore lines: a glob without '/' matches a
+name at any depth ("*.go", "vendor"), one with '/' matches from the build
+directory ("cmd/**/*.go"), '**' spans directories, and a glob that matches a
+directory covers everything below it.
+
+Watching: watchdog's observers run in their own threads; they filter paths
+there and hand over with ``call_soon_threadsafe`` and nothing else.
+
+Running: a build is a child like any other as far as the OS is concerned, so
+it gets the same treatment as a program (see spawn.py for why asyncio's
+subprocess machinery is avoided): ``subprocess.Popen`` in a new session, its
+exit learnt through a pidfd on the event loop, its output read by a pipe
+protocol, and only ``Popen`` ever reaps it. Cancelling ``run`` (a newer
+change arrived, or gosup is stopping) SIGKILLs the build's whole process
+group: ``go build`` runs the compiler and linker as children, and none of
+them may outlive the build that started them. Builds run as gosup's own user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from loguru import logger
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from supervisor import spawn
+from supervisor.config import BuildSpec, ProgramSpec
+
+# Never sources: VCS data, vendored code, and editors' temporary files (vim's
+# swap files and its "4913" write test, emacs lock files, backups).
+DEFAULT_IGNORE = (".git", "vendor", "*.swp", "*.swx", "*~", "4913", ".#*")
+POLL_INTERVAL = 0.5  # when inotify is not available (watch limit reached, odd filesystems)
+# Writes, creations, deletions and renames; never opens or reads (the build reads every source).
+_CHANGE_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+]
+TAIL_LINES = 40  # what a failed build keeps of its output for the history and the log
+TAIL_CHARS = 4000
+_KEEP_BYTES = 64 * 1024
+EOF_GRACE = 1.0  # how long output may trail the exit (a leftover holding the pipe)
+
+
+# -- sources -----------------------------------------------------------------------
+
+
+def glob_regex(glob: str) -> re.Pattern[str]:
+    """The regex of one '/'-separated glob: '*' and '?' stay within a name, '**' spans."""
+    text = glob.strip().removeprefix("./").strip("/")
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif text.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif text[i] in "*?":
+            out.append("[^/]*" if text[i] == "*" else "[^/]")
+            i += 1
+        elif text[i] == "[" and "]" in text[i + 2 :]:
+            end = text.index("]", i + 2)
+            body = text[i + 1 : end].replace("\\", "\\\\")
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(text[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+class Globs:
+    """A list of globs matched like .gitignore lines (see the module docstring)."""
+
+    def __init__(self, globs: Iterable[str]) -> None:
+        globs = [g for g in globs if g.strip().strip("/")]
+        self._names = [glob_regex(g) for g in globs if "/" not in g.strip().strip("/")]
+        self._paths = [glob_regex(g) for g in globs if "/" in g.strip().strip("/")]
+
+    def match(self, rel: str) -> bool:
+        """Does ``rel`` (relative, '/'-separated) or one of its directories match?"""
+        parts = rel.split("/")
+        for depth in range(1, len(parts) + 1):
+            name, prefix = parts[depth - 1], "/".join(parts[:depth])
+            if any(r.fullmatch(name) for r in self._names):
+                return True
+            if any(r.fullmatch(prefix) for r in self._paths):
+                return True
+        return False
+
+
+class SourceFilter:
+    """Which paths under a build directory are sources worth a rebuild."""
+
+    def __init__(self, spec: BuildSpec, never: tuple[Path, ...], binary: Path | None) -> None:
+        self.root = str(spec.directory)
+        self.watch = Globs(spec.watch)
+        self.ignore = Globs(DEFAULT_IGNORE + spec.ignore)
+        # gosup's own files (logs, history, app.toml) and the build's output.
+        self.never = tuple(str(p) for p in never)
+        self.binary = str(binary) if binary is not None else None
+
+    def __call__(self, path: str) -> bool:
+        if any(path == p or path.startswith(p + os.sep) for p in self.never):
+            return False
+        # go build probes the output directory with "<output>-go-tmp-umask".
+        if (
+            self.binary is not None
+            and path.startswith(self.binary)
+            and "/" not in path[len(self.binary) :]
+        ):
+            return False
+        rel = os.path.relpath(path, self.root)
+        if rel.startswith(".." + os.sep) or rel == "..":
+            return False
+        rel = rel.replace(os.sep, "/")
+        return not self.ignore.match(rel) and self.watch.match(rel)
+
+
+# -- watching ---------------------------------------------------------------------
+
+
+class _Bridge(FileSystemEventHandler):
+    """Runs in watchdog's thread: keeps the paths that matter, hands them to the loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        wanted: Callable[[str], bool],
+        notify: Callable[[str], None],
+    ) -> None:
+        self._loop, self._wanted, self._notify = loop, wanted, notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        for raw in (event.dest_path, event.src_path):
+            path = os.fsdecode(raw)
+            if path and self._wanted(path):
+                with contextlib.suppress(RuntimeError):  # the loop is closed: gosup is exiting
+                    self._loop.call_soon_threadsafe(self._notify, path)
+                return
+
+
+class Watcher:
+    """One watchdog observer on a directory; matching paths reach ``notify`` on the loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        recursive: bool,
+        wanted: Callable[[str], bool],
+        notify: Callable[[str], None],
+    ) -> None:
+        self.root, self.recursive, self.wanted, self.notify = root, recursive, wanted, notify
+        self._observer: BaseObserver | None = None
+
+    async def start(self) -> None:
+        handler = _Bridge(asyncio.get_running_loop(), self.wanted, self.notify)
+        # In a thread: a recursive inotify watch walks the whole tree.
+        try:
+            self._observer = await asyncio.to_thread(self._observe, Observer, handler)
+        except (FileNotFoundError, NotADirectoryError):
+            logger.error("cannot watch {}: no such directory; its changes go unseen", self.root)
+        except OSError as exc:
+            logger.warning(
+                "cannot watch {} with inotify ({}); polling it every {}s instead",
+                self.root,
+                exc,
+                POLL_INTERVAL,
+            )
+            poller = lambda: PollingObserver(timeout=POLL_INTERVAL)  # noqa: E731
+            self._observer = await asyncio.to_thread(self._observe, poller, handler)
+
+    def _observe(self, make: Callable[[], BaseObserver], handler: _Bridge) -> BaseObserver:
+        observer = make()
+        try:
+            observer.schedule(
+                handler, str(self.root), recursive=self.recursive, event_filter=_CHANGE_EVENTS
+            )
+            observer.start()
+        except BaseException:
+            observer.stop()  # the inotify instance and its thread, if they were made
+            raise
+        return observer
+
+    async def close(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5.0)
+
+
+async def settle(changed: asyncio.Event, quiet: float, cap: float) -> None:
+    """Return once ``changed`` has stayed clear for ``quiet`` seconds (editors
+    save in bursts), or after ``cap`` seconds whatever happens."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cap
+    while True:
+        changed.clear()
+        wait = min(quiet, deadline - loop.time())
+        if wait <= 0:
+            return
+        try:
+            async with asyncio.timeout(wait):
+                await changed.wait()
+        except TimeoutError:
+            return
+
+
+class LogLines:
+    """Build output into gosup's log, one record per line (when nothing is echoed)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > 64 * 1024:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            logger.info("{} build | {}", self.name, line.decode("utf-8", "replace").rstrip())
+
+    def flush(self) -> None:
+        if self._partial:
+            self.feed(b"\n")
+
+
+# -- running ------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """Where the build's output goes as it arrives (output.TerminalEcho fits)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ok: bool
+    exit_code: int | None  # None: the command could not be started at all
+    duration_s: float
+    output_tail: str
+
+
+def build_environment(program: ProgramSpec) -> dict[str, str]:
+    """gosup's environment with the program's ``environment`` over it.
+
+    The same variables the program sees (GOFLAGS, GOPRIVATE, CGO_ENABLED ...),
+    minus what gosup derives for running it (GOMEMLIMIT is for the service,
+    not for the compiler).
+    """
+    return spawn.child_environment(program, None)
+
+
+class BuildOutput:
+    """Passes the build's output on to a sink and keeps its tail."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self._kept = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.sink.feed(data)
+        self._kept += data
+        if len(self._kept) > 2 * _KEEP_BYTES:
+            del self._kept[:-_KEEP_BYTES]
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def note(self, text: str) -> None:
+        """Add gosup's own words (why the build could not start) to the output."""
+        self.feed(text.encode() + b"\n")
+
+    def tail(self) -> str:
+        text = bytes(self._kept).decode("utf-8", "replace").rstrip()
+        return "\n".join(text.splitlines()[-TAIL_LINES:])[-TAIL_CHARS:]
+
+
+class _Pipe(asyncio.Protocol):
+    def __init__(self, output: BuildOutput, eof: asyncio.Future[None]) -> None:
+        self.output = output
+        self.eof = eof
+
+    def data_received(self, data: bytes) -> None:
+        self.output.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+
+async def run(
+    spec: BuildSpec,
+    env: dict[str, str],
+    output: BuildOutput,
+    clock: Callable[[], float] = time.monotonic,
+) -> BuildResult:
+    """Run the build to its end; cancelling it kills the build's process group."""
+    began = clock()
+    try:
+        child = _start(spec, env)
+    except spawn.SpawnError as exc:
+        output.note(f"cannot start the build: {exc}")
+        output.flush()
+        return BuildResult(False, None, round(clock() - began, 3), output.tail())
+    loop = asyncio.get_running_loop()
+    eof: asyncio.Future[None] = loop.create_future()
+    pipe = child.popen.stdout
+    assert pipe is not None
+    transport: asyncio.BaseTransport | None = None
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: _Pipe(output, eof), pipe)
+        # asyncio.wait, not await: cancelling us must not cancel `exited`,
+        # which the kill below still needs to see resolved.
+        await asyncio.wait([child.exited])
+        _kill_group(child.pid)  # whatever the build left running in its group
+        await asyncio.wait([eof], timeout=EOF_GRACE)
+    except asyncio.CancelledError:
+        _kill_group(child.pid)
+        await asyncio.wait([child.exited], timeout=5.0)
+        raise
+    finally:
+        if transport is not None:
+            transport.close()  # closes the pipe too
+        else:
+            pipe.close()
+        output.flush()
+    code: int = child.exited.result()
+    return BuildResult(code == 0, code, round(clock() - began, 3), output.tail())
+
+
+def _start(spec: BuildSpec, env: dict[str, str]) -> spawn.Child:
+    if not spec.directory.is_dir():
+        raise spawn.SpawnError(f"build directory {str(spec.directory)!r} does not exist")
+    executable = spawn.resolve_executable(spec.command[0], spec.directory, env)
+    try:
+        popen = subprocess.Popen(
+            [executable, *spec.command[1:]],
+            cwd=spec.directory,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # one stream: the compiler's errors in order with the rest
+            start_new_session=True,  # its own process group, killed as one
+        )
+    except OSError as exc:
+        raise spawn.SpawnError(f"cannot execute {executable}: {exc.strerror or exc}") from exc
+    return spawn.Child(popen, executable)
+
+
+def _kill_group(pgid: int) -> None:
+    # While any member remains, Linux does not reuse the group's id for a new
+    # process; once none does, this is ESRCH (short of the pid space wrapping
+    # round between the build's exit and this call).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
