@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,10 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
     extra_env: Callable[[ProgramSpec], dict[str, str]] = lambda spec: {}
+    # (spec, extra env) -> (child, binary sha256); tests inject fakes here
+    launcher: Callable[[ProgramSpec, dict[str, str]], Awaitable[tuple[spawn.Child, str]]] = (
+        spawn.launch
+    )
 
 
 # -- messages ---------------------------------------------------------------
@@ -289,11 +292,7 @@ class Program:
         self._transition(S.STARTING)
         spec = self.spec
         try:
-            identity = spawn.resolve_identity(spec.user, spec.group)
-            env = spawn.child_environment(spec, identity, self.ctx.extra_env(spec))
-            executable = spawn.resolve_executable(spec.command[0], spec.directory, env)
-            digest = await asyncio.to_thread(spawn.binary_sha256, executable)
-            child = spawn.spawn(spec, identity=identity, extra_env=self.ctx.extra_env(spec))
+            child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
         except (spawn.SpawnError, OSError) as exc:
             logger.error("{}: cannot start: {}", self.name, exc)
             self.last_exit = {"pid": None, "exit_code": None, "signal": None, "error": str(exc)}
@@ -315,8 +314,7 @@ class Program:
         self._killed = False
         self._oom_kills_at_start = _oom_kills()
         self._record("started", pid=child.pid, attempt=self.failures + 1, binary_sha256=digest)
-        assert child.popen.stdout is not None and child.popen.stderr is not None
-        await self.output.attach(child.popen.stdout, child.popen.stderr)
+        await self.output.attach(child.stdout, child.stderr)
         child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
         logger.info("{}: started pid {}", self.name, child.pid)
         self._deadline = self.ctx.clock() + spec.start_seconds
@@ -354,14 +352,7 @@ class Program:
 
     def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
         """What is left of the child's tree: its group, plus the snapshot taken at stop."""
-        procs = list(self._snapshot)
-        try:
-            os.killpg(child.pid, 0)  # cheap test: does anyone of the group remain?
-        except OSError:
-            return procs
-        with contextlib.suppress(psutil.Error):
-            procs += [p for p in psutil.process_iter() if _pgid(p.pid) == child.pid]
-        return procs
+        return self._snapshot + child.group_members()
 
     def _exit_info(self, child: spawn.Child, code: int, uptime: float) -> dict[str, Any]:
         sig = -code if code < 0 else None
@@ -415,7 +406,12 @@ class Program:
         if self.state is S.STOPPING:
             if not msg.join:
                 raise CommandError(f"{self.name} is already stopping")
-            self._start_after_stop = None
+            pending, self._start_after_stop = self._start_after_stop, None
+            if pending is not None and pending.reply is not None and not pending.reply.done():
+                # The restart under way will not start again: say so, or its caller waits forever.
+                pending.reply.set_exception(
+                    CommandError(f"{self.name}: restart cancelled ({msg.reason})")
+                )
             self._wait_for(msg, frozenset({S.STOPPED}))
             return
         if self.state is S.STOPPED:
@@ -437,10 +433,7 @@ class Program:
         self._snapshot = child.tree()
         sig = sig or self.spec.stop_signal
         child.signal_group(sig)
-        for proc in self._snapshot:  # descendants that left the group ask to stop too
-            if _pgid(proc.pid) not in (child.pid, None):
-                with contextlib.suppress(psutil.Error):
-                    proc.send_signal(sig)
+        child.signal_escaped(self._snapshot, sig)  # descendants that left the group too
         self._stop_deadline = self._deadline = self.ctx.clock() + self.spec.stop_timeout
 
     def _kill_tree(self) -> None:
@@ -505,10 +498,8 @@ class Program:
             raise CommandError(f"{self.name} is not running ({self.state.value})")
         name = signal.Signals(msg.signum).name
         self._record("signal_sent", signal=name, reason=msg.reason)
-        try:
-            os.kill(child.pid, msg.signum)
-        except ProcessLookupError:
-            raise CommandError(f"{self.name} is not running") from None
+        if not child.send_signal(msg.signum):
+            raise CommandError(f"{self.name} is not running")
         self._reply(msg, f"{name} sent to {self.name} (pid {child.pid})")
 
 
@@ -519,13 +510,6 @@ def _next_start_seq() -> int:
     global _start_counter
     _start_counter += 1
     return _start_counter
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
 
 
 def _exit_summary(info: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -90,10 +91,19 @@ def resolve_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> s
 _sha_cache: dict[tuple[str, int, int, int], str] = {}
 
 
+def _sha_key(path: str) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return (path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def cached_sha256(path: str) -> str | None:
+    """The binary's hash if this exact file (inode, size, mtime) was hashed before."""
+    return _sha_cache.get(_sha_key(path))
+
+
 def binary_sha256(path: str) -> str:
     """SHA-256 of the binary, cached by (path, inode, size, mtime): restarts stay fast."""
-    st = os.stat(path)
-    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _sha_key(path)
     digest = _sha_cache.get(key)
     if digest is None:
         h = hashlib.sha256()
@@ -176,6 +186,45 @@ class Child:
             return False
         return True
 
+    def send_signal(self, sig: int) -> bool:
+        """Send ``sig`` to the main process only; False if it is gone."""
+        if self.exited.done():
+            return False
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def signal_escaped(self, procs: list[psutil.Process], sig: int) -> None:
+        """Send ``sig`` to the processes of a snapshot that left the child's group."""
+        for proc in procs:
+            if _pgid(proc.pid) not in (self.pid, None):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
+
+    def group_members(self) -> list[psutil.Process]:
+        """Processes still in the child's process group (after the leader is gone)."""
+        try:
+            os.killpg(self.pid, 0)  # cheap test first: does anyone of the group remain?
+        except OSError:
+            return []
+        members = []
+        for proc in psutil.process_iter():
+            if _pgid(proc.pid) == self.pid:
+                members.append(proc)
+        return members
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.popen.stdout is not None
+        return self.popen.stdout
+
+    @property
+    def stderr(self) -> IO[bytes]:
+        assert self.popen.stderr is not None
+        return self.popen.stderr
+
     def tree(self) -> list[psutil.Process]:
         """The child and every descendant now (taken before signalling: descendants
         that left the group are only found through their parents)."""
@@ -186,18 +235,31 @@ class Child:
             return []
 
 
+async def launch(spec: ProgramSpec, extra_env: Mapping[str, str]) -> tuple[Child, str]:
+    """Resolve everything about the start, then spawn: (child, binary sha256).
+
+    Every problem (unknown user, missing directory or binary) is a SpawnError
+    raised before anything runs.
+    """
+    if not spec.directory.is_dir():
+        raise SpawnError(f"directory {str(spec.directory)!r} does not exist")
+    identity = resolve_identity(spec.user, spec.group)
+    env = child_environment(spec, identity, extra_env)
+    executable = resolve_executable(spec.command[0], spec.directory, env)
+    digest = cached_sha256(executable)
+    if digest is None:  # first start of this binary: hash it off the loop
+        digest = await asyncio.to_thread(binary_sha256, executable)
+    return spawn(spec, executable, env, identity), digest
+
+
 def spawn(
     spec: ProgramSpec,
-    *,
+    executable: str,
+    env: Mapping[str, str],
     identity: Identity | None,
-    extra_env: Mapping[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
 ) -> Child:
     """Start the program in a new session; raise SpawnError naming what is wrong."""
-    if not spec.directory.is_dir():
-        raise SpawnError(f"directory {str(spec.directory)!r} does not exist")
-    env = child_environment(spec, identity, extra_env)
-    executable = resolve_executable(spec.command[0], spec.directory, env)
     drop = identity is not None and os.geteuid() == 0
     try:
         popen = subprocess.Popen(
@@ -272,3 +334,10 @@ async def wait_gone(
 
 def signal_by_name(sig: int) -> str:
     return signal.Signals(sig).name
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

@@ -1,0 +1,278 @@
+"""The Program state machine against a fake child and an injected clock.
+
+No real process and no timer wait: the test moves the clock and wakes the
+actor, so a 30-second backoff is checked in microseconds, and the exact
+moment a deadline fires (not a millisecond early) is observable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.config import BackoffSpec, ProgramSpec, RestartPolicy
+from supervisor.events import History
+from supervisor.program import CommandError, Context, Program, Restart, SendSignal, Start, Stop
+from supervisor.states import ProcessState
+
+S = ProcessState
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeChild:
+    """Quacks like spawn.Child; exits when told to, or on the signals it does not ignore."""
+
+    def __init__(self, pid: int, ignore_term: bool) -> None:
+        self.pid = pid
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        r_out, self._w_out = os.pipe()
+        r_err, self._w_err = os.pipe()
+        self.stdout = os.fdopen(r_out, "rb", 0)
+        self.stderr = os.fdopen(r_err, "rb", 0)
+        self.ignore_term = ignore_term
+        self.signals: list[tuple[str, int]] = []
+
+    def exit(self, code: int, stderr: bytes = b"") -> None:
+        if self.exited.done():
+            return
+        if stderr:
+            os.write(self._w_err, stderr)
+        os.close(self._w_out)
+        os.close(self._w_err)
+        self.exited.set_result(code)
+
+    def signal_group(self, sig: int) -> bool:
+        self.signals.append(("group", sig))
+        if sig == signal.SIGKILL or not self.ignore_term:
+            self.exit(-sig)
+        return True
+
+    def send_signal(self, sig: int) -> bool:
+        self.signals.append(("main", sig))
+        return not self.exited.done()
+
+    def signal_escaped(self, procs: list[Any], sig: int) -> None:
+        pass
+
+    def group_members(self) -> list[Any]:
+        return []
+
+    def tree(self) -> list[Any]:
+        return []
+
+
+class Harness:
+    def __init__(self, tmp: Path, **spec_keys: Any) -> None:
+        self.clock = FakeClock()
+        self.children: list[FakeChild] = []
+        self.ignore_term = False
+        self.history_path = tmp / "history.jsonl"
+        self.history = History(self.history_path)
+        ctx = Context(
+            history=self.history,
+            log_dir=tmp / "logs",
+            clock=self.clock,
+            rng=random.Random(1),
+            launcher=self._launch,
+        )
+        spec = ProgramSpec(name="api", command=("api",), directory=tmp, **spec_keys)
+        self.program = Program(spec, ctx)
+
+    async def _launch(self, spec: ProgramSpec, env: dict[str, str]) -> tuple[Any, str]:
+        child = FakeChild(10_000 + len(self.children), self.ignore_term)
+        self.children.append(child)
+        return child, "f" * 64
+
+    @property
+    def child(self) -> FakeChild:
+        return self.children[-1]
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        recs = [json.loads(x) for x in self.history_path.read_text().splitlines()]
+        return [r for r in recs if event is None or r["event"] == event]
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock and let the actor notice its deadline."""
+        self.clock.now += seconds
+        self.program._wake.set()
+        await self.idle()
+
+    async def idle(self) -> None:
+        """Yield until the actor has handled everything (bounded, never a timed sleep)."""
+        for _ in range(200):
+            await asyncio.sleep(0)
+        for _ in range(100):  # a drain of a closed pipe needs a real loop turn or two
+            if not self.program._inbox:
+                break
+            await asyncio.sleep(0.001)
+
+    async def until(self, cond: Callable[[], bool], what: str) -> None:
+        async with asyncio.timeout(5):  # a deadline, polling the actor's visible state
+            while not cond():  # noqa: ASYNC110 - the actor exposes no event to wait on
+                await asyncio.sleep(0.001)
+
+
+def run(tmp: Path, body: Callable[[Harness], Coroutine[Any, Any, None]], **keys: Any) -> None:
+    async def main() -> None:
+        h = Harness(tmp, **keys)
+        h.program.launch()
+        try:
+            await body(h)
+        finally:
+            for child in h.children:
+                child.exit(0)
+            await h.program.close()
+            h.history.close()
+
+    asyncio.run(main())
+
+
+FAST = BackoffSpec(
+    initial=1.0, max=8.0, multiplier=2.0, jitter=0.0, reset_after=60.0, give_up_after=4
+)
+
+
+def test_crash_loop_waits_exactly_the_backoff_then_gives_up(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        expected = [1.0, 2.0, 4.0]
+        for n, delay in enumerate(expected, start=1):
+            await h.until(lambda n=n: len(h.children) == n, "a start")
+            h.child.exit(1)
+            await h.until(lambda: h.program.state is S.BACKOFF, "backoff")
+            await h.advance(delay - 0.001)  # not a moment early
+            assert h.program.state is S.BACKOFF and len(h.children) == n
+            await h.advance(0.001)
+            await h.until(lambda n=n: len(h.children) == n + 1, "the restart")
+        h.child.exit(1)
+        await h.until(lambda: h.program.state is S.FATAL, "FATAL")
+        assert [r["delay_s"] for r in h.records("backoff")] == expected
+        assert h.records("fatal")[0]["attempts"] == 4
+        await h.advance(3600)  # FATAL is final
+        assert len(h.children) == 4
+
+    run(tmp_path, body, backoff=FAST, start_seconds=5.0)
+
+
+def test_healthy_run_resets_and_restarts_at_once(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        h.child.exit(1)  # one failed start: failures = 1
+        await h.until(lambda: h.program.state is S.BACKOFF, "backoff")
+        await h.advance(1.0)
+        await h.until(lambda: len(h.children) == 2, "restart")
+        await h.advance(5.0)
+        assert h.program.state is S.RUNNING
+        await h.advance(60.0)  # healthy for reset_after
+        h.child.exit(2)
+        await h.until(lambda: len(h.children) == 3, "immediate restart")
+        assert h.records("backoff")[-1]["delay_s"] == 0.0
+        assert h.program.failures == 0
+        assert h.records("started")[-1]["attempt"] == 1
+
+    run(tmp_path, body, backoff=FAST, start_seconds=5.0)
+
+
+def test_stop_escalates_to_sigkill_at_stop_timeout(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.ignore_term = True
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        stop = asyncio.ensure_future(h.program.request(Stop()))
+        await h.until(lambda: h.program.state is S.STOPPING, "stopping")
+        await h.advance(9.999)
+        assert h.child.signals == [("group", signal.SIGTERM)]
+        await h.advance(0.001)
+        await stop
+        assert h.child.signals[-1] == ("group", signal.SIGKILL)
+        assert h.program.state is S.STOPPED
+        assert h.records("stopped")[0]["killed"] is True
+
+    run(tmp_path, body, stop_timeout=10.0)
+
+
+def test_operator_restart_is_not_a_failure(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        await h.advance(1.0)
+        reply = asyncio.ensure_future(h.program.request(Restart(reason="leak")))
+        await h.until(lambda: len(h.children) == 2, "restart")
+        await h.advance(1.0)
+        assert "running" in await reply
+        assert h.program.failures == 0
+        assert not h.records("backoff")
+        assert h.records("restart_requested")[0]["reason"] == "leak"
+        assert h.program.restarts["leak"] == 1
+
+    run(tmp_path, body, start_seconds=1.0)
+
+
+def test_conflicting_and_pointless_commands_get_clear_answers(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        with pytest.raises(CommandError, match="not running"):
+            await h.program.request(SendSignal(signum=signal.SIGHUP))
+        h.ignore_term = True
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        first = asyncio.ensure_future(h.program.request(Stop()))
+        await h.until(lambda: h.program.state is S.STOPPING, "stopping")
+        with pytest.raises(CommandError, match="already stopping"):
+            await h.program.request(Stop())
+        with pytest.raises(CommandError, match="is stopping"):
+            await h.program.request(Start())
+        await h.advance(10.0)
+        await first
+        assert "already stopped" in await h.program.request(Stop())
+
+    run(tmp_path, body, stop_timeout=10.0)
+
+
+def test_operator_start_leaves_fatal_with_a_fresh_series(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        h.child.exit(1)
+        await h.until(lambda: h.program.state is S.FATAL, "FATAL")
+        started = asyncio.ensure_future(h.program.request(Start()))
+        await h.until(lambda: len(h.children) == 2, "start from FATAL")
+        await h.advance(1.0)
+        assert "running" in await started
+        assert h.program.failures == 0
+
+    spec = BackoffSpec(give_up_after=1, jitter=0.0)
+    run(tmp_path, body, backoff=spec, start_seconds=1.0)
+
+
+def test_panic_in_stderr_is_recorded_on_exit(tmp_path: Path) -> None:
+    trace = (
+        b"panic: boom\n\ngoroutine 1 [running]:\nmain.handler()\n"
+        b"\t/src/main.go:42 +0x1d\nexit status 2\n"
+    )
+
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        h.child.exit(2, stderr=trace)
+        await h.until(lambda: h.program.state is S.EXITED, "exited")
+        crash = h.records("exited")[0]["crash"]
+        assert crash["kind"] == "panic" and crash["message"] == "boom"
+        assert "main.handler" in crash["frame"]
+
+    run(tmp_path, body, restart=RestartPolicy.NEVER)
