@@ -248,7 +248,6 @@ def test_malformed_config_exits_2_naming_every_problem(gosup_factory: Any) -> No
     g = gosup_factory(
         '[programs.api]\ncomand = ["x"]\nstop_signal = "SIGNOPE"\n'
         '[programs.api.backoff]\nmax = "1 parsec"\n'
-        '[programs.api.backoff]\nmax = "1 parsec"\n'
     )
     result = g.cli("run", str(g.config))
     assert result.returncode == 2
