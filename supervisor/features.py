@@ -18,6 +18,7 @@ DAEMON_MODULES: tuple[str, ...] = (
     "supervisor.systemd",  # sd_notify (issue: production)
     "supervisor.metrics",  # Prometheus /metrics (issue: production)
     "supervisor.devmode",  # build and rebuild (issue: development mode)
+    "supervisor.orphans",  # pid records, leftover sweep, PID-1 reaping (issue: production)
 )
 
 CLIENT_MODULES: tuple[str, ...] = (

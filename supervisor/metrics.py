@@ -1,0 +1,222 @@
+"""Prometheus ``/metrics`` (DESIGN §8), served from the event loop itself.
+
+Nothing is counted on the hot paths: a custom collector reads every
+program's state, restart counters and sampled figures (``program.figures``,
+filled by the resource sampler) at scrape time. Only config changes are
+counted as they happen, from the history records, since no program keeps
+them.
+
+The HTTP side is a few lines of asyncio rather than prometheus_client's
+``start_http_server``: that one answers from a thread, and the collector
+reads state that the loop changes. Here the scrape runs on the loop, between
+two messages, so it sees a consistent picture without locks. One request per
+connection, GET and HEAD only, bounded headers and a read timeout: this is
+an endpoint for a scraper, not a web server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from supervisor import daemon
+from supervisor.states import RUNNING_STATES, STATE_NUMBERS, ProcessState
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+
+# Reasons are always exported (as 0 until they happen): increase() cannot see
+# the first restart of a series that appears with the value 1.
+RESTART_REASONS = ("crash", "leak", "config", "build", "operator")
+CONFIG_RESULTS = {
+    "config_applied": "applied",
+    "config_rejected": "rejected",
+    "config_rolled_back": "rolled_back",
+}
+STATE_HELP = "Program state: " + " ".join(f"{n}={s.value}" for s, n in STATE_NUMBERS.items())
+# Figures that the resource sampler keeps in program.figures, exported as
+# gosup_program_<key> (absent until sampled).
+FIGURES = {
+    "rss_bytes": "Resident memory of the program's process tree.",
+    "open_fds": "Open file descriptors of the program's process tree.",
+    "threads": "OS threads of the program's process tree.",
+    "connections": "Open sockets of the program's process tree.",
+    "goroutines": "Goroutines, from the program's Go runtime metrics.",
+    "heap_inuse_bytes": "Go heap in use, from the program's Go runtime metrics.",
+}
+MAX_REQUEST = 8192
+READ_TIMEOUT = 10.0
+
+
+class ProgramCollector(Collector):
+    """Reads the supervisor's programs at scrape time."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        # (program, result) -> count; kept for programs a reload removed too.
+        self.config_changes: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def on_record(self, rec: dict[str, object]) -> None:
+        """History listener: count config_applied / rejected / rolled_back."""
+        result = CONFIG_RESULTS.get(str(rec.get("event")))
+        if result is not None:
+            self.config_changes[(str(rec.get("program", "")), result)] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        programs = list(self.sup.programs.values())
+        up = GaugeMetricFamily("gosup_program_up", "1 while RUNNING.", labels=["program"])
+        state = GaugeMetricFamily("gosup_program_state", STATE_HELP, labels=["program"])
+        restarts = CounterMetricFamily(
+            "gosup_program_restarts_total",
+            "Restarts by reason (crash, leak, config, build, operator).",
+            labels=["program", "reason"],
+        )
+        for p in programs:
+            current: ProcessState = p.state
+            up.add_metric([p.name], 1.0 if current in RUNNING_STATES else 0.0)
+            state.add_metric([p.name], float(STATE_NUMBERS[current]))
+            counts = p.restarts
+            for reason in sorted(set(RESTART_REASONS) | set(counts)):
+                restarts.add_metric([p.name, reason], float(counts.get(reason, 0)))
+        yield up
+        yield state
+        yield restarts
+        yield from self._figures(programs)
+        yield self._config_changes(programs)
+
+    def _figures(self, programs: list[Any]) -> Iterator[Metric]:
+        for key, text in FIGURES.items():
+            family = GaugeMetricFamily(f"gosup_program_{key}", text, labels=["program"])
+            for p in programs:
+                value = _figure(p.figures, key)
+                if value is not None:
+                    family.add_metric([p.name], value)
+            yield family
+
+    def _config_changes(self, programs: list[Any]) -> Metric:
+        family = CounterMetricFamily(
+            "gosup_config_changes_total",
+            "Staged config files applied, rejected and rolled back.",
+            labels=["program", "result"],
+        )
+        counts = collections.Counter(self.config_changes)
+        for p in programs:
+            if p.spec.config_files:
+                for result in CONFIG_RESULTS.values():
+                    counts[(p.name, result)] += 0  # present from the start
+        for (program, result), n in sorted(counts.items()):
+            family.add_metric([program, result], float(n))
+        return family
+
+
+def _figure(figures: dict[str, Any], key: str) -> float | None:
+    value = figures.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def build_registry(sup: Supervisor) -> tuple[CollectorRegistry, ProgramCollector]:
+    """A registry of our own: the programs, plus gosup's own process_* figures."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = ProgramCollector(sup)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry, collector
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9109) from "127.0.0.1:9109" or "[::1]:9109"."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    """The ``metrics_listen`` endpoint (a daemon service)."""
+
+    def __init__(self, sup: Supervisor, listen: str) -> None:
+        self.sup = sup
+        self.listen = listen
+        self.registry, self.collector = build_registry(sup)
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        host, port = split_listen(self.listen)
+        self.sup.history.add_listener(self.collector.on_record)
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST)
+        except OSError as exc:
+            self.sup.history.remove_listener(self.collector.on_record)
+            raise OSError(exc.errno, f"metrics_listen {self.listen}: {exc.strerror}") from exc
+        logger.info("metrics on http://{}/metrics", self.listen)
+
+    async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.sup.history.remove_listener(self.collector.on_record)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, ctype, body, method = self._answer(head)
+            writer.write(_response(status, ctype, b"" if method == "HEAD" else body, len(body)))
+            await writer.drain()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a client that went away or sent too much: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _answer(self, head: bytes) -> tuple[str, str, bytes, str]:
+        request, *header_lines = head.decode("latin-1").split("\r\n")
+        method, _, rest = request.partition(" ")
+        path = rest.split(" ", 1)[0].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"GET /metrics\n", method
+        if path != "/metrics":
+            return "404 Not Found", "text/plain", b"see /metrics\n", method
+        headers = dict(_header(line) for line in header_lines if ":" in line)
+        # Prometheus asks for OpenMetrics; curl gets the classic text format.
+        encode, ctype = choose_encoder(headers.get("accept", ""))
+        try:
+            body = encode(self.registry)
+        except Exception as exc:  # a collector bug must not take the endpoint down
+            logger.opt(exception=exc).error("metrics: scrape failed")
+            return "500 Internal Server Error", "text/plain", b"scrape failed\n", method
+        return "200 OK", ctype, body, method
+
+
+def _header(line: str) -> tuple[str, str]:
+    name, _, value = line.partition(":")
+    return name.strip().lower(), value.strip()
+
+
+def _response(status: str, ctype: str, body: bytes, length: int) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def make_service(sup: Supervisor) -> MetricsServer | None:
+    """The daemon service factory: only when ``metrics_listen`` is set."""
+    listen = sup.config.supervisor.metrics_listen
+    return MetricsServer(sup, listen) if listen else None
+
+
+daemon.SERVICE_FACTORIES.append(make_service)

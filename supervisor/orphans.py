@@ -1,0 +1,354 @@
+"""Nothing gosup started may outlive it, and nothing may run twice.
+
+Three parts, one concern:
+
+**Pid records.** ``<state_dir>/pids.json`` holds gosup's own pid and, for
+every program whose child runs, its pid, start time, process group and
+session. A history listener keeps it current from the ``started``,
+``exited`` and ``stopped`` records, so it is written exactly when the
+history says a child came or went. A clean exit removes the file.
+
+**The sweep at start.** A gosup killed with SIGKILL cannot stop anything.
+Its direct children die with it (``PR_SET_PDEATHSIG``), but their own
+children do not: a Go program's helpers in the same process group, and
+helpers that called ``setsid`` and left it. Every child therefore carries
+``GOSUP_STATE_DIR`` (and ``GOSUP_PROGRAM``) in its environment, which its
+descendants inherit. Before any program starts, the next gosup of the same
+state_dir stops whatever the previous one left: the recorded pids (checked
+against their start time, so a reused pid is never hit), the rest of their
+process groups and sessions, and every older process carrying our
+``GOSUP_STATE_DIR``. SIGTERM first, then SIGKILL after a short grace. Each
+program found this way gets a ``stopped`` record with
+``reason = "leftover"``.
+
+**PID 1.** As a container's entrypoint, gosup inherits every orphan of the
+container and must reap them, or zombies pile up. It must not reap its own
+children, though: ``Popen`` (and asyncio's child watchers, for validators
+and builds) need those exit statuses. So the reaper never calls
+``waitpid(-1)``: it looks at gosup's zombie children once a second and only
+reaps one that is not a program's current child and that was already a
+zombie at the previous look. Whoever waits for a child of its own does so
+at once (a pidfd, or a thread blocked in ``waitpid``), so a zombie nobody
+claimed for a whole second is an orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from loguru import logger
+
+from supervisor import daemon, spawn
+from supervisor.cli import CLIError
+from supervisor.config import ProgramSpec
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+
+STATE_DIR_VAR = "GOSUP_STATE_DIR"
+PROGRAM_VAR = "GOSUP_PROGRAM"
+PIDS_FILE = "pids.json"
+LEFTOVER_GRACE_MAX = 10.0  # seconds a leftover gets to stop after SIGTERM, at most
+REAP_INTERVAL = 1.0
+CREATE_TIME_SLACK = 0.01  # psutil start times are exact to a clock tick
+
+
+class AlreadyRunning(CLIError):
+    """Another live gosup owns this state_dir (refusing beats running twice)."""
+
+
+# -- pid records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    pid: int
+    create_time: float
+    pgid: int | None = None
+    sid: int | None = None
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRecord | None:
+        try:
+            create_time = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+        return cls(pid, create_time, _id(os.getpgid, pid), _id(os.getsid, pid))
+
+    def process(self, zombie: bool = False) -> psutil.Process | None:
+        """The recorded process if it still exists (not a reused pid); a zombie
+        only when asked for."""
+        try:
+            proc = psutil.Process(self.pid)
+            same = abs(proc.create_time() - self.create_time) <= CREATE_TIME_SLACK
+            if same and (zombie or proc.status() != psutil.STATUS_ZOMBIE):
+                return proc
+        except psutil.Error:
+            pass
+        return None
+
+
+def _id(fn: Any, pid: int) -> int | None:
+    try:
+        value: int = fn(pid)
+        return value
+    except OSError:
+        return None
+
+
+class PidFile:
+    """``pids.json``: this gosup and the current child of each program."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.programs: dict[str, ProcessRecord] = {}
+        self.me = ProcessRecord.of(os.getpid())
+
+    @staticmethod
+    def read(path: Path) -> tuple[ProcessRecord | None, dict[str, ProcessRecord]]:
+        """The recorded gosup and children; nothing for a missing or damaged file."""
+        try:
+            data = json.loads(path.read_text())
+            me = data.get("supervisor")
+            progs = data.get("programs", {})
+            return (
+                ProcessRecord(**me) if me else None,
+                {name: ProcessRecord(**rec) for name, rec in progs.items()},
+            )
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None, {}
+
+    def on_record(self, rec: dict[str, object]) -> None:
+        """History listener: a child came (started) or went (exited, stopped)."""
+        event, name, pid = rec.get("event"), rec.get("program"), rec.get("pid")
+        if not isinstance(name, str) or not isinstance(pid, int):
+            return
+        if event == "started":
+            found = ProcessRecord.of(pid)
+            if found is not None:
+                self.programs[name] = found
+                self.write()
+        elif event in ("exited", "stopped"):
+            old = self.programs.get(name)
+            if old is not None and old.pid == pid:
+                del self.programs[name]
+                self.write()
+
+    def write(self) -> None:
+        data = {
+            "supervisor": asdict(self.me) if self.me else None,
+            "programs": {name: asdict(rec) for name, rec in self.programs.items()},
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(self.path)  # never half a file, even if we die right here
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# -- the sweep ------------------------------------------------------------------------
+
+
+def _environ(proc: psutil.Process) -> dict[str, str]:
+    try:
+        return proc.environ()
+    except (psutil.Error, OSError):
+        return {}
+
+
+def _older_than(proc: psutil.Process, limit: float) -> bool:
+    try:
+        return proc.create_time() <= limit
+    except psutil.Error:
+        return False
+
+
+def find_leftovers(
+    state_dir: Path, records: dict[str, ProcessRecord], born: float
+) -> dict[str, list[psutil.Process]]:
+    """Processes of a previous gosup of ``state_dir``, by program name.
+
+    Only processes started before ``born`` (this gosup's start) qualify, so
+    nothing of ours can be taken for a leftover.
+    """
+    found: dict[str, dict[int, psutil.Process]] = {}
+    groups: dict[int, tuple[str, ProcessRecord]] = {}
+    for name, rec in records.items():
+        proc = rec.process()
+        if proc is not None:
+            found.setdefault(name, {})[proc.pid] = proc
+        # The group is the recorded one while its leader is (even as a zombie),
+        # or gone: the kernel reuses no pid that still names a group.
+        leader_known = rec.process(zombie=True) is not None or not psutil.pid_exists(rec.pid)
+        for group in (rec.pgid, rec.sid):
+            if group is not None and leader_known:
+                groups[group] = (name, rec)
+    marker = str(state_dir)
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    for proc in psutil.process_iter():
+        if proc.pid in mine or not _older_than(proc, born):
+            continue
+        owner = _leftover_name(proc, marker, groups)
+        if owner is not None:
+            found.setdefault(owner, {})[proc.pid] = proc
+    return {name: list(procs.values()) for name, procs in found.items()}
+
+
+def _leftover_name(
+    proc: psutil.Process, marker: str, groups: dict[int, tuple[str, ProcessRecord]]
+) -> str | None:
+    env = _environ(proc)
+    if env.get(STATE_DIR_VAR) == marker:
+        return env.get(PROGRAM_VAR) or "?"
+    for group in (_id(os.getpgid, proc.pid), _id(os.getsid, proc.pid)):
+        if group in groups:
+            name, rec = groups[group]
+            # Members of a recorded group are no younger than its leader.
+            if not _older_than(proc, rec.create_time - CREATE_TIME_SLACK):
+                return name
+    return None
+
+
+async def stop_leftovers(procs: list[psutil.Process], grace: float) -> bool:
+    """SIGTERM, wait up to ``grace``, then SIGKILL the rest; True when SIGKILL was needed."""
+    procs = spawn.alive(procs)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    survivors = await spawn.wait_gone(procs, grace, loop.time)
+    if not survivors:
+        return False
+    spawn.sweep(survivors)
+    survivors = await spawn.wait_gone(survivors, 5.0, loop.time)
+    if survivors:
+        logger.error("leftovers survived SIGKILL: pids {}", [p.pid for p in survivors])
+    return True
+
+
+# -- PID 1 ------------------------------------------------------------------------------
+
+
+class Reaper:
+    """Reaps orphaned zombies when gosup is PID 1, never a child someone waits for."""
+
+    def __init__(self, sup: Supervisor, interval: float = REAP_INTERVAL) -> None:
+        self.sup = sup
+        self.interval = interval
+        self.reaped = 0
+        self._seen: set[int] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self.tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def tick(self) -> None:
+        try:
+            self.reap_once()
+        finally:
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self.tick)
+
+    def reap_once(self) -> None:
+        ours = {p.pid for p in self.sup.programs.values() if p.pid is not None}
+        zombies = set()
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children():
+                with contextlib.suppress(psutil.Error):
+                    if child.status() == psutil.STATUS_ZOMBIE and child.pid not in ours:
+                        zombies.add(child.pid)
+        for pid in zombies & self._seen:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    self.reaped += 1
+                    logger.debug("reaped orphan pid {}", pid)
+        self._seen = zombies
+
+
+# -- the service ------------------------------------------------------------------------
+
+
+class OrphanService:
+    """Sweeps a previous gosup's leftovers, keeps pids.json, reaps as PID 1."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.state_dir = sup.config.supervisor.state_dir.resolve()
+        self.pids = PidFile(self.state_dir / PIDS_FILE)
+        self.reaper: Reaper | None = None
+
+    async def start(self) -> None:
+        await self.sweep()
+        self.pids.write()
+        self.sup.history.add_listener(self.pids.on_record)
+        self._mark_children()
+        if os.getpid() == 1:
+            logger.info("running as PID 1: reaping orphaned zombies")
+            self.reaper = Reaper(self.sup)
+            self.reaper.start()
+
+    async def close(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
+        with contextlib.suppress(ValueError):
+            self.sup.history.remove_listener(self.pids.on_record)
+        if not self.pids.programs:
+            self.pids.remove()
+        else:  # a child we could not stop: leave it for the next gosup to find
+            self.pids.write()
+
+    def _mark_children(self) -> None:
+        """Every child (and so its descendants) carries our state_dir and its name."""
+        # A gosup run by another gosup inherited that one's marks: they are not
+        # ours to pass on (extra_env never overrides gosup's own environment).
+        for var in (STATE_DIR_VAR, PROGRAM_VAR):
+            os.environ.pop(var, None)
+        previous = self.sup.ctx.extra_env
+        marker = str(self.state_dir)
+
+        def extra_env(spec: ProgramSpec) -> dict[str, str]:
+            return {**previous(spec), STATE_DIR_VAR: marker, PROGRAM_VAR: spec.name}
+
+        self.sup.ctx.extra_env = extra_env
+
+    async def sweep(self) -> None:
+        """Stop what a previous gosup of this state_dir left running."""
+        prev, records = PidFile.read(self.pids.path)
+        if prev is not None and prev.pid != os.getpid() and prev.process() is not None:
+            raise AlreadyRunning(
+                f"another gosup (pid {prev.pid}) is running with state_dir {self.state_dir}"
+            )
+        born = self.pids.me.create_time if self.pids.me else psutil.Process().create_time()
+        leftovers = await asyncio.to_thread(find_leftovers, self.state_dir, records, born)
+        grace = self._grace()
+        for name, procs in sorted(leftovers.items()):
+            pids = sorted(p.pid for p in procs)
+            logger.warning("{}: stopping leftovers of a previous gosup: pids {}", name, pids)
+            main = records[name].pid if name in records else pids[0]
+            killed = await stop_leftovers(procs, grace)
+            self.sup.history.record(
+                "stopped", name, pid=main, reason="leftover", killed=killed, pids=pids
+            )
+
+    def _grace(self) -> float:
+        timeouts = [p.stop_timeout for p in self.sup.config.programs]
+        return min(max(timeouts, default=1.0), LEFTOVER_GRACE_MAX)
+
+
+def make_service(sup: Supervisor) -> OrphanService:
+    return OrphanService(sup)
+
+
+daemon.SERVICE_FACTORIES.append(make_service)

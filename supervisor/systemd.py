@@ -1,0 +1,223 @@
+"""sd_notify: tell systemd when gosup is ready, alive, reloading and stopping.
+
+The protocol is one datagram per message to the ``AF_UNIX`` socket named in
+``$NOTIFY_SOCKET`` (a path, or an abstract address written with a leading
+``@``). Without that variable every call is a no-op, so the same gosup runs
+in a terminal, a container and under systemd.
+
+What is sent, and when (``Type=notify`` in ``systemd/gosup.service``):
+
+- ``READY=1`` once every autostart program is RUNNING or has given up
+  (FATAL, or EXITED for good). It is evaluated one loop iteration after a
+  state change, because a crash moves a program through EXITED and on to
+  BACKOFF within one handler: only the settled state counts.
+- ``STATUS=4 running, 1 backoff`` whenever the counts change.
+- ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2``, from a ``loop.call_later``
+  chain and never from a thread: if the event loop wedges, the pings stop
+  and systemd kills gosup (``WatchdogSec=``), which is the whole point.
+- ``RELOADING=1`` when an app.toml reload is applied (the
+  ``supervisor_reloaded`` history record is written before the difference is
+  applied), then ``READY=1`` again once the new set of programs has settled.
+- ``STOPPING=1`` at the first state change after the shutdown began (or at
+  the latest when the service closes).
+
+Children never see ``NOTIFY_SOCKET`` (``spawn.child_environment`` removes
+it), and ``NotifyAccess=main`` makes systemd ignore anyone else anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from supervisor import daemon
+from supervisor.program import Program
+from supervisor.states import ProcessState
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+
+S = ProcessState
+# An autostart program in one of these states no longer holds up READY=1.
+READY_STATES = frozenset({S.RUNNING, S.FATAL, S.EXITED})
+
+
+def socket_address(value: str) -> str | bytes:
+    """The address to ``sendto`` for a ``$NOTIFY_SOCKET`` value ("@x" is abstract)."""
+    if value.startswith("@"):
+        return b"\0" + value[1:].encode()
+    if not value.startswith("/"):
+        raise ValueError(f"NOTIFY_SOCKET must be an absolute path or start with '@': {value!r}")
+    return value
+
+
+def watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when off."""
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None  # the watchdog is meant for another process
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+class Notifier:
+    """Sends sd_notify messages; a no-op when ``$NOTIFY_SOCKET`` is not set."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        raw = env.get("NOTIFY_SOCKET")
+        self.address = socket_address(raw) if raw else None
+        self._sock: socket.socket | None = None
+        if self.address is not None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, *lines: str) -> bool:
+        """Send one datagram of ``KEY=value`` lines; False when it could not be sent."""
+        if self._sock is None or self.address is None:
+            return False
+        try:
+            self._sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:  # systemd gone or socket full: never worth crashing for
+            logger.debug("sd_notify {} failed: {}", lines, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def status_line(states: list[ProcessState]) -> str:
+    """The STATUS= text: "4 running, 1 backoff" (lifecycle order), or "no programs"."""
+    if not states:
+        return "no programs"
+    counts = collections.Counter(states)
+    return ", ".join(f"{counts[s]} {s.value.lower()}" for s in ProcessState if counts[s])
+
+
+class SystemdService:
+    """The sd_notify side of one Supervisor (a daemon service)."""
+
+    def __init__(self, sup: Supervisor, notifier: Notifier, watchdog: float | None) -> None:
+        self.sup = sup
+        self.notifier = notifier
+        self.watchdog = watchdog
+        self.ready = False
+        self.stopping_sent = False
+        self._last_status = ""
+        self._check_pending = False
+        self._ping_handle: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        # Programs are added after services start and copy these listeners.
+        self.sup.state_listeners.append(self._on_state)
+        self.sup.history.add_listener(self._on_record)
+        if self.watchdog is not None:
+            logger.info("systemd watchdog: pinging every {:.3g}s", self.watchdog)
+            self._ping()
+        self._schedule_check()
+
+    async def close(self) -> None:
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+        self._send_stopping()
+        with contextlib.suppress(ValueError):
+            self.sup.state_listeners.remove(self._on_state)
+        with contextlib.suppress(ValueError):
+            self.sup.history.remove_listener(self._on_record)
+        self.notifier.close()
+
+    # -- watchdog ----------------------------------------------------------------
+
+    def _ping(self) -> None:
+        assert self.watchdog is not None
+        self.notifier.send("WATCHDOG=1")
+        loop = asyncio.get_running_loop()
+        self._ping_handle = loop.call_later(self.watchdog, self._ping)
+
+    # -- readiness and status -------------------------------------------------------
+
+    def _on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
+        if self.sup.shutting_down:
+            self._send_stopping()
+        self._schedule_check()
+
+    def _on_record(self, rec: dict[str, object]) -> None:
+        if rec.get("event") == "supervisor_reloaded":
+            self.ready = False
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        # One check per loop iteration, however many transitions happened in it.
+        if not self._check_pending:
+            self._check_pending = True
+            asyncio.get_running_loop().call_soon(self._check)
+
+    def _check(self) -> None:
+        self._check_pending = False
+        status = status_line([p.state for p in self.sup.programs.values()])
+        if self.sup.shutting_down:
+            status = f"stopping: {status}"
+        lines = []
+        if status != self._last_status:
+            self._last_status = status
+            lines.append(f"STATUS={status}")
+        if not self.ready and not self.sup.shutting_down and self._all_settled():
+            self.ready = True
+            lines.append("READY=1")
+            logger.info("ready: {}", status)
+        if lines:
+            self.notifier.send(*lines)
+
+    def _all_settled(self) -> bool:
+        """Every autostart program of the current config exists and has settled."""
+        for spec in self.sup.config.programs:
+            if not spec.autostart:
+                continue
+            program = self.sup.programs.get(spec.name)
+            if program is None or program.spec != spec or program.state not in READY_STATES:
+                return False
+        return True
+
+    def _send_stopping(self) -> None:
+        if not self.stopping_sent:
+            self.stopping_sent = True
+            self.notifier.send("STOPPING=1", "STATUS=stopping")
+
+
+def make_service(sup: Supervisor) -> SystemdService | None:
+    """The daemon service factory: nothing to do unless systemd gave us a socket."""
+    try:
+        notifier = Notifier()
+    except ValueError as exc:
+        logger.error("sd_notify disabled: {}", exc)
+        return None
+    if not notifier.enabled:
+        return None
+    service = SystemdService(sup, notifier, watchdog_interval(os.environ))
+    # Like sd_notify(unset_environment=1): nothing gosup runs (validators,
+    # builds, programs) inherits systemd's socket or watchdog.
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(var, None)
+    return service
+
+
+daemon.SERVICE_FACTORIES.append(make_service)
