@@ -1,0 +1,499 @@
+"""Staged config files: watch, verify, validate, swap, apply, probation, rollback.
+
+One ``ConfigSync`` attachment per program with ``config_files``; inside it
+one controller per file (``StagedFile``, or ``LiveFile`` for ``staging =
+false``), each with its own worker task, so a file is handled one version at
+a time and in order. The file operations themselves are in ``configswap``.
+
+Watching. watchdog observes the *directories* (a file watch would lose the
+file at the first rename onto it). Its thread hands every event to the loop
+with ``call_soon_threadsafe`` and does nothing else. A rename onto the
+staging path, or a write closed on it, is a complete event and is acted on at
+once: the debounce adds straight to the deploy latency, so only events that
+may come from a writer still at work (created, modified: all that a polling
+observer can report) wait for ``DEBOUNCE`` of quiet. Where inotify cannot be
+used, or ``GOSUP_FORCE_POLLING=1`` says so (network filesystems), a polling
+observer does the same job.
+
+Probation. After an apply, an exit of the program (STARTING/RUNNING ->
+EXITED) within ``probation`` rolls the file back. The rollback runs inside
+the state listener, synchronously, on purpose: the listener is called during
+the program's transition to EXITED, before the program's task decides on the
+next start. A long-healthy program that dies on a reload is restarted at once
+(DESIGN §3); a restore done later by another task could lose that race and
+the new run would read the bad file again. Because the program restarts by
+itself (its restart policy and backoff), "apply again" after a rollback needs
+no signal: its next start reads the restored file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from watchdog import events as wd
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.polling import PollingObserver
+
+from supervisor import configswap as swap
+from supervisor import daemon
+from supervisor.config import ConfigFileSpec, OnChange
+from supervisor.program import CommandError, Program, Restart, SendSignal
+from supervisor.states import ProcessState
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+
+S = ProcessState
+FORCE_POLLING_ENV = "GOSUP_FORCE_POLLING"
+POLL_INTERVAL = 0.1  # seconds between directory scans of the polling observer
+DEBOUNCE = 0.25  # quiet time before acting on an event a writer may still be causing
+SIDECAR_GRACE = 1.0  # how long a sidecar naming another file may wait for that file
+SETTLE_MARGIN = 5.0  # beyond start_seconds, how long a reload waits for STARTING to end
+COMPLETE_EVENTS = frozenset({"moved", "closed"})
+# No opened/closed_no_write: every read of the config by the program would wake us.
+_EVENT_FILTER = [wd.FileMovedEvent, wd.FileCreatedEvent, wd.FileModifiedEvent, wd.FileClosedEvent]
+_EVENT_FILTER += [wd.FileDeletedEvent, wd.DirMovedEvent, wd.DirCreatedEvent, wd.DirDeletedEvent]
+_warned_polling = False
+
+
+# -- watching -------------------------------------------------------------------------
+
+
+class _Forwarder(wd.FileSystemEventHandler):
+    """Runs in watchdog's thread: hands each event to the loop, nothing else."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sync: ConfigSync) -> None:
+        self._loop = loop
+        self._sync = sync
+
+    def on_any_event(self, event: wd.FileSystemEvent) -> None:
+        src = os.fsdecode(event.src_path)
+        dest = os.fsdecode(event.dest_path) if event.dest_path else ""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: gosup is exiting
+            self._loop.call_soon_threadsafe(self._sync.on_event, event.event_type, src, dest)
+
+
+def _polling_wanted() -> bool:
+    return os.environ.get(FORCE_POLLING_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def start_observer(handler: _Forwarder, dirs: set[Path], polling: bool) -> BaseObserver:
+    """A started observer of ``dirs``: inotify, or polling when asked or when inotify fails."""
+    global _warned_polling
+    if not polling:
+        observer = InotifyObserver(generate_full_events=True)
+        try:
+            _watch_all(observer, handler, dirs)
+            observer.start()
+            return observer
+        except OSError as exc:  # watch or instance limit reached, filesystem without inotify
+            with contextlib.suppress(Exception):
+                observer.stop()
+            if not _warned_polling:
+                _warned_polling = True
+                logger.warning("inotify unavailable ({}): watching config files by polling", exc)
+    poller = PollingObserver(timeout=POLL_INTERVAL)
+    _watch_all(poller, handler, dirs)
+    poller.start()
+    return poller
+
+
+def _watch_all(observer: BaseObserver, handler: _Forwarder, dirs: set[Path]) -> None:
+    for directory in sorted(dirs):
+        if directory.is_dir():  # a missing one is reported by the caller, not a reason to poll
+            observer.schedule(handler, str(directory), event_filter=_EVENT_FILTER)
+
+
+# -- the attachment ------------------------------------------------------------------
+
+
+class ConfigSync:
+    """All config files of one program."""
+
+    def __init__(self, sup: Supervisor, program: Program, polling: bool | None = None) -> None:
+        self.sup = sup
+        self.program = program
+        self.polling = _polling_wanted() if polling is None else polling
+        self.state_changed = asyncio.Event()
+        self.files: list[StagedFile | LiveFile] = [
+            StagedFile(self, spec) if spec.staging is not None else LiveFile(self, spec)
+            for spec in program.spec.config_files
+        ]
+        self._observer: BaseObserver | None = None
+        self._handler: _Forwarder | None = None
+        self._watched: set[Path] = set()
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.sup.history.record(event, self.program.name, **fields)
+
+    async def start(self) -> None:
+        self.program.state_listeners.append(self._on_state)
+        self._handler = _Forwarder(asyncio.get_running_loop(), self)
+        wanted = {d for f in self.files for d in f.watch_dirs()}
+        for missing in sorted(d for d in wanted if not d.is_dir()):
+            logger.error("{}: cannot watch {}: no such directory", self.program.name, missing)
+        self._watched = {d for d in wanted if d.is_dir()}
+        self._observer = await asyncio.to_thread(
+            start_observer, self._handler, self._watched, self.polling
+        )
+        # Before the program's autostart: a version waiting now is the one it starts with.
+        for f in self.files:
+            await f.start()
+
+    async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.program.state_listeners.remove(self._on_state)
+        for f in self.files:
+            await f.close()
+        if self._observer is not None:
+            self._observer.stop()
+            await asyncio.to_thread(self._observer.join, 5.0)
+
+    def watch(self, dirs: set[Path]) -> None:
+        """Also watch ``dirs`` (a symlinked live file's target moved to a new directory)."""
+        if self._observer is None or self._handler is None:
+            return
+        for directory in dirs - self._watched:
+            if not directory.is_dir():
+                continue
+            try:
+                self._observer.schedule(self._handler, str(directory), event_filter=_EVENT_FILTER)
+                self._watched.add(directory)
+            except OSError as exc:
+                logger.warning("{}: cannot watch {}: {}", self.program.name, directory, exc)
+
+    def on_event(self, kind: str, src: str, dest: str) -> None:
+        for f in self.files:
+            f.on_event(kind, src, dest)
+
+    def _on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
+        self.state_changed.set()
+        if new is S.EXITED and old in (S.STARTING, S.RUNNING):
+            for f in self.files:
+                try:
+                    f.on_exit()
+                except Exception as exc:  # never break the program's own transition
+                    logger.opt(exception=exc).error("{}: rollback: {}", program.name, exc)
+
+    async def settled_state(self) -> ProcessState:
+        """The program's state once a start under way is over (or has taken too long)."""
+        limit = self.program.spec.start_seconds + SETTLE_MARGIN
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while self.program.state is S.STARTING:
+                    self.state_changed.clear()
+                    await self.state_changed.wait()
+        return self.program.state
+
+    async def apply(self, spec: ConfigFileSpec) -> None:
+        """Tell the program about a new version, by ``on_change``.
+
+        Only a running program is told: one that is stopped, exited or in
+        backoff reads the new file when it next starts. A reload waits for a
+        start under way to finish, since a Go program that has not yet set up
+        its signal handling would die of the signal.
+        """
+        if spec.on_change is OnChange.NONE:
+            return
+        if await self.settled_state() is not S.RUNNING:
+            return
+        try:
+            if spec.on_change is OnChange.RELOAD:
+                signum = self.program.spec.reload_signal
+                await self.program.request(SendSignal(signum=signum, reason="config"))
+            else:  # restart: posted, not awaited; the exit watch covers the new run
+                self.program.post(Restart(reason="config"))
+        except CommandError as exc:
+            logger.warning("{}: config change not signalled: {}", self.program.name, exc)
+
+    def exit_summary(self) -> str:
+        info = self.program.last_exit or {}
+        if info.get("signal"):
+            return f"signal {info['signal']}"
+        return f"exit code {info.get('exit_code')}"
+
+
+# -- one file ---------------------------------------------------------------------------
+
+
+class _Controller:
+    """What both kinds of file share: a worker woken by events, with a debounce."""
+
+    def __init__(self, sync: ConfigSync, spec: ConfigFileSpec) -> None:
+        self.sync = sync
+        self.spec = spec
+        self.path = spec.path
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._debounce: asyncio.TimerHandle | None = None
+        self._probation: tuple[str, float] | None = None  # (sha256, until loop.time())
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"config:{self.sync.program.name}:{self.path.name}"
+        )
+
+    async def close(self) -> None:
+        if self._debounce is not None:
+            self._debounce.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def check(self) -> None:
+        raise NotImplementedError
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.sync.record(event, path=str(self.path), **fields)
+
+    def reject(self, reason: str, expected: str | None, actual: str, **extra: Any) -> None:
+        self.record("config_rejected", reason=reason, expected=expected, actual=actual, **extra)
+        logger.warning("{}: {} rejected: {}", self.sync.program.name, self.path, reason)
+
+    def kick(self, complete: bool) -> None:
+        """Wake the worker now (complete event) or after DEBOUNCE of quiet."""
+        if self._debounce is not None:
+            self._debounce.cancel()
+            self._debounce = None
+        if complete:
+            self._wake.set()
+        else:
+            self._debounce = asyncio.get_running_loop().call_later(DEBOUNCE, self._wake.set)
+
+    async def _run(self) -> None:
+        self._wake.set()  # whatever waits already is handled first
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.safe_check()
+
+    async def safe_check(self) -> None:
+        try:
+            await self.check()
+        except Exception as exc:  # a bug or an I/O error: log it, keep watching
+            logger.opt(exception=exc).error("{}: config file {}", self.sync.program.name, exc)
+
+    def start_probation(self, sha: str) -> None:
+        if self.spec.probation > 0:
+            until = asyncio.get_running_loop().time() + self.spec.probation
+            self._probation = (sha, until)
+
+    def end_probation(self) -> tuple[str, float] | None:
+        """The version on probation if the exit happened within it (cleared either way)."""
+        probation, self._probation = self._probation, None
+        if probation is None or asyncio.get_running_loop().time() > probation[1]:
+            return None
+        return probation
+
+    async def validate(self, file: Path) -> swap.Verdict:
+        program = self.sync.program.spec
+        assert self.spec.validate is not None
+        env = {**os.environ, **program.environment}
+        argv, timeout = self.spec.validate, self.spec.validate_timeout
+        return await asyncio.to_thread(swap.validate, argv, file, program.directory, env, timeout)
+
+
+class StagedFile(_Controller):
+    """A file that deployers hand over at ``staging`` (with its ``.sha256`` sidecar)."""
+
+    def __init__(self, sync: ConfigSync, spec: ConfigFileSpec) -> None:
+        super().__init__(sync, spec)
+        assert spec.staging is not None
+        self.staging = spec.staging
+        self.sidecar = swap.sidecar_of(spec.staging)
+        self.live_sha: str | None = None
+        # The worker thread swapping files and the rollback in the state listener
+        # (on the loop) must never interleave their renames.
+        self._files_lock = threading.Lock()
+
+    def watch_dirs(self) -> set[Path]:
+        return {self.staging.parent}
+
+    async def start(self) -> None:
+        name = self.sync.program.name
+        try:  # a config file's trouble must never keep gosup or the program from starting
+            self.live_sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
+            if await asyncio.to_thread(swap.recover, self.staging):
+                logger.warning("{}: re-checking {} (gosup died applying it)", name, self.staging)
+            await asyncio.to_thread(self._drop_applied_sidecar)
+        except OSError as exc:
+            logger.error("{}: config file {}: {}", name, self.path, exc)
+        await self.safe_check()  # a version staged while gosup was down
+        await super().start()
+
+    def _drop_applied_sidecar(self) -> None:
+        """A gosup killed between a swap and the sidecar's removal left it: drop it."""
+        sidecar = swap.read_sidecar(self.sidecar)
+        if sidecar and sidecar.sha256 == self.live_sha and not self.staging.exists():
+            swap.consume_sidecar(self.sidecar, sidecar.text)
+
+    def on_event(self, kind: str, src: str, dest: str) -> None:
+        staging = str(self.staging)
+        if (kind == "moved" and dest == staging) or (kind == "closed" and src == staging):
+            self.kick(complete=True)
+        elif kind in ("created", "modified") and src == staging:
+            self.kick(complete=False)
+
+    async def check(self) -> None:
+        """Handle every version on the staging path, one claim at a time."""
+        while (claimed := await asyncio.to_thread(self._claim)) is not None:
+            await self._handle(*claimed)
+
+    def _claim(self) -> tuple[Path, str, swap.Sidecar | None] | None:
+        """In a thread: the staged file taken aside, its hash, and the sidecar."""
+        work = swap.claim(self.staging)
+        if work is None:
+            return None
+        return work, swap.sha256_file(work), swap.read_sidecar(self.sidecar)
+
+    async def _handle(self, work: Path, actual: str, sidecar: swap.Sidecar | None) -> None:
+        if sidecar is None or sidecar.sha256 is None:
+            await self._reject(work, "missing_checksum", None, actual, sidecar)
+            return
+        if sidecar.sha256 != actual:
+            await self._reject(work, "checksum_mismatch", sidecar.sha256, actual, None)
+            self._sidecar_may_be_for_next(sidecar)
+            return
+        if self.spec.validate is not None:
+            verdict = await self.validate(work)
+            if not verdict.ok:
+                expected = sidecar.sha256
+                said = {"exit_code": verdict.exit_code, "output_tail": verdict.output_tail}
+                await self._reject(work, "validation_failed", expected, actual, sidecar, **said)
+                return
+        await self._install(work, actual, sidecar)
+
+    async def _reject(
+        self,
+        work: Path,
+        reason: str,
+        expected: str | None,
+        actual: str,
+        sidecar: swap.Sidecar | None,
+        **extra: Any,
+    ) -> None:
+        self.reject(reason, expected, actual, **extra)
+        await asyncio.to_thread(swap.set_aside, work, swap.rejected_of(self.staging))
+        if sidecar is not None:  # consumed with its file, never before it is dealt with
+            await asyncio.to_thread(swap.consume_sidecar, self.sidecar, sidecar.text)
+
+    def _sidecar_may_be_for_next(self, sidecar: swap.Sidecar) -> None:
+        """A sidecar naming another hash may belong to a version about to land (its
+        deployer writes the sidecar before renaming the file): it gets SIDECAR_GRACE
+        to show up, then the sidecar is consumed so it cannot vouch for anything later."""
+
+        def drop() -> None:
+            if not self.staging.exists() and not swap.work_of(self.staging).exists():
+                swap.consume_sidecar(self.sidecar, sidecar.text)
+
+        asyncio.get_running_loop().call_later(SIDECAR_GRACE, drop)
+
+    async def _install(self, work: Path, sha: str, sidecar: swap.Sidecar) -> None:
+        previous = self.live_sha
+        name = self.sync.program.name
+        if sha == previous:  # nothing changes for the program: no swap, no probation
+            await asyncio.to_thread(work.unlink)
+            await asyncio.to_thread(swap.consume_sidecar, self.sidecar, sidecar.text)
+            self.record("config_applied", sha256=sha, previous_sha256=previous, unchanged=True)
+            return
+        try:
+            await asyncio.to_thread(self._locked_install, work, sha, sidecar)
+        except OSError as exc:  # read-only target, disk full: the live file is untouched
+            await self._reject(work, "install_failed", sha, sha, sidecar, error=str(exc))
+            return
+        self.record("config_applied", sha256=sha, previous_sha256=previous)
+        logger.info("{}: applied {} (sha256 {})", name, self.path, sha[:12])
+        if previous is not None:  # with no previous version there is nothing to roll back to
+            self.start_probation(sha)
+        await self.sync.apply(self.spec)
+
+    def _locked_install(self, work: Path, sha: str, sidecar: swap.Sidecar) -> None:
+        with self._files_lock:
+            swap.install(work, self.path)
+            self.live_sha = sha
+        swap.consume_sidecar(self.sidecar, sidecar.text)  # only once its file is live
+
+    def on_exit(self) -> None:
+        probation = self.end_probation()
+        if probation is None:
+            return
+        with self._files_lock:
+            if self.live_sha != probation[0]:
+                return  # already replaced by a newer version: nothing to take back
+            restored = swap.sha256_or_none(swap.prev_of(self.path))
+            reason = f"exited within probation ({self.sync.exit_summary()})"
+            self.record("config_rolled_back", restored_sha256=restored, reason=reason)
+            logger.warning("{}: {}: rolling back {}", self.sync.program.name, reason, self.path)
+            try:
+                swap.restore(self.path)
+            except OSError as exc:
+                logger.error(
+                    "{}: rollback of {} failed: {}", self.sync.program.name, self.path, exc
+                )
+                return
+            self.live_sha = restored
+
+
+class LiveFile(_Controller):
+    """``staging = false``: the live file itself is watched (edited in place, or a
+    Kubernetes ConfigMap whose ``..data`` symlink is swapped). Changes are told
+    apart by content; gosup does not own this file, so it never writes it and
+    cannot roll it back."""
+
+    def __init__(self, sync: ConfigSync, spec: ConfigFileSpec) -> None:
+        super().__init__(sync, spec)
+        self.applied_sha: str | None = None
+        self.rejected_sha: str | None = None
+
+    def watch_dirs(self) -> set[Path]:
+        return {self.path.parent, swap.live_target(self.path).parent}
+
+    async def start(self) -> None:
+        self.applied_sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
+        await super().start()
+
+    def on_event(self, kind: str, src: str, dest: str) -> None:
+        # Any change in these directories may be ours (a ConfigMap swaps a link
+        # two levels up); hashing one config file is cheap enough to just look.
+        self.kick(complete=kind in COMPLETE_EVENTS)
+
+    async def check(self) -> None:
+        self.sync.watch(self.watch_dirs())
+        sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
+        if sha is None or sha in (self.applied_sha, self.rejected_sha):
+            return
+        if self.spec.validate is not None:
+            verdict = await self.validate(self.path)
+            if not verdict.ok:
+                self.rejected_sha = sha
+                said = {"exit_code": verdict.exit_code, "output_tail": verdict.output_tail}
+                self.reject("validation_failed", None, sha, **said)
+                return
+        previous, self.applied_sha = self.applied_sha, sha
+        self.record("config_applied", sha256=sha, previous_sha256=previous)
+        self.start_probation(sha)
+        await self.sync.apply(self.spec)
+
+    def on_exit(self) -> None:
+        if self.end_probation() is not None:
+            logger.warning(
+                "{}: exited within probation after {} changed; gosup does not own that "
+                "file (staging = false) and cannot roll it back",
+                self.sync.program.name,
+                self.path,
+            )
+
+
+def _attach(sup: Supervisor, program: Program) -> ConfigSync | None:
+    return ConfigSync(sup, program) if program.spec.config_files else None
+
+
+daemon.ATTACHMENT_FACTORIES.append(_attach)
