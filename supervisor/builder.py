@@ -9,8 +9,9 @@ name at any depth ("*.go", "vendor"), one with '/' matches from the build
 directory ("cmd/**/*.go"), '**' spans directories, and a glob that matches a
 directory covers everything below it.
 
-Watching: watchdog's observers run in their own threads; they filter paths
-there and hand over with ``call_soon_threadsafe`` and nothing else.
+Watching (the observers themselves are in ``watching``): the source filter
+runs in watchdog's thread, so only a path worth a rebuild reaches the loop;
+the debounce (``settle``) is the loop's.
 
 Running: a build is a child like any other as far as the OS is concerned, so
 it gets the same treatment as a program (see spawn.py for why asyncio's
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -44,13 +46,9 @@ from watchdog.events import (
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
-    FileSystemEventHandler,
 )
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
-from supervisor import spawn
+from supervisor import spawn, watching
 from supervisor.config import BuildSpec, ProgramSpec
 
 # Never sources: VCS data, vendored code, and editors' temporary files (vim's
@@ -150,30 +148,19 @@ class SourceFilter:
 # -- watching ---------------------------------------------------------------------
 
 
-class _Bridge(FileSystemEventHandler):
-    """Runs in watchdog's thread: keeps the paths that matter, hands them to the loop."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        wanted: Callable[[str], bool],
-        notify: Callable[[str], None],
-    ) -> None:
-        self._loop, self._wanted, self._notify = loop, wanted, notify
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
-            return
-        for raw in (event.dest_path, event.src_path):
-            path = os.fsdecode(raw)
-            if path and self._wanted(path):
-                with contextlib.suppress(RuntimeError):  # the loop is closed: gosup is exiting
-                    self._loop.call_soon_threadsafe(self._notify, path)
-                return
+def _source_path(wanted: Callable[[str], bool], event: FileSystemEvent) -> str | None:
+    """In watchdog's thread: the path of the event that matters, if any."""
+    if event.is_directory:
+        return None
+    for raw in (event.dest_path, event.src_path):
+        path = os.fsdecode(raw)
+        if path and wanted(path):
+            return path
+    return None
 
 
-class Watcher:
-    """One watchdog observer on a directory; matching paths reach ``notify`` on the loop."""
+class Watcher(watching.Watch[str]):
+    """A watch of ``root``; the paths that ``wanted`` keeps reach ``notify`` on the loop."""
 
     def __init__(
         self,
@@ -183,43 +170,15 @@ class Watcher:
         wanted: Callable[[str], bool],
         notify: Callable[[str], None],
     ) -> None:
-        self.root, self.recursive, self.wanted, self.notify = root, recursive, wanted, notify
-        self._observer: BaseObserver | None = None
-
-    async def start(self) -> None:
-        handler = _Bridge(asyncio.get_running_loop(), self.wanted, self.notify)
-        # In a thread: a recursive inotify watch walks the whole tree.
-        try:
-            self._observer = await asyncio.to_thread(self._observe, Observer, handler)
-        except (FileNotFoundError, NotADirectoryError):
-            logger.error("cannot watch {}: no such directory; its changes go unseen", self.root)
-        except OSError as exc:
-            logger.warning(
-                "cannot watch {} with inotify ({}); polling it every {}s instead",
-                self.root,
-                exc,
-                POLL_INTERVAL,
-            )
-            poller = lambda: PollingObserver(timeout=POLL_INTERVAL)  # noqa: E731
-            self._observer = await asyncio.to_thread(self._observe, poller, handler)
-
-    def _observe(self, make: Callable[[], BaseObserver], handler: _Bridge) -> BaseObserver:
-        observer = make()
-        try:
-            observer.schedule(
-                handler, str(self.root), recursive=self.recursive, event_filter=_CHANGE_EVENTS
-            )
-            observer.start()
-        except BaseException:
-            observer.stop()  # the inotify instance and its thread, if they were made
-            raise
-        return observer
-
-    async def close(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.stop()
-            await asyncio.to_thread(observer.join, 5.0)
+        super().__init__(
+            {root},
+            pick=functools.partial(_source_path, wanted),
+            deliver=notify,
+            event_filter=_CHANGE_EVENTS,
+            label=str(root),
+            poll_interval=POLL_INTERVAL,
+            recursive=recursive,
+        )
 
 
 async def settle(changed: asyncio.Event, quiet: float, cap: float) -> None:

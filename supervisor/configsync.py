@@ -5,15 +5,13 @@ one controller per file (``StagedFile``, or ``LiveFile`` for ``staging =
 false``), each with its own worker task, so a file is handled one version at
 a time and in order. The file operations themselves are in ``configswap``.
 
-Watching. watchdog observes the *directories* (a file watch would lose the
-file at the first rename onto it). Its thread hands every event to the loop
-with ``call_soon_threadsafe`` and does nothing else. A rename onto the
-staging path, or a write closed on it, is a complete event and is acted on at
-once: the debounce adds straight to the deploy latency, so only events that
-may come from a writer still at work (created, modified: all that a polling
-observer can report) wait for ``DEBOUNCE`` of quiet. Where inotify cannot be
-used, or ``GOSUP_FORCE_POLLING=1`` says so (network filesystems), a polling
-observer does the same job.
+Watching (the observers themselves are in ``watching``). watchdog observes
+the *directories* (a file watch would lose the file at the first rename onto
+it) and every event reaches the loop. A rename onto the staging path, or a
+write closed on it, is a complete event and is acted on at once: the debounce
+adds straight to the deploy latency, so only events that may come from a
+writer still at work (created, modified: all that a polling observer can
+report) wait for ``DEBOUNCE`` of quiet.
 
 Probation. After an apply, an exit of the program (STARTING/RUNNING ->
 EXITED) within ``probation`` rolls the file back. The rollback runs inside
@@ -37,12 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from watchdog import events as wd
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyObserver
-from watchdog.observers.polling import PollingObserver
 
 from supervisor import configswap as swap
-from supervisor import daemon
+from supervisor import daemon, watching
 from supervisor.config import ConfigFileSpec, OnChange
 from supervisor.program import CommandError, Program, Restart, SendSignal
 from supervisor.states import ProcessState
@@ -51,7 +46,6 @@ if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
 
 S = ProcessState
-FORCE_POLLING_ENV = "GOSUP_FORCE_POLLING"
 POLL_INTERVAL = 0.1  # seconds between directory scans of the polling observer
 DEBOUNCE = 0.25  # quiet time before acting on an event a writer may still be causing
 SIDECAR_GRACE = 1.0  # how long a sidecar naming another file may wait for that file
@@ -60,55 +54,12 @@ COMPLETE_EVENTS = frozenset({"moved", "closed"})
 # No opened/closed_no_write: every read of the config by the program would wake us.
 _EVENT_FILTER = [wd.FileMovedEvent, wd.FileCreatedEvent, wd.FileModifiedEvent, wd.FileClosedEvent]
 _EVENT_FILTER += [wd.FileDeletedEvent, wd.DirMovedEvent, wd.DirCreatedEvent, wd.DirDeletedEvent]
-_warned_polling = False
 
 
-# -- watching -------------------------------------------------------------------------
-
-
-class _Forwarder(wd.FileSystemEventHandler):
-    """Runs in watchdog's thread: hands each event to the loop, nothing else."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sync: ConfigSync) -> None:
-        self._loop = loop
-        self._sync = sync
-
-    def on_any_event(self, event: wd.FileSystemEvent) -> None:
-        src = os.fsdecode(event.src_path)
-        dest = os.fsdecode(event.dest_path) if event.dest_path else ""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: gosup is exiting
-            self._loop.call_soon_threadsafe(self._sync.on_event, event.event_type, src, dest)
-
-
-def _polling_wanted() -> bool:
-    return os.environ.get(FORCE_POLLING_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def start_observer(handler: _Forwarder, dirs: set[Path], polling: bool) -> BaseObserver:
-    """A started observer of ``dirs``: inotify, or polling when asked or when inotify fails."""
-    global _warned_polling
-    if not polling:
-        observer = InotifyObserver(generate_full_events=True)
-        try:
-            _watch_all(observer, handler, dirs)
-            observer.start()
-            return observer
-        except OSError as exc:  # watch or instance limit reached, filesystem without inotify
-            with contextlib.suppress(Exception):
-                observer.stop()
-            if not _warned_polling:
-                _warned_polling = True
-                logger.warning("inotify unavailable ({}): watching config files by polling", exc)
-    poller = PollingObserver(timeout=POLL_INTERVAL)
-    _watch_all(poller, handler, dirs)
-    poller.start()
-    return poller
-
-
-def _watch_all(observer: BaseObserver, handler: _Forwarder, dirs: set[Path]) -> None:
-    for directory in sorted(dirs):
-        if directory.is_dir():  # a missing one is reported by the caller, not a reason to poll
-            observer.schedule(handler, str(directory), event_filter=_EVENT_FILTER)
+def _change(event: wd.FileSystemEvent) -> tuple[str, str, str]:
+    """In watchdog's thread: what the controllers look at, (kind, src, dest)."""
+    dest = os.fsdecode(event.dest_path) if event.dest_path else ""
+    return event.event_type, os.fsdecode(event.src_path), dest
 
 
 # -- the attachment ------------------------------------------------------------------
@@ -120,29 +71,27 @@ class ConfigSync:
     def __init__(self, sup: Supervisor, program: Program, polling: bool | None = None) -> None:
         self.sup = sup
         self.program = program
-        self.polling = _polling_wanted() if polling is None else polling
         self.state_changed = asyncio.Event()
         self.files: list[StagedFile | LiveFile] = [
             StagedFile(self, spec) if spec.staging is not None else LiveFile(self, spec)
             for spec in program.spec.config_files
         ]
-        self._observer: BaseObserver | None = None
-        self._handler: _Forwarder | None = None
-        self._watched: set[Path] = set()
+        self.watch = watching.Watch(
+            {d for f in self.files for d in f.watch_dirs()},
+            pick=_change,
+            deliver=self.on_event,
+            event_filter=_EVENT_FILTER,
+            label="config files",
+            poll_interval=POLL_INTERVAL,
+            polling=polling,
+        )
 
     def record(self, event: str, **fields: Any) -> None:
         self.sup.history.record(event, self.program.name, **fields)
 
     async def start(self) -> None:
         self.program.state_listeners.append(self._on_state)
-        self._handler = _Forwarder(asyncio.get_running_loop(), self)
-        wanted = {d for f in self.files for d in f.watch_dirs()}
-        for missing in sorted(d for d in wanted if not d.is_dir()):
-            logger.error("{}: cannot watch {}: no such directory", self.program.name, missing)
-        self._watched = {d for d in wanted if d.is_dir()}
-        self._observer = await asyncio.to_thread(
-            start_observer, self._handler, self._watched, self.polling
-        )
+        await self.watch.start()
         # Before the program's autostart: a version waiting now is the one it starts with.
         for f in self.files:
             await f.start()
@@ -152,26 +101,11 @@ class ConfigSync:
             self.program.state_listeners.remove(self._on_state)
         for f in self.files:
             await f.close()
-        if self._observer is not None:
-            self._observer.stop()
-            await asyncio.to_thread(self._observer.join, 5.0)
+        await self.watch.close()
 
-    def watch(self, dirs: set[Path]) -> None:
-        """Also watch ``dirs`` (a symlinked live file's target moved to a new directory)."""
-        if self._observer is None or self._handler is None:
-            return
-        for directory in dirs - self._watched:
-            if not directory.is_dir():
-                continue
-            try:
-                self._observer.schedule(self._handler, str(directory), event_filter=_EVENT_FILTER)
-                self._watched.add(directory)
-            except OSError as exc:
-                logger.warning("{}: cannot watch {}: {}", self.program.name, directory, exc)
-
-    def on_event(self, kind: str, src: str, dest: str) -> None:
+    def on_event(self, change: tuple[str, str, str]) -> None:
         for f in self.files:
-            f.on_event(kind, src, dest)
+            f.on_event(*change)
 
     def _on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
         self.state_changed.set()
@@ -466,7 +400,7 @@ class LiveFile(_Controller):
         self.kick(complete=kind in COMPLETE_EVENTS)
 
     async def check(self) -> None:
-        self.sync.watch(self.watch_dirs())
+        self.sync.watch.add(self.watch_dirs())  # a ConfigMap's target may have moved
         sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
         if sha is None or sha in (self.applied_sha, self.rejected_sha):
             return

@@ -559,8 +559,9 @@ def test_falls_back_to_polling_when_inotify_fails(
     import errno
 
     from loguru import logger
+    from watchdog.observers.polling import PollingObserver
 
-    from supervisor import configsync
+    from supervisor import configsync, watching
 
     class NoInotify:
         def __init__(self, **kwargs: Any) -> None:
@@ -572,14 +573,23 @@ def test_falls_back_to_polling_when_inotify_fails(
         def stop(self) -> None:
             pass
 
-    monkeypatch.setattr(configsync, "InotifyObserver", NoInotify)
-    monkeypatch.setattr(configsync, "_warned_polling", False)
+    monkeypatch.setattr(watching, "InotifyObserver", NoInotify)
+    monkeypatch.setattr(watching, "_warned", set())
     warnings: list[str] = []
     sink = logger.add(warnings.append, level="WARNING", format="{message}")
     try:
-        for _ in range(2):
-            observer = configsync.start_observer(None, {tmp_path}, polling=False)  # type: ignore[arg-type]
-            assert isinstance(observer, configsync.PollingObserver)
+        for _ in range(2):  # two programs' config files
+            watch = watching.Watch(
+                {tmp_path},
+                pick=id,
+                deliver=print,
+                event_filter=[],
+                label="config files",
+                poll_interval=configsync.POLL_INTERVAL,
+                polling=False,
+            )
+            observer = watch.observe()
+            assert isinstance(observer, PollingObserver)
             observer.stop()
             observer.join()
     finally:
