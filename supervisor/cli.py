@@ -71,19 +71,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     setup_logging(args.verbose)
-    from supervisor.daemon import Supervisor
+    from supervisor import config as configmod
+    from supervisor.daemon import StartupError, Supervisor
 
     echo = sys.stdout.isatty() if args.echo is None else args.echo
 
     async def main() -> int:
         return await Supervisor(config, echo=echo, dev=args.dev).run()
 
-    from supervisor.control import ControlError
-
     try:
         return asyncio.run(main())
-    except ControlError as exc:  # e.g. another gosup already runs with this state_dir
+    except StartupError as exc:  # e.g. another gosup already runs with this state_dir
         raise CLIError(str(exc)) from None
+    except configmod.ConfigError as exc:  # e.g. a user switch gosup has no right to make
+        raise CLIError(str(exc), EXIT_USAGE) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -95,6 +96,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
+    from supervisor.daemon import privilege_errors
+
+    for note in privilege_errors(config):  # `check` may run as another user than gosup
+        print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.programs)} programs)")
     return EXIT_OK
 

@@ -61,7 +61,7 @@ LOCK_NAME = "gosup.lock"
 STATUS_FIGURES = ("rss_bytes", "goroutines")
 
 
-class ControlError(Exception):
+class ControlError(daemon.StartupError):
     """The control socket cannot be set up; ``gosup run`` exits 1 with this message."""
 
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from supervisor import __version__, features
+from supervisor import __version__, features, spawn
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
 from supervisor.events import History
@@ -28,6 +28,27 @@ from supervisor.program import CommandError, Context, Kill, Program, Start, Stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, *FORWARDED_SIGNALS)
+
+
+class StartupError(Exception):
+    """gosup cannot start here (another gosup owns the state_dir, ...): exit 1."""
+
+
+def privilege_errors(config: AppConfig) -> list[str]:
+    """A ``user``/``group`` switch gosup has no right to make is a config error.
+
+    (An unknown user is not: it may be created later by provisioning, so it
+    fails the program's start like a missing binary, and gosup keeps running.)
+    """
+    errors = []
+    for spec in config.programs:
+        try:
+            spawn.resolve_identity(spec.user, spec.group)
+        except spawn.PrivilegeError as exc:
+            errors.append(f"{config.path}: programs.{spec.name}.user: {exc}")
+        except spawn.SpawnError:
+            pass
+    return errors
 
 
 class Attachment(Protocol):
@@ -55,6 +76,8 @@ def prepare_state_dir(path: Path) -> None:
 
 class Supervisor:
     def __init__(self, config: AppConfig, *, echo: bool = False, dev: bool = False) -> None:
+        if errors := privilege_errors(config):
+            raise configmod.ConfigError(errors)
         self.config = config
         self.echo = echo
         self.dev = dev
@@ -250,6 +273,8 @@ class Supervisor:
                 logger.warning("reload ignored: gosup is shutting down")
                 return {"added": [], "removed": [], "changed": []}
             new = configmod.load(self.config.path)
+            if errors := privilege_errors(new):
+                raise configmod.ConfigError(errors)
             if new.supervisor != self.config.supervisor:
                 logger.warning("[supervisor] changes take effect at the next gosup start")
             old_specs = {p.name: p for p in self.config.programs}

@@ -47,7 +47,6 @@ import psutil
 from loguru import logger
 
 from supervisor import daemon, spawn
-from supervisor.cli import CLIError
 from supervisor.config import ProgramSpec
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ REAP_INTERVAL = 1.0
 CREATE_TIME_SLACK = 0.01  # psutil start times are exact to a clock tick
 
 
-class AlreadyRunning(CLIError):
+class AlreadyRunning(daemon.StartupError):
     """Another live gosup owns this state_dir (refusing beats running twice)."""
 
 

@@ -38,6 +38,10 @@ class SpawnError(Exception):
     """The child could not be started; the message names the problem."""
 
 
+class PrivilegeError(SpawnError):
+    """The program asks for a user or group gosup has no right to switch to."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who the child runs as (None: as gosup itself)."""
@@ -63,7 +67,7 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     except KeyError:
         raise SpawnError(f"group {group!r} does not exist") from None
     if os.geteuid() != 0 and (pw.pw_uid != os.getuid() or gid != os.getgid()):
-        raise SpawnError(
+        raise PrivilegeError(
             f"cannot run as user {pw.pw_name!r}: gosup is not root (it runs as {me.pw_name!r})"
         )
     groups = tuple(os.getgrouplist(pw.pw_name, gid))

@@ -3,14 +3,18 @@ classification, stop sequences, signals, bad programs."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import pid_alive, wait_for
+from conftest import ROOT, pid_alive, wait_for
 
 
 def ts(rec: dict[str, Any]) -> float:
@@ -262,3 +266,32 @@ def test_malformed_config_exits_2_naming_every_problem(gosup_factory: Any) -> No
     assert check.returncode == 2
     assert check.stderr.count("app.toml") >= 4
     assert not g.state_dir.exists()  # nothing was started or written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run gosup as another uid")
+def test_user_switch_without_root_is_a_config_error() -> None:
+    """gosup running as uid 65534 cannot become root: exit 2 naming the key."""
+    if sys.version_info[:2] != (3, 11) or not Path("/usr/bin/python3").exists():
+        pytest.skip("no system python3 that uid 65534 may run")
+    site = Path(sys.prefix) / "lib" / "python3.11" / "site-packages"
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        cfg = Path(tmp) / "app.toml"
+        cfg.write_text('[programs.api]\ncommand = ["/bin/true"]\nuser = "root"\n')
+        code = (
+            f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(site)!r}]; "
+            "from supervisor.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        result = subprocess.run(
+            ["/usr/bin/python3", "-c", code, "run", str(cfg)],
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "programs.api.user: cannot run as user 'root': gosup is not root" in result.stderr
+        assert not (Path(tmp) / ".gosup").exists()  # refused before anything was written
