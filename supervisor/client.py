@@ -198,11 +198,15 @@ def fast_status(argv: list[str]) -> int | None:
 
 
 def format_status(programs: list[dict[str, Any]]) -> str:
-    """The status table: one row per program, resource columns when known."""
+    """The status table: one row per program, resource columns when known, and
+    a NOTE column only when some program has a limit or scrape to point out."""
     figures = [(k, t) for k, t in FIGURE_COLUMNS if any(p.get(k) is not None for p in programs)]
+    notes = [format_note(p) for p in programs]
     header = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", *(t for _, t in figures), "LAST EXIT"]
+    if any(notes):
+        header.append("NOTE")
     rows = [header]
-    for p in programs:
+    for p, note in zip(programs, notes, strict=True):
         rows.append(
             [
                 str(p["name"]),
@@ -212,6 +216,7 @@ def format_status(programs: list[dict[str, Any]]) -> str:
                 _or_dash(p.get("restarts")),
                 *(_figure(k, p.get(k)) for k, _ in figures),
                 format_exit(p.get("last_exit")),
+                *([note or "-"] if any(notes) else []),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -266,7 +271,30 @@ def format_exit(info: object) -> str:
     crash = info.get("crash")
     if isinstance(crash, dict):
         text += f" ({crash.get('kind')}: {crash.get('message')})"
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _clip(text)
+
+
+def format_note(p: dict[str, Any]) -> str:
+    """What the resource sampler points out, compactly: limits over now (samples
+    in a row, of ``sustain``), a failed metrics scrape, the last limit that fired."""
+    parts = []
+    over = p.get("over_limit")
+    if isinstance(over, dict) and over:
+        of = f"/{p['sustain']}" if isinstance(p.get("sustain"), int) else ""
+        parts.append("over " + ", ".join(f"{m} {n}{of}" for m, n in over.items()))
+    error = p.get("scrape_error")
+    if isinstance(error, str) and error:
+        # "http://127.0.0.1:6060/metrics: HTTP 404": the URL is in app.toml already
+        url, sep, rest = error.partition(": ")
+        parts.append("scrape: " + (rest if sep and "://" in url else error))
+    fired = p.get("limit_exceeded")
+    if isinstance(fired, dict):
+        parts.append(f"leak: {fired.get('metric')}")
+    return _clip("; ".join(parts))
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # -- commands that act --------------------------------------------------------------

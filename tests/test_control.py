@@ -566,6 +566,11 @@ def test_status_table_format() -> None:
         "api", "RUNNING", "42", "1h02m", "2", "50.0MiB", "17", "exit", "2", "(panic:", "boom)",
     ]  # fmt: skip
     assert lines[2].split() == ["worker", "STOPPED", "-", "-", "0", "-", "-", "-"]
+    # A NOTE column only when a program has something to point out.
+    noted = {"over_limit": {"rss": 2}, "sustain": 3, "scrape_error": "http://h:1/m: HTTP 404"}
+    lines = client.format_status([programs[0], {**programs[1], **noted}]).splitlines()
+    assert lines[0].split()[-3:] == ["LAST", "EXIT", "NOTE"] and lines[1].endswith(" -")
+    assert lines[2].endswith("  over rss 2/3; scrape: HTTP 404")
     assert client.format_duration(4.25) == "4.2s"
     assert client.format_duration(2 * 86400 + 7200) == "2d02h"
 

@@ -1,6 +1,6 @@
 """Go runtime figures, the HTTP client, dumps and the Go environment
-(supervisor/goruntime.py): parsers on real answers, the client against a
-local server, the three endpoints of a real Go program."""
+(supervisor/goruntime.py, supervisor/gohttp.py): parsers on real answers,
+the client against a local server, the three endpoints of a real Go program."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_for
 
 from supervisor import config as configmod
-from supervisor import goruntime
+from supervisor import gohttp, goruntime
 from supervisor.goruntime import CgroupLimits, ScrapeError
 
 PROMETHEUS = b"""\
@@ -104,11 +104,11 @@ def serve_and_get(respond: Responder, max_bytes: int = 1 << 20, timeout: float =
         finally:
             writer.close()
 
-    async def main() -> goruntime.Response:
+    async def main() -> gohttp.Response:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            return await goruntime.http_get(f"http://127.0.0.1:{port}/m?a=1", timeout, max_bytes)
+            return await gohttp.http_get(f"http://127.0.0.1:{port}/m?a=1", timeout, max_bytes)
         finally:
             server.close()
             await server.wait_closed()
@@ -128,18 +128,18 @@ def answer(raw: bytes) -> Responder:
 
 def test_http_get_reads_content_length() -> None:
     r = serve_and_get(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
-    assert r == goruntime.Response(200, b"hello", False)
+    assert r == gohttp.Response(200, b"hello", False)
 
 
 def test_http_get_reads_chunked() -> None:
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     raw += b"4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\n\r\n"
-    assert serve_and_get(answer(raw)) == goruntime.Response(200, b"abcdefg", False)
+    assert serve_and_get(answer(raw)) == gohttp.Response(200, b"abcdefg", False)
 
 
 def test_http_get_reads_to_eof_without_length() -> None:
     r = serve_and_get(answer(b"HTTP/1.0 404 Not Found\r\n\r\nnope"))
-    assert r == goruntime.Response(404, b"nope", False)
+    assert r == gohttp.Response(404, b"nope", False)
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_http_get_reads_to_eof_without_length() -> None:
     ids=["length", "chunked", "eof"],
 )
 def test_http_get_stops_at_max_bytes(raw: bytes) -> None:
-    assert serve_and_get(answer(raw), max_bytes=100) == goruntime.Response(200, b"x" * 100, True)
+    assert serve_and_get(answer(raw), max_bytes=100) == gohttp.Response(200, b"x" * 100, True)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def test_http_get_refused() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connection refused
         with pytest.raises(ScrapeError, match=r"127\.0\.0\.1"):
-            asyncio.run(goruntime.http_get(f"http://127.0.0.1:{port}/", 2.0, 100))
+            asyncio.run(gohttp.http_get(f"http://127.0.0.1:{port}/", 2.0, 100))
 
 
 def test_scrape_names_a_non_200_answer() -> None:
@@ -235,7 +235,7 @@ def test_http_client_keeps_its_connection_and_reopens_a_closed_one() -> None:
     async def main() -> list[bytes]:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = goruntime.HttpClient(f"http://127.0.0.1:{port}/metrics")
+        client = gohttp.HttpClient(f"http://127.0.0.1:{port}/metrics")
         try:
             return [(await client.get("/metrics", 5.0, 100)).body for _ in range(5)]
         finally:
@@ -262,7 +262,7 @@ def test_http_client_does_not_reuse_a_connection_the_server_closes() -> None:
     async def main() -> None:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = goruntime.HttpClient(f"http://127.0.0.1:{port}")
+        client = gohttp.HttpClient(f"http://127.0.0.1:{port}")
         try:
             for _ in range(3):
                 assert (await client.get("/", 5.0, 100)).body == b"x"

@@ -1,4 +1,4 @@
-"""Resource watermarks (supervisor/resources.py).
+"""Resource watermarks (supervisor/resources.py, supervisor/sampling.py).
 
 The hysteresis is tested with synthetic samples (no sleeping); everything
 else with real Go programs (tests/fixtures/goapp: -leak-*, -spike-*), run
@@ -26,16 +26,16 @@ import pytest
 from conftest import wait_for
 
 from supervisor import config as configmod
-from supervisor import control, goruntime, resources
+from supervisor import control, goruntime, resources, sampling
 from supervisor.config import LimitsSpec
 from supervisor.daemon import Supervisor
 from supervisor.program import CommandError, Program, Start, Stop
-from supervisor.resources import Figures, Hysteresis
+from supervisor.sampling import Figures, Hysteresis
 
 # -- hysteresis, with synthetic samples ----------------------------------------------
 
 
-def feed(h: Hysteresis, samples: list[dict[str, Any]]) -> list[resources.Breach | None]:
+def feed(h: Hysteresis, samples: list[dict[str, Any]]) -> list[sampling.Breach | None]:
     return [h.observe(s) for s in samples]
 
 
@@ -43,7 +43,7 @@ def test_a_limit_fires_only_after_sustain_samples_in_a_row() -> None:
     h = Hysteresis(LimitsSpec(sustain=3, goroutines=100))
     got = feed(h, [{"goroutines": g} for g in (150, 160, 170)])
     assert got[:2] == [None, None]
-    assert got[2] == resources.Breach("goroutines", 170, 100, 3, (150, 160, 170))
+    assert got[2] == sampling.Breach("goroutines", 170, 100, 3, (150, 160, 170))
 
 
 def test_a_sample_under_the_limit_starts_the_count_again() -> None:
@@ -51,7 +51,7 @@ def test_a_sample_under_the_limit_starts_the_count_again() -> None:
     samples = [2000, 2000, 999, 2000, 2000, 1000, 2000, 2000]  # at the limit is not over it
     assert feed(h, [{"rss_bytes": v} for v in samples]) == [None] * len(samples)
     assert h.pending() == {"rss": 2}
-    assert h.observe({"rss_bytes": 3000}) == resources.Breach(
+    assert h.observe({"rss_bytes": 3000}) == sampling.Breach(
         "rss", 3000, 1000, 3, (2000,) * 2 + (3000,)
     )
 
@@ -126,8 +126,8 @@ def test_process_tree_sums_descendants_and_survives_one_vanishing() -> None:
     parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
     try:
         wait_for(lambda: len(psutil.Process(parent.pid).children()) == 2, 10, "two children")
-        tree = resources.ProcessTree(parent.pid)
-        tree.refresh(resources.children_map())
+        tree = sampling.ProcessTree(parent.pid)
+        tree.refresh(sampling.children_map())
         assert len(tree.procs) == 3
         first = tree.sample(sockets=True)
         assert first is not None
@@ -147,7 +147,7 @@ def test_process_tree_sums_descendants_and_survives_one_vanishing() -> None:
 
 
 def test_sockets_are_counted_from_the_fd_links() -> None:
-    tree = resources.ProcessTree(psutil.Process().pid)
+    tree = sampling.ProcessTree(psutil.Process().pid)
     before = tree.sample(sockets=True)
     with socket.socket(), socket.socket():
         after = tree.sample(sockets=True)
@@ -517,7 +517,7 @@ def test_dump_on_request_keeps_the_program_running(tmp_path: Path, goapp: Path) 
 def test_gosup_restarts_a_leaking_program_with_a_dump_and_spares_a_spiking_one(
     gosup_factory: Any, goapp: Path
 ) -> None:
-    leak_port, spike_port = free_port(), free_port()
+    leak_port, spike_port, over_port = free_port(), free_port(), free_port()
     text = (
         goapp_program(
             goapp, "-http", f"127.0.0.1:{leak_port}", "-leak-goroutines", "300",
@@ -530,6 +530,12 @@ def test_gosup_restarts_a_leaking_program_with_a_dump_and_spares_a_spiking_one(
             limits=f'interval = "250ms"\nsustain = 6\ngoroutines = 500\n'
             f'go_metrics = "http://127.0.0.1:{spike_port}/debug/vars"\n',
         ).replace("programs.app", "programs.spiky")
+        # always over its fd limit, never for long enough; its metrics URL is a 404
+        + goapp_program(
+            goapp, "-http", f"127.0.0.1:{over_port}",
+            limits=f'interval = "250ms"\nsustain = 1000\nopen_fds = 1\n'
+            f'go_metrics = "http://127.0.0.1:{over_port}/nope"\n',
+        ).replace("programs.app", "programs.over")
     )  # fmt: skip
     g = gosup_factory(text).start()
     exceeded = g.wait_event("limit_exceeded", "leaky", timeout=40)[0]
@@ -552,6 +558,17 @@ def test_gosup_restarts_a_leaking_program_with_a_dump_and_spares_a_spiking_one(
     assert programs["spiky"]["restarts"] == 0 and not g.history("spiky", "limit_exceeded")
     leaky = programs["leaky"]
     assert leaky["limit_exceeded"]["metric"] == "goroutines" and leaky["rss_bytes"] > 0
+
+    # The status table points out the limit that fired, the run building up and
+    # the failed scrape.
+    def table() -> dict[str, str] | None:
+        lines = g.cli("status").stdout.splitlines()
+        rows = {line.split()[0]: line for line in lines[1:]}
+        return rows if "over open_fds" in rows["over"] and "/1000" in rows["over"] else None
+
+    rows = wait_for(table, 20, "the over-limit note")
+    assert "leak: goroutines" in rows["leaky"]
+    assert rows["over"].endswith("/1000; scrape: HTTP 404"), rows["over"]
     dump = g.cli("dump", "spiky")
     assert dump.returncode == 0, dump.stderr
     assert Path(dump.stdout.strip()).read_text().startswith("goroutine ")

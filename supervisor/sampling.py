@@ -1,0 +1,216 @@
+"""What one sample of a program is made of, and what a run of samples means:
+the process tree read from /proc, the figures shown in ``gosup status``, and
+the hysteresis that turns consecutive samples over a limit into a finding.
+
+Reading /proc directly is what keeps a sample cheap enough to watch hundreds
+of programs:
+
+- the main process and its known descendants are read from
+  ``/proc/PID/stat`` and a listing of ``/proc/PID/fd``; sockets are counted
+  from the fd links only when a ``connections`` limit is set (psutil's
+  ``net_connections`` parses every socket of the machine);
+- descendants are found from one pass over ``/proc/*/stat`` (`children_map`)
+  that the sampler shares between all programs and redoes only now and
+  then: a Go service's tree rarely changes, and a full pass per sample would
+  cost more than all the rest (``/proc/PID/task/*/children`` would be
+  cheaper, but needs a kernel built with CONFIG_PROC_CHILDREN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from supervisor.config import LimitsSpec
+
+AGE = "last_sample_age_s"
+# config key of a limit -> the figure it applies to
+LIMIT_FIGURES = {
+    "rss": "rss_bytes",
+    "open_fds": "open_fds",
+    "threads": "threads",
+    "connections": "connections",
+    "goroutines": "goroutines",
+    "heap_inuse": "heap_inuse_bytes",
+}
+
+
+class Figures(dict[str, Any]):
+    """``program.figures`` whose sample age is worked out when it is read:
+    ``status()`` copies the dict, so a stored age would be stale at once."""
+
+    def __init__(self, initial: Mapping[str, Any], clock: Callable[[], float]) -> None:
+        super().__init__(initial)
+        self.clock = clock
+        self.sampled_at: float | None = None
+
+    def _refresh(self) -> None:
+        if self.sampled_at is not None:
+            super().__setitem__(AGE, round(self.clock() - self.sampled_at, 3))
+
+    def keys(self) -> Any:
+        self._refresh()
+        return super().keys()
+
+    def items(self) -> Any:
+        self._refresh()
+        return super().items()
+
+    def __iter__(self) -> Any:
+        self._refresh()
+        return super().__iter__()
+
+    def __getitem__(self, key: str) -> Any:
+        if key == AGE:
+            self._refresh()
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == AGE:
+            self._refresh()
+        return super().get(key, default)
+
+
+# -- limits with hysteresis ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Breach:
+    metric: str  # the config key: rss, goroutines, ...
+    value: int
+    limit: int
+    samples: int  # consecutive samples over the limit
+    values: tuple[int, ...]  # those samples, oldest first
+
+
+class Hysteresis:
+    """Counts consecutive samples over each limit of one process (monit's "for N
+    cycles"); fires once, when a count reaches ``sustain``. A sample that lacks
+    a figure (a failed scrape) neither counts nor breaks the run: an endpoint
+    that stops answering is never a reason to kill, nor an alibi for a leak."""
+
+    def __init__(self, limits: LimitsSpec) -> None:
+        self.sustain = limits.sustain
+        self.limits = {m: v for m in LIMIT_FIGURES if (v := getattr(limits, m)) is not None}
+        self.runs: dict[str, list[int]] = {m: [] for m in self.limits}
+        self.fired = False
+
+    def observe(self, figures: Mapping[str, Any]) -> Breach | None:
+        if self.fired:
+            return None
+        for metric, limit in self.limits.items():
+            value = figures.get(LIMIT_FIGURES[metric])
+            if value is None:
+                continue
+            run = self.runs[metric]
+            if value > limit:
+                run.append(int(value))
+                del run[: -self.sustain]
+            else:
+                run.clear()
+        for metric, run in self.runs.items():
+            if len(run) >= self.sustain:
+                self.fired = True
+                return Breach(metric, run[-1], self.limits[metric], len(run), tuple(run))
+        return None
+
+    def pending(self) -> dict[str, int]:
+        """Limits currently over, with how many samples in a row."""
+        return {m: len(run) for m, run in self.runs.items() if run}
+
+
+# -- the process tree ----------------------------------------------------------------
+
+
+def children_map() -> dict[int, list[int]]:
+    """parent pid -> child pids, from one pass over /proc/*/stat."""
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            ppid = int(data[data.rfind(b")") + 2 :].split(maxsplit=2)[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone, or not ours to read
+        out.setdefault(ppid, []).append(int(name))
+    return out
+
+
+class ProcessTree:
+    """One child's process tree, summed: the main process every sample, its
+    descendants as last found by `refresh`.
+
+    Each process is read from ``/proc/PID/stat`` (state, threads and rss in one
+    read) and a listing of ``/proc/PID/fd``: half the cost of psutil's
+    oneshot() with memory_info/num_threads/num_fds, which reads three files.
+    A process is known by pid and start time, so a reused pid is never counted.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.procs: dict[int, int] = {}  # pid -> start time (clock ticks after boot)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self.procs[pid] = _read_stat(pid)[3]
+
+    def refresh(self, children: Mapping[int, list[int]]) -> None:
+        found, pending = set(), [self.pid]
+        while pending:
+            pid = pending.pop()
+            found.add(pid)
+            pending.extend(c for c in children.get(pid, ()) if c not in found)
+        for pid in found - self.procs.keys():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                self.procs[pid] = _read_stat(pid)[3]
+
+    def sample(self, sockets: bool) -> dict[str, int] | None:
+        """Summed figures; None when the main process is gone (it is exiting)."""
+        totals = dict.fromkeys(("rss_bytes", "open_fds", "threads"), 0)
+        if sockets:
+            totals["connections"] = 0
+        for pid, started in list(self.procs.items()):
+            try:
+                state, threads, rss, start = _read_stat(pid)
+                if state == b"Z" or start != started:
+                    raise ProcessLookupError(pid)  # exited, or the pid is someone else's now
+                fds, socks = _fd_counts(pid, sockets)
+            except (OSError, ValueError, IndexError):
+                if pid == self.pid:
+                    return None
+                del self.procs[pid]  # a descendant vanished mid-sample
+                continue
+            totals["rss_bytes"] += rss
+            totals["threads"] += threads
+            totals["open_fds"] += fds
+            if sockets:
+                totals["connections"] += socks
+        return totals
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _read_stat(pid: int) -> tuple[bytes, int, int, int]:
+    """(state, threads, rss bytes, start time) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # After "pid (comm) " the fields count from 3 (state); comm may hold spaces.
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields[0], int(fields[17]), int(fields[21]) * _PAGE, int(fields[19])
+
+
+def _fd_counts(pid: int, sockets: bool) -> tuple[int, int]:
+    """Open fds, and (only when asked: a readlink each) how many are sockets."""
+    fd_dir = f"/proc/{pid}/fd"
+    names = os.listdir(fd_dir)
+    if not sockets:
+        return len(names), 0
+    count = 0
+    for name in names:
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"{fd_dir}/{name}").startswith("socket:")
+    return len(names), count
