@@ -110,6 +110,7 @@ class PidFile:
         self.path = path
         self.programs: dict[str, ProcessRecord] = {}
         self.me = ProcessRecord.of(os.getpid())
+        self._pending: list[tuple[str, str, int]] = []
 
     @staticmethod
     def read(path: Path) -> tuple[ProcessRecord | None, dict[str, ProcessRecord]]:
@@ -126,20 +127,35 @@ class PidFile:
             return None, {}
 
     def on_record(self, rec: dict[str, object]) -> None:
-        """History listener: a child came (started) or went (exited, stopped)."""
+        """History listener: a child came (started) or went (exited, stopped).
+
+        The file is updated just after the event, not inside it: the listener
+        runs on the restart path (exited -> started), and a restart must not
+        wait for a file rewrite. If gosup dies in between, the sweep at the
+        next start checks each recorded pid's start time, so a stale entry is
+        harmless, and a missing new child is still found by its environment tag.
+        """
         event, name, pid = rec.get("event"), rec.get("program"), rec.get("pid")
         if not isinstance(name, str) or not isinstance(pid, int):
             return
-        if event == "started":
-            found = ProcessRecord.of(pid)
-            if found is not None:
-                self.programs[name] = found
-                self.write()
-        elif event in ("exited", "stopped"):
-            old = self.programs.get(name)
-            if old is not None and old.pid == pid:
-                del self.programs[name]
-                self.write()
+        if event in ("started", "exited", "stopped"):
+            self._pending.append((str(event), name, pid))
+            if len(self._pending) == 1:
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply the pending events and rewrite the file."""
+        pending, self._pending = self._pending, []
+        for event, name, pid in pending:
+            if event == "started":
+                found = ProcessRecord.of(pid)
+                if found is not None:
+                    self.programs[name] = found
+            else:
+                old = self.programs.get(name)
+                if old is not None and old.pid == pid:
+                    del self.programs[name]
+        self.write()
 
     def write(self) -> None:
         data = {
@@ -303,6 +319,7 @@ class OrphanService:
             self.reaper.stop()
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.pids.on_record)
+        self.pids.flush()
         if not self.pids.programs:
             self.pids.remove()
         else:  # a child we could not stop: leave it for the next gosup to find
