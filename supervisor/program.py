@@ -340,6 +340,8 @@ class Program:
         self.child = None
         self._deadline = None
         if self.state is S.STOPPING:
+            if self.policy.run_was_healthy(uptime):
+                self.failures = 0  # a long run ended on request still ends a failure series
             await self._finish_stop(child, info, leftovers)
             return
         healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
@@ -359,7 +361,7 @@ class Program:
         info: dict[str, Any] = {
             "pid": child.pid,
             "exit_code": code if code >= 0 else None,
-            "signal": signal.Signals(sig).name if sig else None,
+            "signal": spawn.signal_by_name(sig) if sig else None,
             "uptime_s": round(uptime, 3),
         }
         crash = None
@@ -442,6 +444,9 @@ class Program:
             self.child.signal_group(signal.SIGKILL)
             spawn.sweep(self._snapshot + self.child.tree())
 
+    def _kill_pending(self) -> bool:
+        return any(isinstance(m, Kill) for m in self._inbox)
+
     def _on_kill(self, msg: Kill) -> None:
         if self.state in (S.STARTING, S.RUNNING):
             self._begin_stop("killed")
@@ -457,7 +462,11 @@ class Program:
         survivors = spawn.alive(leftovers)
         if survivors and not self._killed:
             budget = self._stop_deadline - self.ctx.clock()
-            survivors = await spawn.wait_gone(survivors, budget, self.ctx.clock)
+            # A Kill (shutdown_timeout, second SIGINT) queues behind this wait: it
+            # must cut it short, not wait out the rest of stop_timeout.
+            survivors = await spawn.wait_gone(
+                survivors, budget, self.ctx.clock, cut_short=self._kill_pending
+            )
         if survivors:
             self._killed = True
             spawn.sweep(survivors)

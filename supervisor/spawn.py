@@ -323,13 +323,17 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 async def wait_gone(
-    procs: list[psutil.Process], timeout: float, clock: Callable[[], float]
+    procs: list[psutil.Process],
+    timeout: float,
+    clock: Callable[[], float],
+    cut_short: Callable[[], bool] = lambda: False,
 ) -> list[psutil.Process]:
-    """Wait until none of ``procs`` is alive, or ``timeout``; return the survivors."""
+    """Wait until none of ``procs`` is alive, or ``timeout``, or ``cut_short()``
+    says to stop waiting; return the survivors."""
     deadline = clock() + timeout
     left = alive(procs)
     delay = 0.005
-    while left and clock() < deadline:
+    while left and clock() < deadline and not cut_short():
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
         left = alive(left)
@@ -337,7 +341,13 @@ async def wait_gone(
 
 
 def signal_by_name(sig: int) -> str:
-    return signal.Signals(sig).name
+    """The signal's name; also for numbers the enum lacks (real-time signals)."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        if signal.SIGRTMIN < sig < signal.SIGRTMAX:
+            return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+        return f"signal {sig}"
 
 
 def _pgid(pid: int) -> int | None:
