@@ -180,6 +180,31 @@ def _environ(proc: psutil.Process) -> dict[str, str]:
         return {}
 
 
+def marked(state_dir: Path, program: str) -> list[psutil.Process]:
+    """Live processes carrying this gosup's marks for ``program``.
+
+    On a crash this finds the helpers that left the child's group (setsid):
+    once the child is gone they are re-parented and no tree leads to them.
+    Reads /proc/*/environ directly (about 0.4 ms for 70 processes); the
+    program's next run is not started yet, so everything found is leftover.
+    """
+    needles = (f"{STATE_DIR_VAR}={state_dir}\0".encode(), f"{PROGRAM_VAR}={program}\0".encode())
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except OSError:
+            continue
+        if all(b"\0" + needle in env for needle in needles):
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(int(entry.name)))
+    return found
+
+
 def _older_than(proc: psutil.Process, limit: float) -> bool:
     try:
         return proc.create_time() <= limit
@@ -338,6 +363,7 @@ class OrphanService:
             return {**previous(spec), STATE_DIR_VAR: marker, PROGRAM_VAR: spec.name}
 
         self.sup.ctx.extra_env = extra_env
+        self.sup.ctx.strays = lambda name: marked(self.state_dir, name)
 
     async def sweep(self) -> None:
         """Stop what a previous gosup of this state_dir left running."""

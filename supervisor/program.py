@@ -53,6 +53,8 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
     extra_env: Callable[[ProgramSpec], dict[str, str]] = lambda spec: {}
+    # program name -> processes of its past runs found by their marks (orphans.py)
+    strays: Callable[[str], list[psutil.Process]] = lambda name: []
     # (spec, extra env) -> (child, binary sha256); tests inject fakes here
     launcher: Callable[[ProgramSpec, dict[str, str]], Awaitable[tuple[spawn.Child, str]]] = (
         spawn.launch
@@ -345,9 +347,10 @@ class Program:
             await self._finish_stop(child, info, leftovers)
             return
         healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
-        spawn.sweep(leftovers)  # a crashed program's helpers must not outlive it
         was_running = self.state is S.RUNNING
         self._transition(S.EXITED, "exited", **info)
+        # A crashed program's helpers must not outlive it, even those that left its group.
+        spawn.sweep(leftovers + self.ctx.strays(self.name))
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy and was_running)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import pid_alive, wait_for
 from test_program_unit import Harness, run
 
@@ -130,14 +129,12 @@ def test_healthy_run_ended_by_a_requested_restart_resets_the_failures(tmp_path: 
 # -- a crashed program's escaped helpers -----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="open: needs a marker-based sweep at crash time")
 def test_escaped_helper_of_a_crashed_run_does_not_outlive_it(
     gosup_factory: Any, goapp: Path, tmp_path: Path
 ) -> None:
     # The helper called setsid: it is not in the crashed child's group, and the
-    # child's tree cannot be taken once the child is gone. Not fixed yet: it
-    # survives every restart and gosup itself (only the next gosup's leftover
-    # sweep finds it, by its GOSUP_STATE_DIR mark).
+    # child's tree cannot be taken once the child is gone. It is found by the
+    # GOSUP_STATE_DIR/GOSUP_PROGRAM marks every child inherits.
     gpid_file = tmp_path / "grandchild.pid"
     argv = [str(goapp), "-mode", "exit", "-code", "1", "-after", "300ms", "-grandchild"]
     argv += ["-grandchild-setsid", "-grandchild-pidfile", str(gpid_file)]
@@ -151,4 +148,4 @@ def test_escaped_helper_of_a_crashed_run_does_not_outlive_it(
     finally:
         assert g.stop() == 0
         with contextlib.suppress(ProcessLookupError):
-            os.kill(grandchild, signal.SIGKILL)  # the xfail must leave nothing behind
+            os.kill(grandchild, signal.SIGKILL)  # a failure must leave nothing behind
