@@ -166,7 +166,10 @@ class Supervisor:
     async def _remove_program(self, name: str, reason: str) -> None:
         program = self.programs.pop(name)
         for att in self.attachments.pop(name, []):
-            await att.close()
+            try:
+                await att.close()
+            except Exception as exc:  # still stop the program: never leave it unsupervised
+                logger.opt(exception=exc).error("{}: closing {} failed", name, att)
         with contextlib.suppress(CommandError):
             await program.request(Stop(reason=reason, join=True))
         await program.close()
@@ -201,13 +204,13 @@ class Supervisor:
             await self.kill_all()
 
     async def kill_all(self) -> None:
-        await asyncio.gather(
-            *(p.request(Kill()) for p in self.programs.values()), return_exceptions=True
-        )
-        waits: list[Awaitable[Any]] = [
-            p.request(Stop(reason="killed", join=True)) for p in self.programs.values()
-        ]
-        await asyncio.gather(*waits, return_exceptions=True)
+        """SIGKILL every program's tree now, and wait until all are STOPPED."""
+        # Both messages are posted before any await: nothing (a backoff ending,
+        # say) can start a new child between the kill and the stop.
+        replies: list[Awaitable[Any]] = []
+        for p in self.programs.values():
+            replies += [p.send(Kill()), p.send(Stop(reason="killed", join=True))]
+        await asyncio.gather(*replies, return_exceptions=True)
 
     async def _close(self) -> None:
         for service in reversed(self.services):

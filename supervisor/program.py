@@ -149,11 +149,15 @@ class Program:
         self._inbox.append(msg)
         self._wake.set()
 
-    async def request(self, msg: Message) -> str:
-        """Post a command and wait for its outcome; CommandError when refused or failed."""
+    def send(self, msg: Message) -> asyncio.Future[str]:
+        """Post a command now; the future holds its outcome (or CommandError)."""
         msg.reply = asyncio.get_running_loop().create_future()
         self.post(msg)
-        return await msg.reply
+        return msg.reply
+
+    async def request(self, msg: Message) -> str:
+        """Post a command and wait for its outcome; CommandError when refused or failed."""
+        return await self.send(msg)
 
     async def close(self) -> None:
         """End the task (the child must already be stopped) and close the log files."""
@@ -257,7 +261,10 @@ class Program:
         self.state = new
         logger.debug("{}: {} -> {}", self.name, old.value, new.value)
         for listener in self.state_listeners:
-            listener(self, old, new)
+            try:
+                listener(self, old, new)
+            except Exception as exc:  # an observer's bug must not stall the state machine
+                logger.opt(exception=exc).error("{}: state listener failed", self.name)
         waiters, self._waiters = self._waiters, []
         for states, fut in waiters:
             if fut.done():
