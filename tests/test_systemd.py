@@ -343,11 +343,11 @@ def test_programs_run_as_their_user_and_group(gosup_factory: Any, public_goapp: 
 
 
 def test_ansible_playbook_passes_syntax_check() -> None:
-    playbook = shutil.which("ansible-playbook")
+    # The test extra installs ansible-core into the venv, beside this Python.
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    playbook = str(beside) if beside.exists() else shutil.which("ansible-playbook")
     if playbook is None:
-        pytest.skip(
-            "ansible-playbook is not installed (pip install ansible-core, not a dependency)"
-        )
+        pytest.skip("ansible-playbook is not installed (the test extra brings ansible-core)")
     example = ROOT / "examples" / "ansible"
     run = subprocess.run(
         [playbook, "--syntax-check", "-i", "inventory.ini", "playbook.yml"],
