@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import functools
 import grp
 import hashlib
@@ -312,7 +313,21 @@ def spawn(
         raise SpawnError(f"cannot execute {executable}: {exc.strerror or exc}") from exc
     except subprocess.SubprocessError as exc:
         raise SpawnError(f"cannot start {executable}: {exc}") from exc
+    _widen_pipes(popen)
     return Child(popen, executable)
+
+
+PIPE_SIZE = 1 << 20  # bytes a child may write ahead of us before it blocks
+
+
+def _widen_pipes(popen: subprocess.Popen[bytes]) -> None:
+    """Give the output pipes 1 MiB instead of 64 KiB: a chatty child blocks less
+    often, and each read hands us more. Best effort: past the per-user pipe quota
+    (non-root, many programs) the kernel says no and the default stays."""
+    for pipe in (popen.stdout, popen.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def sweep(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
