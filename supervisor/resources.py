@@ -238,9 +238,8 @@ class ResourceSampler:
             shown["scrape_error"] = error
         else:
             shown.pop("scrape_error", None)
-        if isinstance(shown, Figures):
-            shown.sampled_at = shown.clock()
         if watch.hysteresis is None:
+            self._count(shown)
             return
         breach = watch.hysteresis.observe(figures)
         pending = watch.hysteresis.pending()
@@ -251,6 +250,13 @@ class ResourceSampler:
                 shown.pop(key, None)
         if breach is not None:
             self._spawn(self._act(watch.program, pid, breach))
+        self._count(shown)
+
+    @staticmethod
+    def _count(shown: dict[str, Any]) -> None:
+        if isinstance(shown, Figures):
+            shown.sampled_at = shown.clock()
+            shown.samples += 1
 
     # -- acting on a leak ------------------------------------------------------------
 

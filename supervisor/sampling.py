@@ -46,6 +46,7 @@ class Figures(dict[str, Any]):
         super().__init__(initial)
         self.clock = clock
         self.sampled_at: float | None = None
+        self.samples = 0  # samples evaluated so far (tests wait on it, not on time)
 
     def _refresh(self) -> None:
         if self.sampled_at is not None:

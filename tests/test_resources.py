@@ -291,6 +291,7 @@ def test_goroutine_leak_restarts_with_each_metrics_format(
     [
         ("rss", ("-leak-heap", "16000000"), "rss = '48MiB'"),
         ("open_fds", ("-leak-fds", "40"), "open_fds = 60"),
+        ("threads", ("-leak-threads", "10"), "threads = 30"),
         ("connections", ("-leak-conns", "15"), "connections = 40"),
         ("heap_inuse", ("-leak-heap", "8000000"), "heap_inuse = '24MiB'"),
     ],
@@ -338,8 +339,9 @@ def test_a_brief_spike_never_restarts(
                           any(seen), 20, "the spike to be seen")  # fmt: skip
             # ... and it ended without a restart.
             await h.until(lambda: not h.app.figures.get("over_limit"), 20, "the spike to end")
-            for _ in range(10):  # a few more samples, to be sure nothing was pending
-                await asyncio.sleep(0.15)
+            # ... and five more samples change nothing (no breach was pending).
+            start = h.app.figures.samples
+            await h.until(lambda: h.app.figures.samples >= start + 5, 20, "five more samples")
             assert not h.history("limit_exceeded") and h.app.restarts == {}
             assert len(h.history("started")) == 1
 
@@ -423,8 +425,10 @@ def test_a_failed_scrape_is_shown_never_a_reason_to_kill(
                 error = await h.until(lambda: h.app.figures.get("scrape_error"), 30, "the error")
                 assert expected in error
                 pid = h.app.pid
-                for _ in range(15):  # limit 1 goroutine: any successful scrape would fire
-                    await asyncio.sleep(0.2)
+                # Limit: 1 goroutine, so any successful scrape would fire. Ten failed
+                # scrapes later, nothing has.
+                start = h.app.figures.samples
+                await h.until(lambda: h.app.figures.samples >= start + 10, 30, "ten samples")
                 assert h.app.pid == pid and not h.history("limit_exceeded")
                 assert h.app.figures["rss_bytes"] > 0 and "goroutines" not in h.app.figures
 
