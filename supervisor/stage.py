@@ -40,14 +40,6 @@ class Target:
 # -- the protocol --------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_hashing(src: Path, dest: Path) -> str:
     """Copy ``src`` to ``dest`` (fsynced) and return its SHA-256."""
     digest = hashlib.sha256()
@@ -77,7 +69,9 @@ def stage_file(new_file: Path, staging: Path) -> str:
     finally:
         tmp_file.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    from supervisor.configswap import fsync_dir  # here: the client path stays light
+
+    fsync_dir(directory)
     return sha
 
 
