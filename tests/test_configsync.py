@@ -62,6 +62,14 @@ def validator(goapp: Path) -> str:
     return f'["{goapp}", "-check-config", "{{file}}"]'
 
 
+def running(g: Gosup, env: dict[str, str] | None = None) -> Path:
+    """Lay down the live file, start gosup, wait for api to run; the live path."""
+    live = make_live(g.dir)
+    g.start(env)
+    g.running_pid("api")
+    return live
+
+
 def make_live(directory: Path, content: bytes = V0) -> Path:
     (directory / "config").mkdir(exist_ok=True)
     live = directory / "config" / "app.conf"
@@ -118,9 +126,7 @@ def test_stage_applies_and_reloads(
     gosup_factory: Callable[..., Gosup], goapp: Path, observer_env: dict[str, str]
 ) -> None:
     g = gosup_factory(app_toml(goapp))
-    live = make_live(g.dir)
-    g.start(observer_env)
-    g.running_pid("api")
+    live = running(g, observer_env)
     new = put(g, "v1.conf", V1)
     out = g.cli("stage", str(new), "config/app.conf")
     assert out.returncode == 0, out.stderr
@@ -199,9 +205,7 @@ def test_unverified_files_are_rejected(
     gosup_factory: Callable[..., Gosup], goapp: Path, observer_env: dict[str, str]
 ) -> None:
     g = gosup_factory(app_toml(goapp))
-    live = make_live(g.dir)
-    g.start(observer_env)
-    g.running_pid("api")
+    live = running(g, observer_env)
     staging = g.dir / "config" / "app.conf.new"
 
     drop_without_sidecar(g, b"no sidecar\n")
@@ -227,9 +231,7 @@ def test_unverified_files_are_rejected(
 
 def test_validator_refuses_a_bad_file(gosup_factory: Callable[..., Gosup], goapp: Path) -> None:
     g = gosup_factory(app_toml(goapp, validate=validator(goapp)))
-    live = make_live(g.dir)
-    g.start()
-    g.running_pid("api")
+    live = running(g)
     bad = put(g, "bad.conf", POISON)
     out = g.cli("stage", str(bad), "config/app.conf")
     assert out.returncode == 1
@@ -252,9 +254,7 @@ def test_hanging_validator_is_killed_with_its_children(
 ) -> None:
     hang = '["sh", "-c", "sleep 60; echo never"]'
     g = gosup_factory(app_toml(goapp, validate=hang, validate_timeout='"300ms"'))
-    live = make_live(g.dir)
-    g.start()
-    g.running_pid("api")
+    live = running(g)
     stage(g, V1)
     rec = g.wait_event("config_rejected", "api")[0]
     assert rec["reason"] == "validation_failed"
@@ -270,9 +270,7 @@ def test_config_that_kills_the_program_is_rolled_back(
     gosup_factory: Callable[..., Gosup], goapp: Path, observer_env: dict[str, str]
 ) -> None:
     g = gosup_factory(app_toml(goapp))
-    live = make_live(g.dir)
-    g.start(observer_env)
-    g.running_pid("api")
+    live = running(g, observer_env)
     stage(g, POISON)
     rec = g.wait_event("config_rolled_back", "api")[0]
     assert rec["path"] == str(live)
@@ -353,9 +351,7 @@ def test_configmap_symlink_swap(
 
 def test_live_file_edited_in_place(gosup_factory: Callable[..., Gosup], goapp: Path) -> None:
     g = gosup_factory(app_toml(goapp, staging="false"))
-    live = make_live(g.dir)
-    g.start()
-    g.running_pid("api")
+    live = running(g)
     with open(live, "wb") as f:  # in place: same inode, truncated and rewritten
         f.write(V1)
     rec = g.wait_event("config_applied", "api")[0]
@@ -370,9 +366,7 @@ def test_burst_of_stages_last_one_wins(
     gosup_factory: Callable[..., Gosup], goapp: Path, observer_env: dict[str, str]
 ) -> None:
     g = gosup_factory(app_toml(goapp))
-    live = make_live(g.dir)
-    g.start(observer_env)
-    g.running_pid("api")
+    live = running(g, observer_env)
     versions = [f"version {i}\n".encode() + os.urandom(64 * 1024).hex().encode() for i in range(20)]
     hashes = {sha(v) for v in versions}
     for i, content in enumerate(versions):
