@@ -131,11 +131,10 @@ class SourceFilter:
     def __call__(self, path: str) -> bool:
         if any(path == p or path.startswith(p + os.sep) for p in self.never):
             return False
-        # go build probes the output directory with "<output>-go-tmp-umask".
-        if (
-            self.binary is not None
-            and path.startswith(self.binary)
-            and "/" not in path[len(self.binary) :]
+        # The binary, and go build's probe of its directory "<output>-go-tmp-umask";
+        # not every name it begins: "server.go" is the source of "server".
+        if self.binary is not None and (
+            path == self.binary or path.startswith(self.binary + "-go-tmp-")
         ):
             return False
         rel = os.path.relpath(path, self.root)

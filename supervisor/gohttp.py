@@ -16,6 +16,8 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+MAX_HEADER_BYTES = 64 * 1024  # a metrics endpoint sends a few hundred bytes of headers
+
 
 class ScrapeError(Exception):
     """An endpoint could not be read (or, raised by goruntime, answered no Go metrics)."""
@@ -124,9 +126,13 @@ async def _read_response(reader: asyncio.StreamReader, max_bytes: int) -> tuple[
     if match is None:
         raise ValueError(f"bad status line {status_line[:60]!r}")
     headers: dict[str, str] = {}
+    size = 0
     while (line := await reader.readline()) not in (b"\r\n", b"\n"):
         if not line:
             raise ValueError("connection closed in the headers")
+        size += len(line)
+        if size > MAX_HEADER_BYTES:  # max_bytes bounds the body; this, the rest
+            raise ValueError(f"headers longer than {MAX_HEADER_BYTES} bytes")
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
     framed = True
@@ -156,9 +162,20 @@ async def _read_chunked(reader: asyncio.StreamReader, max_bytes: int) -> tuple[b
     while True:
         size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
         if size == 0:
+            # The trailer section ends with an empty line; left unread, that line
+            # would be taken for the next answer's status line on this connection.
+            await _skip_trailers(reader)
             return bytes(body), False
         take = min(size, max_bytes + 1 - len(body))  # never hold more than we keep
         body += await reader.readexactly(take)
         if len(body) > max_bytes:
             return bytes(body[:max_bytes]), True
         await reader.readexactly(2)  # the CRLF after each chunk
+
+
+async def _skip_trailers(reader: asyncio.StreamReader) -> None:
+    size = 0
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        size += len(line)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"trailers longer than {MAX_HEADER_BYTES} bytes")

@@ -157,7 +157,7 @@ def write_dump(path: Path, data: bytes, max_size: int, truncated: bool = False) 
 def prune_dumps(dumps_dir: Path, program: str, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` dumps of ``program`` (a dump = files of one stem)."""
     stems: dict[str, list[Path]] = {}
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for path in dumps_dir.iterdir():
             match = _DUMP_NAME.match(path.name)
             if match is not None and match["program"] == program:
@@ -165,9 +165,14 @@ def prune_dumps(dumps_dir: Path, program: str, keep: int) -> list[Path]:
     removed = []
     for stem in sorted(stems, key=_stamp_order)[:-keep]:
         for path in stems[stem]:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.unlink()
-                removed.append(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # not ours to remove: leave it, prune the rest
+                logger.warning("dumps: cannot remove {}: {}", path, exc)
+                continue
+            removed.append(path)
     return removed
 
 
@@ -226,12 +231,18 @@ class StderrCapture:
         # Called from inside the program's listener loop: leave the list alone
         # until that loop is over, or the next listener would be skipped.
         asyncio.get_running_loop().call_soon(self._unlisten)
+        if not self.stopped:  # the restart was refused: no SIGQUIT, what came is no dump
+            return
         traces = goroutine_traces(bytes(self.data))
         if not traces.strip():
-            if self.stopped:  # (not when the restart was refused: nothing was sent)
-                logger.warning("{}: SIGQUIT produced no goroutine dump", self.program.name)
+            logger.warning("{}: SIGQUIT produced no goroutine dump", self.program.name)
             return
-        self.on_saved(write_dump(self.path, traces, self.max_size, self.truncated))
+        try:
+            path = write_dump(self.path, traces, self.max_size, self.truncated)
+        except OSError as exc:
+            logger.warning("{}: cannot save the SIGQUIT dump: {}", self.program.name, exc)
+            return
+        self.on_saved(path)
 
     def _unlisten(self) -> None:
         with contextlib.suppress(ValueError):

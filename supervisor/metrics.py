@@ -191,7 +191,12 @@ class MetricsServer:
             return "404 Not Found", "text/plain", b"see /metrics\n", method
         headers = dict(_header(line) for line in header_lines if ":" in line)
         # Prometheus asks for OpenMetrics; curl gets the classic text format.
-        encode, ctype = choose_encoder(headers.get("accept", ""))
+        try:
+            # prometheus_client raises TypeError on a version it cannot parse
+            # ("text/plain; version=abc"): such a client gets the classic format.
+            encode, ctype = choose_encoder(headers.get("accept", ""))
+        except (TypeError, ValueError):
+            encode, ctype = choose_encoder("")
         try:
             body = encode(self.registry)
         except Exception as exc:  # a collector bug must not take the endpoint down

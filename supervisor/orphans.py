@@ -26,19 +26,21 @@ container and must reap them, or zombies pile up. It must not reap its own
 children, though: ``Popen`` (and asyncio's child watchers, for validators
 and builds) need those exit statuses. So the reaper never calls
 ``waitpid(-1)``: it looks at gosup's zombie children once a second and only
-reaps one that is not a program's current child and that was already a
-zombie at the previous look. Whoever waits for a child of its own does so
-at once (a pidfd, or a thread blocked in ``waitpid``), so a zombie nobody
-claimed for a whole second is an orphan.
+reaps one that is not a program's current child, that was already a
+zombie at the previous look, and that no live ``Popen`` object still has
+to wait for (``communicate`` waits only after reading the output to EOF,
+which a helper the child left behind can hold off for long).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -309,12 +311,27 @@ class Reaper:
                 with contextlib.suppress(psutil.Error):
                     if child.status() == psutil.STATUS_ZOMBIE and child.pid not in ours:
                         zombies.add(child.pid)
-        for pid in zombies & self._seen:
+        candidates = zombies & self._seen
+        if candidates:  # (rare: the scan of the heap is only paid for a stale zombie)
+            candidates -= _awaited()
+        for pid in candidates:
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     self.reaped += 1
                     logger.debug("reaped orphan pid {}", pid)
         self._seen = zombies
+
+
+def _awaited() -> set[int]:
+    """Children a live ``Popen`` has yet to wait for. ``communicate`` reads the
+    output to EOF before it waits: a validator that exited while a helper it
+    left still holds the pipe stays a zombie for as long as that helper runs,
+    and reaping it would make Popen see ECHILD and report exit code 0."""
+    return {
+        obj.pid
+        for obj in gc.get_objects()
+        if isinstance(obj, subprocess.Popen) and obj.returncode is None
+    }
 
 
 # -- the service ------------------------------------------------------------------------

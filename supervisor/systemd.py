@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 S = ProcessState
 # An autostart program in one of these states no longer holds up READY=1.
 READY_STATES = frozenset({S.RUNNING, S.FATAL, S.EXITED})
+# Pings no closer than this: a WATCHDOG_USEC of a few microseconds (a typo, or
+# garbage) would otherwise turn the call_later chain into a busy loop.
+WATCHDOG_MIN_INTERVAL = 0.01
 
 
 def socket_address(value: str) -> str | bytes:
@@ -69,7 +72,7 @@ def watchdog_interval(env: Mapping[str, str]) -> float | None:
         value = int(usec)
     except ValueError:
         return None
-    return value / 2e6 if value > 0 else None
+    return max(value / 2e6, WATCHDOG_MIN_INTERVAL) if value > 0 else None
 
 
 class Notifier:
