@@ -87,6 +87,10 @@ class Restart(Message):
     # write its goroutine dump on the way out (leak evidence), and the exit it
     # causes is still a requested stop, not a crash.
     stop_signal: int | None = None
+    # The run this restart was decided for (a leak finding): if that child is
+    # gone by the time the message is handled, the restart is moot, and must
+    # not revive a program that crashed into FATAL or a `restart = "never"` exit.
+    pid: int | None = None
 
 
 @dataclass
@@ -497,6 +501,8 @@ class Program:
     async def _on_restart(self, msg: Restart) -> None:
         if self.state is S.STOPPING:
             raise CommandError(f"{self.name} is stopping; start it once it has stopped")
+        if msg.pid is not None and msg.pid != self.pid:
+            raise CommandError(f"{self.name}: pid {msg.pid} is gone already; nothing to restart")
         self._record("restart_requested", reason=msg.reason)
         self.restarts[msg.reason] += 1
         if self.state in (S.STARTING, S.RUNNING):

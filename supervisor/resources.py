@@ -283,9 +283,9 @@ class ResourceSampler:
             return
         try:
             if limits.evidence is Evidence.SIGQUIT:
-                await self._restart_with_sigquit(program, limits)
+                await self._restart_with_sigquit(program, limits, pid)
             else:
-                await program.request(Restart(reason="leak"))
+                await program.request(Restart(reason="leak", pid=pid))
         except CommandError as exc:
             logger.warning("{}: leak restart: {}", program.name, exc)
 
@@ -312,14 +312,16 @@ class ResourceSampler:
             return_exceptions=True,
         )
         for (_, kind, _), result in zip(wanted, fetched, strict=True):
-            if isinstance(result, goruntime.ScrapeError):
+            # Unreadable, or unwritable (disk full, dumps/ unusable): the restart
+            # must happen all the same, the evidence is a bonus.
+            if isinstance(result, goruntime.ScrapeError | OSError):
                 logger.warning("{}: no {} evidence: {}", program.name, kind, result)
             elif isinstance(result, BaseException):
                 raise result
             else:
                 self._saved(program, limits, result, kind)
 
-    async def _restart_with_sigquit(self, program: Program, limits: LimitsSpec) -> None:
+    async def _restart_with_sigquit(self, program: Program, limits: LimitsSpec, pid: int) -> None:
         """SIGQUIT as the stop signal of the leak restart: the Go runtime writes
         every goroutine's stack to stderr and exits; the program's task sees a
         requested stop, not a crash. The capture ends when the child is gone and
@@ -333,7 +335,7 @@ class ResourceSampler:
         )
         capture.begin()
         try:
-            await program.request(Restart(reason="leak", stop_signal=signal.SIGQUIT))
+            await program.request(Restart(reason="leak", stop_signal=signal.SIGQUIT, pid=pid))
         finally:
             capture.end()
 

@@ -276,3 +276,20 @@ def test_panic_in_stderr_is_recorded_on_exit(tmp_path: Path) -> None:
         assert "main.handler" in crash["frame"]
 
     run(tmp_path, body, restart=RestartPolicy.NEVER)
+
+
+def test_a_restart_for_a_gone_pid_does_not_revive_the_program(tmp_path: Path) -> None:
+    """A leak finding for pid N arrives after N crashed into FATAL: nothing restarts."""
+
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1, "start")
+        leaking = h.child.pid
+        h.child.exit(2)  # the crash wins the race against the leak restart
+        await h.until(lambda: h.program.state is S.FATAL, "FATAL")
+        with pytest.raises(CommandError, match=f"pid {leaking} is gone"):
+            await h.program.request(Restart(reason="leak", pid=leaking))
+        assert h.program.state is S.FATAL and len(h.children) == 1
+        assert not h.records("restart_requested")
+
+    run(tmp_path, body, backoff=BackoffSpec(give_up_after=1, jitter=0.0))
