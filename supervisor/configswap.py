@@ -24,9 +24,12 @@ import errno
 import hashlib
 import os
 import re
+import selectors
 import shutil
 import signal
+import stat
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +65,25 @@ def failed_of(live: Path) -> Path:
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_regular(path: Path) -> str | None:
+    """The hash of a regular file at ``path``; None for anything else. A staged
+    symlink would make the live file a link to wherever it points (and the
+    install's chmod would follow it); a FIFO would block the read for good."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink
+            return None
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -297,15 +319,40 @@ def validate(
         )
     except OSError as exc:
         return Verdict(False, None, f"cannot run validator {args[0]!r}: {exc}")
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with proc.stdout:
+        out, timed_out = _read_tail(proc.stdout.fileno(), deadline)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        # Its output may end before it does (it closed stdout): the deadline still holds.
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
+        timed_out = True
+    if timed_out:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.wait()
         text = _tail(out) + f"\n(validator killed: no answer within {timeout:g}s)"
         return Verdict(False, None, text.lstrip("\n"))
     return Verdict(proc.returncode == 0, proc.returncode, _tail(out))
+
+
+def _read_tail(fd: int, deadline: float) -> tuple[bytes, bool]:
+    """Read ``fd`` to its end or the deadline, keeping only the last bytes: a
+    validator may print without limit, and only a tail goes to the history.
+    Returns (tail, whether the deadline passed first)."""
+    keep = OUTPUT_TAIL * 4  # enough bytes for OUTPUT_TAIL characters of UTF-8
+    tail = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return tail, False
+            tail = (tail + chunk)[-keep:]
+    return tail, True
 
 
 def _tail(out: bytes) -> str:

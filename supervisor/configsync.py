@@ -84,6 +84,7 @@ class ConfigSync:
             label="config files",
             poll_interval=POLL_INTERVAL,
             polling=polling,
+            rearmed=self.rescan,
         )
 
     def record(self, event: str, **fields: Any) -> None:
@@ -102,6 +103,11 @@ class ConfigSync:
         for f in self.files:
             await f.close()
         await self.watch.close()
+
+    def rescan(self) -> None:
+        """A directory is watched (again): look at what may have landed unseen."""
+        for f in self.files:
+            f.kick(complete=True)
 
     def on_event(self, change: tuple[str, str, str]) -> None:
         for f in self.files:
@@ -188,7 +194,7 @@ class _Controller:
     def record(self, event: str, **fields: Any) -> None:
         self.sync.record(event, path=str(self.path), **fields)
 
-    def reject(self, reason: str, expected: str | None, actual: str, **extra: Any) -> None:
+    def reject(self, reason: str, expected: str | None, actual: str | None, **extra: Any) -> None:
         self.record("config_rejected", reason=reason, expected=expected, actual=actual, **extra)
         logger.warning("{}: {} rejected: {}", self.sync.program.name, self.path, reason)
 
@@ -243,13 +249,15 @@ class StagedFile(_Controller):
         assert spec.staging is not None
         self.staging = spec.staging
         self.sidecar = swap.sidecar_of(spec.staging)
+        # The directory as watched: inotify reports nothing on a symlink to one.
+        self.watched_staging = _resolved_dir(spec.staging.parent) / spec.staging.name
         self.live_sha: str | None = None
         # The worker thread swapping files and the rollback in the state listener
         # (on the loop) must never interleave their renames.
         self._files_lock = threading.Lock()
 
     def watch_dirs(self) -> set[Path]:
-        return {self.staging.parent}
+        return {self.watched_staging.parent}
 
     async def start(self) -> None:
         name = self.sync.program.name
@@ -270,7 +278,7 @@ class StagedFile(_Controller):
             swap.consume_sidecar(self.sidecar, sidecar.text)
 
     def on_event(self, kind: str, src: str, dest: str) -> None:
-        staging = str(self.staging)
+        staging = str(self.watched_staging)
         if (kind == "moved" and dest == staging) or (kind == "closed" and src == staging):
             self.kick(complete=True)
         elif kind in ("created", "modified") and src == staging:
@@ -281,14 +289,19 @@ class StagedFile(_Controller):
         while (claimed := await asyncio.to_thread(self._claim)) is not None:
             await self._handle(*claimed)
 
-    def _claim(self) -> tuple[Path, str, swap.Sidecar | None] | None:
-        """In a thread: the staged file taken aside, its hash, and the sidecar."""
+    def _claim(self) -> tuple[Path, str | None, swap.Sidecar | None] | None:
+        """In a thread: the staged file taken aside, its hash (None: not a
+        regular file), and the sidecar."""
         work = swap.claim(self.staging)
         if work is None:
             return None
-        return work, swap.sha256_file(work), swap.read_sidecar(self.sidecar)
+        return work, swap.sha256_regular(work), swap.read_sidecar(self.sidecar)
 
-    async def _handle(self, work: Path, actual: str, sidecar: swap.Sidecar | None) -> None:
+    async def _handle(self, work: Path, actual: str | None, sidecar: swap.Sidecar | None) -> None:
+        if actual is None:  # a symlink, a FIFO ...: never installed, never even read
+            expected = sidecar.sha256 if sidecar else None
+            await self._reject(work, "not_a_regular_file", expected, None, sidecar)
+            return
         if sidecar is None or sidecar.sha256 is None:
             await self._reject(work, "missing_checksum", None, actual, sidecar)
             return
@@ -310,7 +323,7 @@ class StagedFile(_Controller):
         work: Path,
         reason: str,
         expected: str | None,
-        actual: str,
+        actual: str | None,
         sidecar: swap.Sidecar | None,
         **extra: Any,
     ) -> None:
@@ -388,10 +401,13 @@ class LiveFile(_Controller):
         self.rejected_sha: str | None = None
 
     def watch_dirs(self) -> set[Path]:
-        return {self.path.parent, swap.live_target(self.path).parent}
+        return {_resolved_dir(self.path.parent), _resolved_dir(swap.live_target(self.path).parent)}
 
     async def start(self) -> None:
-        self.applied_sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
+        try:  # as for staged files: a config file's trouble never stops the program
+            self.applied_sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
+        except OSError as exc:
+            logger.error("{}: config file {}: {}", self.sync.program.name, self.path, exc)
         await super().start()
 
     def on_event(self, kind: str, src: str, dest: str) -> None:
@@ -424,6 +440,12 @@ class LiveFile(_Controller):
                 self.sync.program.name,
                 self.path,
             )
+
+
+def _resolved_dir(directory: Path) -> Path:
+    """The real directory behind ``directory`` (watchdog's inotify observer does
+    not follow a symlinked directory: it would report nothing)."""
+    return Path(os.path.realpath(directory))
 
 
 def _attach(sup: Supervisor, program: Program) -> ConfigSync | None:

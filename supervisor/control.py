@@ -54,6 +54,8 @@ from supervisor.states import SIGNALLABLE_STATES
 
 MAX_REQUEST = 1 << 20  # bytes per request line (the newline excluded)
 MAX_REPLY = 1 << 20  # what the history command keeps its reply under
+MIN_RECORD = 40  # bytes: no history record is shorter, so a reply holds fewer than
+MAX_HISTORY = MAX_REPLY // MIN_RECORD  # this many records (more are never read)
 SOCKET_NAME = "gosup.sock"
 LOCK_NAME = "gosup.lock"
 # Figures every status entry carries (null until a sampler fills them in), so
@@ -129,6 +131,8 @@ def parse_request(line: bytes) -> Request:
         raise RequestError("invalid request: not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RequestError(f"invalid request: not JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an over-long number, too deep a nesting
+        raise RequestError(f"invalid request: unreadable JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise RequestError('invalid request: must be a JSON object like {"cmd": "status"}')
     cmd = obj.pop("cmd", None)
@@ -266,7 +270,8 @@ async def handle_history(sup: Supervisor, req: Request) -> Any:
     if req.get("follow", bool, False):
         raise RequestError("history: follow is not served here; run `gosup history -f`")
     program = req.get("program", str)
-    records = await asyncio.to_thread(events.read, sup.history.path, n, program)
+    wanted = min(n, MAX_HISTORY)
+    records = await asyncio.to_thread(events.read, sup.history.path, wanted, program)
     # Keep the reply one sane line: the newest records win.
     size, kept = 0, 0
     for rec in reversed(records):
@@ -274,7 +279,8 @@ async def handle_history(sup: Supervisor, req: Request) -> Any:
         if size > MAX_REPLY:
             break
         kept += 1
-    return {"records": records[len(records) - kept :], "truncated": kept < len(records)}
+    truncated = kept < len(records) or (n > wanted and len(records) == wanted)
+    return {"records": records[len(records) - kept :], "truncated": truncated}
 
 
 # -- peers ---------------------------------------------------------------------------

@@ -96,6 +96,8 @@ class Supervisor:
         self._done = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads under way
+        self._leaving: set[Program] = set()  # removed by a reload, still stopping
         self.shutting_down = False
         self._started = False
 
@@ -132,11 +134,18 @@ class Supervisor:
                 self.config.path,
                 len(self.config.programs),
             )
-            for spec in self.config.programs:
-                await self._add_program(spec)
+            # Under the reload lock: a reload (SIGHUP, or the control socket,
+            # which already answers) must not diff against programs half added.
+            async with self._reload_lock:
+                for spec in self.config.programs:
+                    if self.shutting_down:  # asked to stop meanwhile: add nothing more
+                        break
+                    await self._add_program(spec)
             await self._done.wait()
         finally:
             dispatcher.cancel()
+            for task in self._reloads:
+                task.cancel()
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
             if self._shutdown_task is None:  # an error brought us here: still stop everything
@@ -165,13 +174,17 @@ class Supervisor:
 
     async def _remove_program(self, name: str, reason: str) -> None:
         program = self.programs.pop(name)
-        for att in self.attachments.pop(name, []):
-            try:
-                await att.close()
-            except Exception as exc:  # still stop the program: never leave it unsupervised
-                logger.opt(exception=exc).error("{}: closing {} failed", name, att)
-        with contextlib.suppress(CommandError):
-            await program.request(Stop(reason=reason, join=True))
+        self._leaving.add(program)  # still within kill_all's reach until it is stopped
+        try:
+            for att in self.attachments.pop(name, []):
+                try:
+                    await att.close()
+                except Exception as exc:  # still stop the program: never leave it unsupervised
+                    logger.opt(exception=exc).error("{}: closing {} failed", name, att)
+            with contextlib.suppress(CommandError):
+                await program.request(Stop(reason=reason, join=True))
+        finally:
+            self._leaving.discard(program)
         await program.close()
 
     def shutdown(self) -> None:
@@ -208,7 +221,7 @@ class Supervisor:
         # Both messages are posted before any await: nothing (a backoff ending,
         # say) can start a new child between the kill and the stop.
         replies: list[Awaitable[Any]] = []
-        for p in self.programs.values():
+        for p in [*self.programs.values(), *self._leaving]:
             replies += [p.send(Kill()), p.send(Stop(reason="killed", join=True))]
         await asyncio.gather(*replies, return_exceptions=True)
 
@@ -239,15 +252,22 @@ class Supervisor:
                     logger.info("{}: stopping", name)
                     self.shutdown()
             elif sig == signal.SIGHUP:
-                logger.info("SIGHUP: reloading {}", self.config.path)
-                try:
-                    await self.reload()
-                except configmod.ConfigError as exc:
-                    logger.error("reload refused, nothing changed:\n{}", exc)
-                except Exception as exc:  # this task must survive to handle SIGTERM
-                    logger.opt(exception=exc).error("reload failed: {}", exc)
+                # A task of its own: a reload waits for stops (up to stop_timeout),
+                # and SIGTERM or a second SIGINT must be acted on meanwhile.
+                task = asyncio.get_running_loop().create_task(self._reload_on_signal())
+                self._reloads.add(task)
+                task.add_done_callback(self._reloads.discard)
             else:
                 await self.forward_signal(sig, reason="forwarded")
+
+    async def _reload_on_signal(self) -> None:
+        logger.info("SIGHUP: reloading {}", self.config.path)
+        try:
+            await self.reload()
+        except configmod.ConfigError as exc:
+            logger.error("reload refused, nothing changed:\n{}", exc)
+        except Exception as exc:  # a bug: say so; gosup keeps running
+            logger.opt(exception=exc).error("reload failed: {}", exc)
 
     async def forward_signal(self, sig: int, reason: str) -> list[str]:
         """Send ``sig`` to every running program; return who got it."""
@@ -300,9 +320,11 @@ class Supervisor:
                 await self._remove_program(name, reason="removed by reload")
             for name in changed:
                 await self._remove_program(name, reason="changed by reload")
-                await self._add_program(new_specs[name])
+                if not self.shutting_down:  # a stop may take long: gosup may be ending now
+                    await self._add_program(new_specs[name])
             for name in added:
-                await self._add_program(new_specs[name])
+                if not self.shutting_down:
+                    await self._add_program(new_specs[name])
             # Keep app.toml order for status listings.
             self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
             logger.info("reloaded: added {}, removed {}, changed {}", added, removed, changed)

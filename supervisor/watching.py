@@ -19,6 +19,12 @@ per-user watch or instance limit is reached). That fallback is logged once
 per label, not once per program. Starting and stopping run in a thread: a
 recursive inotify watch walks the whole tree, and a poller's first scan reads
 every directory.
+
+A watched directory that is removed loses its watch for good (the kernel
+drops it), and one missing at the start has none. When the owner passes
+``rearmed``, a directory that appears, or is made again, is watched anew
+within ``REARM_INTERVAL``, and ``rearmed`` is called so the owner can look
+for what arrived before the watch.
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ from typing import Generic, TypeVar
 
 from loguru import logger
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 T = TypeVar("T")
 FORCE_POLLING_ENV = "GOSUP_FORCE_POLLING"
 EventFilter = list[type[FileSystemEvent]]
+REARM_INTERVAL = 1.0  # seconds between looks for watched directories made (again)
 _warned: set[str] = set()  # labels whose inotify failure was already logged
 
 
@@ -62,8 +69,14 @@ class Watch(FileSystemEventHandler, Generic[T]):
         poll_interval: float,
         recursive: bool = False,
         polling: bool | None = None,
+        rearmed: Callable[[], None] | None = None,
     ) -> None:
         self.dirs, self.pick, self.deliver = set(dirs), pick, deliver
+        self.wanted = frozenset(self.dirs)  # what the rearm loop keeps watched
+        self.rearmed = rearmed
+        # directory -> its watch and the (st_dev, st_ino) it was set on
+        self._armed: dict[Path, tuple[ObservedWatch, tuple[int, int]]] = {}
+        self._rearm_task: asyncio.Task[None] | None = None
         self.event_filter, self.label, self.poll_interval = event_filter, label, poll_interval
         self.recursive = recursive
         self.polling = polling_forced() if polling is None else polling
@@ -72,11 +85,14 @@ class Watch(FileSystemEventHandler, Generic[T]):
 
     async def start(self) -> None:
         """Watch every directory there is; a missing one is logged, not a reason to poll."""
+        later = "watched once it is made" if self.rearmed else "its changes go unseen"
         for missing in sorted(d for d in self.dirs if not d.is_dir()):
-            logger.error("cannot watch {}: no such directory; its changes go unseen", missing)
+            logger.error("cannot watch {}: no such directory; {}", missing, later)
         self.dirs = {d for d in self.dirs if d.is_dir()}
         self._loop = asyncio.get_running_loop()
         self._observer = await asyncio.to_thread(self.observe)
+        if self.rearmed is not None:
+            self._rearm_task = self._loop.create_task(self._rearm_loop(), name="rearm watch")
 
     def observe(self) -> BaseObserver:
         """Blocking: a started observer of ``dirs``, inotify unless it must poll."""
@@ -106,7 +122,46 @@ class Watch(FileSystemEventHandler, Generic[T]):
 
     def _schedule(self, observer: BaseObserver, directory: Path) -> None:
         filters = self.event_filter
-        observer.schedule(self, str(directory), recursive=self.recursive, event_filter=filters)
+        st = directory.stat()  # before the watch: a later swap shows as a new identity
+        watch = observer.schedule(
+            self, str(directory), recursive=self.recursive, event_filter=filters
+        )
+        self._armed[directory] = (watch, (st.st_dev, st.st_ino))
+
+    async def _rearm_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REARM_INTERVAL)
+            if await asyncio.to_thread(self._rearm) and self.rearmed is not None:
+                self.rearmed()
+
+    def _rearm(self) -> bool:
+        """In a thread: watch again each wanted directory made (again) since its
+        watch was set; whether any was."""
+        observer, done = self._observer, False
+        for directory in sorted(self.wanted):
+            try:
+                st = directory.stat()
+            except OSError:
+                continue  # gone (for now): its watch, if any, is dead; wait for it
+            armed = self._armed.get(directory)
+            if observer is None or (
+                armed is not None
+                and armed[1] == (st.st_dev, st.st_ino)  # a new directory may reuse the inode:
+                and _alive(observer, armed[0])  # the watch of a removed one has ended
+            ):
+                continue
+            try:
+                if armed is not None:
+                    with contextlib.suppress(KeyError):
+                        observer.unschedule(armed[0])
+                self._schedule(observer, directory)
+            except OSError as exc:
+                logger.warning("cannot watch {}: {}", directory, exc)
+                continue
+            self.dirs.add(directory)
+            logger.info("watching {} again", directory)
+            done = True
+        return done
 
     def add(self, dirs: Iterable[Path]) -> None:
         """Also watch ``dirs`` (those not watched yet that exist), from now on."""
@@ -127,7 +182,16 @@ class Watch(FileSystemEventHandler, Generic[T]):
                 self._loop.call_soon_threadsafe(self.deliver, picked)
 
     async def close(self) -> None:
+        if self._rearm_task is not None:
+            self._rearm_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rearm_task
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()
             await asyncio.to_thread(observer.join, 5.0)
+
+
+def _alive(observer: BaseObserver, watch: ObservedWatch) -> bool:
+    """Is the watch still served (watchdog ends it when its directory goes)?"""
+    return any(e.watch == watch and e.is_alive() for e in observer.emitters)
