@@ -348,15 +348,20 @@ def test_a_brief_spike_never_restarts(
     run(main())
 
 
-def test_pprof_evidence_is_saved_before_the_restart(tmp_path: Path, goapp: Path) -> None:
+def goroutine_leak(goapp: Path) -> str:
+    """goapp leaking 200 goroutines a second past a limit of 250, pprof evidence on."""
     port = free_port()
     limits = (
         'interval = "200ms"\nsustain = 3\ngoroutines = 250\nevidence = "pprof"\n'
         f'go_metrics = "http://127.0.0.1:{port}/metrics"\n'
     )
-    prog = goapp_program(
+    return goapp_program(
         goapp, "-http", f"127.0.0.1:{port}", "-leak-goroutines", "200", limits=limits
     )
+
+
+def test_pprof_evidence_is_saved_before_the_restart(tmp_path: Path, goapp: Path) -> None:
+    prog = goroutine_leak(goapp)
 
     async def main() -> None:
         async with sampled(tmp_path, prog) as h:

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import wait_for
-from test_resources import free_port, goapp_program, leak_restarted, sampled
+from test_resources import free_port, goroutine_leak, leak_restarted, sampled
 
 from supervisor import builder, gohttp, goruntime, metrics, orphans, systemd
 from supervisor.config import BuildSpec
@@ -112,14 +112,7 @@ def test_a_leak_is_restarted_even_when_its_evidence_cannot_be_written(
     restart; the hysteresis had fired, so the leak then ran on unchecked."""
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "dumps").write_text("a file where the directory should be")
-    port = free_port()
-    limits = (
-        'interval = "200ms"\nsustain = 3\ngoroutines = 250\nevidence = "pprof"\n'
-        f'go_metrics = "http://127.0.0.1:{port}/metrics"\n'
-    )
-    prog = goapp_program(
-        goapp, "-http", f"127.0.0.1:{port}", "-leak-goroutines", "200", limits=limits
-    )
+    prog = goroutine_leak(goapp)
 
     async def main() -> None:
         async with sampled(tmp_path, prog) as h:
