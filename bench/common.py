@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 import psutil
 
+from supervisor.orphans import with_environment  # the project venv has gosup installed
+
 T = TypeVar("T")
 
 BENCH = Path(__file__).resolve().parent
@@ -138,19 +140,7 @@ def bench_env(tag: str, *, scrub_python: bool = False, **extra: str) -> dict[str
 
 def tagged(tag: str, var: str = TAG_VAR) -> list[psutil.Process]:
     """Every process (zombies included) whose environment carries ``var=tag``."""
-    needle = f"{var}={tag}".encode()
-    me = os.getpid()
-    found = []
-    for pid in psutil.pids():
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read():
-                    found.append(psutil.Process(pid))
-        except (OSError, psutil.Error):
-            continue
-    return found
+    return with_environment(f"{var}={tag}")
 
 
 def sweep(tag: str, timeout: float = 10.0, var: str = TAG_VAR) -> int:

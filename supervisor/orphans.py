@@ -182,15 +182,11 @@ def _environ(proc: psutil.Process) -> dict[str, str]:
         return {}
 
 
-def marked(state_dir: Path, program: str) -> list[psutil.Process]:
-    """Live processes carrying this gosup's marks for ``program``.
-
-    On a crash this finds the helpers that left the child's group (setsid):
-    once the child is gone they are re-parented and no tree leads to them.
-    Reads /proc/*/environ directly (about 0.4 ms for 70 processes); the
-    program's next run is not started yet, so everything found is leftover.
-    """
-    needles = (f"{STATE_DIR_VAR}={state_dir}\0".encode(), f"{PROGRAM_VAR}={program}\0".encode())
+def with_environment(*entries: str) -> list[psutil.Process]:
+    """Processes (zombies included) whose environment holds every ``KEY=VALUE``
+    of ``entries`` exactly. Reads /proc/*/environ directly (about 0.4 ms for 70
+    processes); the caller is never listed."""
+    needles = [b"\0" + entry.encode() + b"\0" for entry in entries]
     me = os.getpid()
     found = []
     for entry in os.scandir("/proc"):
@@ -201,10 +197,20 @@ def marked(state_dir: Path, program: str) -> list[psutil.Process]:
                 env = b"\0" + f.read()
         except OSError:
             continue
-        if all(b"\0" + needle in env for needle in needles):
+        if all(needle in env for needle in needles):
             with contextlib.suppress(psutil.Error):
                 found.append(psutil.Process(int(entry.name)))
     return found
+
+
+def marked(state_dir: Path, program: str) -> list[psutil.Process]:
+    """Live processes carrying this gosup's marks for ``program``.
+
+    On a crash this finds the helpers that left the child's group (setsid):
+    once the child is gone they are re-parented and no tree leads to them.
+    The program's next run is not started yet, so everything found is leftover.
+    """
+    return with_environment(f"{STATE_DIR_VAR}={state_dir}", f"{PROGRAM_VAR}={program}")
 
 
 def _older_than(proc: psutil.Process, limit: float) -> bool:

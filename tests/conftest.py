@@ -30,6 +30,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import gobuild
 
+from supervisor.orphans import with_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 TAG_VAR = "GOSUP_TEST_TAG"
@@ -67,19 +69,7 @@ def goapp(go_bin_dir: Path) -> Path:
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:
-    found = []
-    needle = f"{TAG_VAR}={tag}".encode()
-    me = os.getpid()
-    for pid in psutil.pids():
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read():
-                    found.append(psutil.Process(pid))
-        except (OSError, psutil.Error):
-            continue
-    return found
+    return with_environment(f"{TAG_VAR}={tag}")
 
 
 def _describe(procs: list[psutil.Process]) -> str:
