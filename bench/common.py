@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from supervisor.orphans import with_environment  # the project venv has gosup installed
+from supervisor.service.orphans import with_environment  # the project venv has gosup installed
 
 T = TypeVar("T")
 

@@ -21,7 +21,6 @@ from typing import Any
 import common
 import drivers
 import profiling
-from drivers import gosup as gosup_driver
 
 NAME = "overhead"
 # The gosup variants, each measured like a supervisor of its own.
@@ -122,8 +121,6 @@ def main() -> None:
                     res = measure(variant, goapp, wd, n, duration, settle, spy)
                 except common.BenchError as exc:
                     res = {"error": str(exc)}
-            if kind == "gosup" and not gosup_driver.sampling_available():
-                res["note"] = "no sampler in this gosup (supervisor/resources.py missing)"
             results[str(n)][variant] = res
     tab = build_table(results, counts)
     common.print_tables([tab])

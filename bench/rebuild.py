@@ -78,7 +78,15 @@ class DevGosup:
         (wd / "app.toml").write_text(app_toml(go, debounce))
         self.history_path = wd / ".gosup" / "history.jsonl"
         self.stdout_log = wd / "logs" / "devapp.stdout.log"
-        argv = [sys.executable, "-m", "supervisor.cli", "run", "app.toml", "--dev", "--no-echo"]
+        argv = [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "run",
+            "app.toml",
+            "--dev",
+            "--no-echo",
+        ]
         with open(wd / "gosup.err", "wb") as err:
             self.proc = subprocess.Popen(
                 argv,

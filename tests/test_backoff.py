@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from supervisor.backoff import BackoffPolicy
 from supervisor.config import BackoffSpec
+from supervisor.core.backoff import BackoffPolicy
 
 
 def policy(**kw: float) -> BackoffPolicy:

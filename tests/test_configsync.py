@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from conftest import Gosup, wait_for
 
-from supervisor import configswap as swap
-from supervisor.stage import stage_file
+from supervisor.cli.stage import stage_file
+from supervisor.files import configswap as swap
 
 V0 = b"version 0\n"
 V1 = b"version 1\n"
@@ -559,7 +559,7 @@ def test_falls_back_to_polling_when_inotify_fails(
     from loguru import logger
     from watchdog.observers.polling import PollingObserver
 
-    from supervisor import configsync, watching
+    from supervisor.files import configsync, watching
 
     class NoInotify:
         def __init__(self, **kwargs: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Gosup, pid_alive, wait_for
 
-from supervisor import client
+from supervisor.cli import client
 
 Factory = Callable[..., Gosup]
 
@@ -527,7 +527,16 @@ def test_shutdown_and_exit_codes(gosup_factory: Factory, goapp: Path) -> None:
 def test_status_import_path_stays_light(tmp_path: Path) -> None:
     nowhere = str(tmp_path / "none.sock")
     r = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "supervisor.cli", "status", "--socket", nowhere],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "supervisor.cli",
+            "status",
+            "--socket",
+            nowhere,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -536,7 +545,7 @@ def test_status_import_path_stays_light(tmp_path: Path) -> None:
     imported = {
         line.split("|")[-1].strip() for line in r.stderr.splitlines() if "import time:" in line
     }
-    heavy = {"asyncio", "psutil", "loguru", "supervisor.daemon", "supervisor.program"}
+    heavy = {"asyncio", "psutil", "loguru", "supervisor.service.daemon", "supervisor.core.program"}
     assert not imported & heavy
 
 
@@ -591,7 +600,7 @@ def test_fast_status_parses_like_argparse(monkeypatch: pytest.MonkeyPatch, argv:
     seen: list[dict[str, Any]] = []
     monkeypatch.setattr(client, "cmd_status", lambda ns: seen.append(vars(ns)) or 0)
     assert client.fast_status(argv) == 0
-    from supervisor import cli
+    from supervisor.cli import commands as cli
 
     full = vars(cli.build_parser().parse_args(["status", *argv]))
     assert seen == [{k: full[k] for k in ("names", "json", "config", "socket")}]

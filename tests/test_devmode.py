@@ -23,8 +23,8 @@ import gobuild
 import pytest
 from conftest import FIXTURES, Gosup, pid_alive, wait_for
 
-from supervisor.builder import Globs, SourceFilter
 from supervisor.config import BuildSpec
+from supervisor.service.builder import Globs, SourceFilter
 
 BUILD_TIMEOUT = 90.0  # a cold Go build cache on a loaded 2-core machine
 # The build runs with the program's environment over gosup's: offline, local toolchain.

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from supervisor import events
-from supervisor.events import History
-from supervisor.gopanic import Crash
+from supervisor import history as events
+from supervisor.core.gopanic import Crash
+from supervisor.history import History
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

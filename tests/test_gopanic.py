@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import gopanic
-from supervisor.gopanic import Crash
+from supervisor.core import gopanic
+from supervisor.core.gopanic import Crash
 
 GOROOT = "/usr/local/go/src"
 

@@ -18,8 +18,8 @@ import pytest
 from conftest import wait_for
 
 from supervisor import config as configmod
-from supervisor import gohttp, goruntime
-from supervisor.goruntime import CgroupLimits, ScrapeError
+from supervisor.health import gohttp, goruntime
+from supervisor.health.goruntime import CgroupLimits, ScrapeError
 
 PROMETHEUS = b"""\
 # HELP go_gc_duration_seconds A summary of the pause duration of garbage collection cycles.

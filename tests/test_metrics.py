@@ -21,9 +21,9 @@ from conftest import ROOT, wait_for
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor import metrics
-from supervisor.events import History
-from supervisor.states import ProcessState as S
+from supervisor.core.states import ProcessState as S
+from supervisor.history import History
+from supervisor.service import metrics
 
 DOCS = ROOT / "docs"
 DESIGN_NAMES = {
@@ -114,7 +114,7 @@ def test_scrape_after_a_crash_counts_the_restart(gosup_factory: Any, goapp: Path
     assert rss is not None and rss > 0
     assert value(found, "process_open_fds")
 
-    if importlib.util.find_spec("supervisor.resources") is not None:
+    if importlib.util.find_spec("supervisor.health.resources") is not None:
         # The resource sampler fills program.figures; the scrape reads them.
         def sampled() -> dict[Any, float] | None:
             now = samples(get(port)[2])

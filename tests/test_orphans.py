@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import TAG_VAR, Gosup, pid_alive, tagged_processes, wait_for
 
-from supervisor import orphans
+from supervisor.service import orphans
 
 
 def _program(name: str, binary: Path | str, *args: str, extra: str = "") -> str:

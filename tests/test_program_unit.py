@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from supervisor.config import BackoffSpec, ProgramSpec, RestartPolicy
-from supervisor.events import History
-from supervisor.program import CommandError, Context, Program, Restart, SendSignal, Start, Stop
-from supervisor.states import ProcessState
+from supervisor.core.program import CommandError, Context, Program, Restart, SendSignal, Start, Stop
+from supervisor.core.states import ProcessState
+from supervisor.history import History
 
 S = ProcessState
 

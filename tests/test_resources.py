@@ -26,11 +26,12 @@ import pytest
 from conftest import wait_for
 
 from supervisor import config as configmod
-from supervisor import control, goruntime, resources, sampling
 from supervisor.config import LimitsSpec
-from supervisor.daemon import Supervisor
-from supervisor.program import CommandError, Program, Start, Stop
-from supervisor.sampling import Figures, Hysteresis
+from supervisor.core.program import CommandError, Program, Start, Stop
+from supervisor.health import goruntime, resources, sampling
+from supervisor.health.sampling import Figures, Hysteresis
+from supervisor.protocol import RequestError
+from supervisor.service.daemon import Supervisor
 
 # -- hysteresis, with synthetic samples ----------------------------------------------
 
@@ -202,7 +203,11 @@ async def sampled(tmp_path: Path, programs: str) -> AsyncIterator[Harness]:
         f'[supervisor]\nstate_dir = "state"\n{programs}', tmp_path / "app.toml"
     )
     sup = Supervisor(config)
-    sampler = resources.ResourceSampler(sup)
+    sampler = resources.ResourceSampler(
+        lambda: sup.programs, sup.history, config.supervisor.state_dir / "dumps"
+    )
+    sup.state_listeners.append(sampler.on_state)
+    sup.ctx.env_providers = (sampler.go_env,)  # as service/app.py wires it
     await sampler.start()
     try:
         for spec in config.programs:
@@ -509,12 +514,12 @@ def test_dump_on_request_keeps_the_program_running(tmp_path: Path, goapp: Path) 
             assert h.app.pid == pid and h.app.restarts == {}
             saved = h.history("evidence_saved")[-1]
             assert saved["path"] == data["path"] and saved["reason"] == "operator"
-            with pytest.raises(control.RequestError, match="plain has no go_metrics URL"):
+            with pytest.raises(RequestError, match="plain has no go_metrics URL"):
                 await h.sampler.dump("plain")
-            with pytest.raises(control.RequestError, match="unknown program 'nope'"):
+            with pytest.raises(RequestError, match="unknown program 'nope'"):
                 await h.sampler.dump("nope")
             await h.app.request(Stop())
-            with pytest.raises(control.RequestError, match="app is not running"):
+            with pytest.raises(RequestError, match="app is not running"):
                 await h.sampler.dump("app")
 
     run(main())

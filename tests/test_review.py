@@ -20,8 +20,8 @@ from conftest import pid_alive, wait_for
 from test_program_unit import Harness, run
 
 from supervisor.config import BackoffSpec
-from supervisor.program import Restart, Start
-from supervisor.states import ProcessState
+from supervisor.core.program import Restart, Start
+from supervisor.core.states import ProcessState
 
 S = ProcessState
 

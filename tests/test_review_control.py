@@ -16,7 +16,7 @@ from conftest import Gosup, pid_alive, wait_for
 from test_configsync import POISON, V0, V1, app_toml, make_live, sha, stage
 from test_control import prog, raw, started, status, wait_state
 
-from supervisor import configswap as swap
+from supervisor.files import configswap as swap
 
 Factory = Callable[..., Gosup]
 
@@ -102,7 +102,7 @@ def test_staging_dir_created_after_start(gosup_factory: Factory, goapp: Path) ->
 
 
 def stage_at(g: Gosup, content: bytes, staging: Path) -> str:
-    from supervisor.stage import stage_file
+    from supervisor.cli.stage import stage_file
 
     src = g.dir / "incoming.tmp"
     src.write_bytes(content)

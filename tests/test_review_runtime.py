@@ -16,9 +16,10 @@ import pytest
 from conftest import wait_for
 from test_resources import free_port, goroutine_leak, leak_restarted, sampled
 
-from supervisor import builder, gohttp, goruntime, metrics, orphans, systemd
 from supervisor.config import BuildSpec
-from supervisor.daemon import Supervisor
+from supervisor.health import gohttp, goruntime
+from supervisor.service import builder, metrics, orphans, systemd
+from supervisor.service.daemon import Supervisor
 
 # -- gohttp ----------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from supervisor.states import TRANSITIONS, ProcessState, TransitionError, check_transition
+from supervisor.core.states import TRANSITIONS, ProcessState, TransitionError, check_transition
 
 S = ProcessState
 

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from conftest import ROOT, wait_for
 
-from supervisor import systemd
 from supervisor.config import SupervisorSpec
-from supervisor.states import ProcessState as S
+from supervisor.core.states import ProcessState as S
+from supervisor.service import systemd
 
 UNITS = ROOT / "systemd"
 

@@ -110,7 +110,7 @@ def _py_version(dist: str) -> str | None:
 
 
 def _gosup() -> dict[str, Any]:
-    code = "import supervisor.daemon, supervisor; print(supervisor.__version__)"
+    code = "import supervisor.service.daemon, supervisor; print(supervisor.__version__)"
     try:
         out = subprocess.run(
             [gosup_python(), "-c", code],

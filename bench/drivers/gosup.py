@@ -23,7 +23,14 @@ class GosupDriver(Driver):
         return env
 
     def command(self) -> list[str]:
-        return [_install.gosup_python(), "-m", "supervisor.cli", "run", "app.toml", "--no-echo"]
+        return [
+            _install.gosup_python(),
+            "-m",
+            "supervisor.cli",
+            "run",
+            "app.toml",
+            "--no-echo",
+        ]
 
     def ctl_command(self) -> list[str]:
         """The gosup CLI; run it with cwd = the work directory (it finds ./app.toml)."""
@@ -58,8 +65,3 @@ class GosupDriver(Driver):
             # Sampling on, with a limit no idle program reaches (nothing is ever acted on).
             lines += ["", f"[programs.{name}.limits]", 'interval = "5s"', 'rss = "8GiB"']
         return lines
-
-
-def sampling_available() -> bool:
-    """Whether gosup has its resource sampler yet (supervisor/resources.py)."""
-    return (common.ROOT / "supervisor" / "resources.py").exists()

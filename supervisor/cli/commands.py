@@ -10,36 +10,18 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from supervisor import __version__, features
-
-if TYPE_CHECKING:
-    from supervisor import config as configmod
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
-DEFAULT_CONFIG = "app.toml"
-
-
-class CLIError(Exception):
-    """Printed as ``gosup: <message>`` and exits with ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def load_config(path: str) -> configmod.AppConfig:
-    # Imported here: the config module alone is ~40% of `gosup status`'s time.
-    from supervisor import config as configmod
-
-    try:
-        return configmod.load(path)
-    except configmod.ConfigError as exc:
-        raise CLIError(str(exc), EXIT_USAGE) from None
-
+from supervisor import __version__
+from supervisor.cli import client, stage
+from supervisor.cli.common import (
+    DEFAULT_CONFIG,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    load_config,
+)
 
 # -- run / check ----------------------------------------------------------------
 
@@ -72,12 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     setup_logging(args.verbose)
     from supervisor import config as configmod
-    from supervisor.daemon import StartupError, Supervisor
+    from supervisor.service import app
+    from supervisor.service.daemon import StartupError
 
     echo = sys.stdout.isatty() if args.echo is None else args.echo
 
     async def main() -> int:
-        return await Supervisor(config, echo=echo, dev=args.dev).run()
+        return await app.build(config, echo=echo, dev=args.dev).run()
 
     try:
         return asyncio.run(main())
@@ -96,7 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
-    from supervisor.daemon import privilege_errors
+    from supervisor.service.daemon import privilege_errors
 
     for note in privilege_errors(config):  # `check` may run as another user than gosup
         print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
@@ -114,7 +97,7 @@ def history_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from supervisor import events
+    from supervisor import history as events
 
     path = history_path(args)
     if not path.exists() and not args.follow:
@@ -198,14 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="raw JSON lines")
     p.set_defaults(func=cmd_history)
 
-    features.load(features.CLIENT_MODULES)
-    for extend in PARSER_EXTENSIONS:
-        extend(sub)
+    client.add_parsers(sub)
+    stage.add_parser(sub)
     return parser
-
-
-# Client modules (features.CLIENT_MODULES) register their subcommands here.
-PARSER_EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
 def _fast_path(argv: list[str]) -> int | None:
@@ -213,7 +191,7 @@ def _fast_path(argv: list[str]) -> int | None:
     every subcommand's parser (and importing the other client modules)."""
     if argv[:1] != ["status"]:
         return None
-    from supervisor.client import fast_status
+    from supervisor.cli.client import fast_status
 
     return fast_status(argv[1:])  # None: let argparse handle these arguments
 
@@ -231,12 +209,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
-
-
-if __name__ == "__main__":
-    # `python -m supervisor.cli`: run the module as imported, not this
-    # __main__ copy, so that client modules register their subcommands (and
-    # raise CLIError) in the same module object that main() uses.
-    from supervisor.cli import main as _main
-
-    sys.exit(_main())

@@ -119,14 +119,28 @@ def binary_sha256(path: str) -> str:
     return digest
 
 
+# The marks every child carries (and so its descendants): found again by them
+# when they escape their process group (service/orphans.py).
+STATE_DIR_VAR = "GOSUP_STATE_DIR"
+PROGRAM_VAR = "GOSUP_PROGRAM"
+# gosup's own business, never a child's: systemd's notify socket and watchdog
+# (like sd_notify's unset_environment), and the marks of a gosup that runs us.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", STATE_DIR_VAR, PROGRAM_VAR)
+
+
+def base_environment() -> dict[str, str]:
+    """gosup's environment as every child (program, build, validator) starts from."""
+    env = dict(os.environ)
+    for var in PRIVATE_ENV:
+        env.pop(var, None)
+    return env
+
+
 def child_environment(
     spec: ProgramSpec, identity: Identity | None, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """gosup's environment, then the program's, then HOME/USER of a dropped identity."""
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)  # systemd's socket is gosup's, never a child's
-    env.pop("WATCHDOG_USEC", None)
-    env.pop("WATCHDOG_PID", None)
+    env = base_environment()
     env.update(spec.environment)
     if identity is not None:
         env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name)

@@ -7,7 +7,7 @@ task, and the task sleeps until the earliest one is due (or a program
 starts). Programs without a ``[limits]`` section are still sampled every
 ``DEFAULT_INTERVAL`` for ``gosup status`` and the metrics.
 
-A sample reads the process tree from /proc (see `supervisor.sampling` for
+A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
 ``TREE_REFRESH`` seconds, and scrapes a program's Go metrics over one
 kept-alive connection.
@@ -23,20 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import signal
-import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from supervisor import control, daemon, gohttp, goruntime
 from supervisor.config import Evidence, LimitsSpec, ProgramSpec
-from supervisor.events import now_rfc3339
-from supervisor.program import CommandError, Program, Restart
-from supervisor.sampling import (
+from supervisor.core.program import CommandError, Program, Restart
+from supervisor.core.states import ProcessState
+from supervisor.health import gohttp, goruntime
+from supervisor.health.sampling import (
     AGE,
     LIMIT_FIGURES,
     Breach,
@@ -45,7 +44,8 @@ from supervisor.sampling import (
     ProcessTree,
     children_map,
 )
-from supervisor.states import ProcessState
+from supervisor.history import History, now_rfc3339
+from supervisor.protocol import RequestError
 
 S = ProcessState
 DEFAULT_INTERVAL = 5.0  # programs without [limits]: figures for status and metrics
@@ -81,22 +81,27 @@ class _Watch:
 class ResourceSampler:
     """The supervisor-wide sampler; also derives the Go env and serves ``dump``."""
 
-    def __init__(self, sup: daemon.Supervisor) -> None:
-        self.sup = sup
-        self.dumps_dir = sup.config.supervisor.state_dir / "dumps"
+    def __init__(
+        self,
+        programs: Callable[[], Mapping[str, Program]],
+        history: History,
+        dumps_dir: Path,
+        *,
+        enabled: bool = True,
+    ) -> None:
+        self.programs = programs  # the supervisor's programs now (a reload replaces some)
+        self.history = history
+        self.dumps_dir = dumps_dir
         self.watches: dict[str, _Watch] = {}
-        self.enabled = os.environ.get("GOSUP_SAMPLING", "1") != "0"
+        self.enabled = enabled
         self._children: dict[int, list[int]] = {}
         self._children_at = -math.inf
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._go_env_logged: dict[str, dict[str, str]] = {}
-        previous = sup.ctx.extra_env
-        sup.ctx.extra_env = lambda spec: {**previous(spec), **self.go_env(spec)}
 
     async def start(self) -> None:
-        self.sup.state_listeners.append(self._on_state)
         if self.enabled:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sampler")
         else:
@@ -112,7 +117,8 @@ class ResourceSampler:
                 await watch.client.aclose()
             self._forget(watch)
 
-    def _on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
+    def on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
+        """A state listener: wakes the sampler for a process to watch or forget."""
         if new in WATCHED_STATES or old in WATCHED_STATES:
             self._wake.set()  # a new process to watch, or one to forget
 
@@ -142,7 +148,7 @@ class ResourceSampler:
 
     def _sync(self, now: float) -> None:
         """Follow the supervisor's programs (a reload replaces changed ones)."""
-        programs = self.sup.programs
+        programs = self.programs()
         for name, old in list(self.watches.items()):
             if programs.get(name) is not old.program:  # removed, or replaced by a reload
                 self._forget(old)
@@ -264,7 +270,7 @@ class ResourceSampler:
         """limit_exceeded -> evidence -> restart (reason leak)."""
         limits = program.spec.limits
         assert limits is not None
-        self.sup.history.record(
+        self.history.record(
             "limit_exceeded", program.name, metric=breach.metric, value=breach.value,
             limit=breach.limit, samples=breach.samples, values=list(breach.values), pid=pid,
         )  # fmt: skip
@@ -342,16 +348,16 @@ class ResourceSampler:
     def _saved(
         self, program: Program, limits: LimitsSpec, path: Path, kind: str, **extra: Any
     ) -> None:
-        self.sup.history.record("evidence_saved", program.name, path=str(path), kind=kind, **extra)
+        self.history.record("evidence_saved", program.name, path=str(path), kind=kind, **extra)
         logger.info("{}: {} evidence saved to {}", program.name, kind, path)
         goruntime.prune_dumps(self.dumps_dir, program.name, limits.dump_keep)
 
     # -- Go runtime environment, dump on request -----------------------------------
 
     def go_env(self, spec: ProgramSpec) -> dict[str, str]:
-        """GOMEMLIMIT/GOMAXPROCS for the next start of ``spec`` (ctx.extra_env)."""
+        """An environment provider: GOMEMLIMIT/GOMAXPROCS for the next start of ``spec``."""
         env = goruntime.go_env(spec, goruntime.cgroup_limits())
-        program = self.sup.programs.get(spec.name)
+        program = self.programs().get(spec.name)
         if program is not None:
             if env:
                 program.figures["go_env"] = env
@@ -365,46 +371,22 @@ class ResourceSampler:
 
     async def dump(self, name: str) -> dict[str, Any]:
         """A goroutine dump of ``name`` now, over pprof (the process keeps running)."""
-        program = self.sup.programs.get(name)
+        program = self.programs().get(name)
         if program is None:
-            raise control.RequestError(f"unknown program {name!r}")
+            raise RequestError(f"unknown program {name!r}")
         limits = program.spec.limits
         if limits is None or limits.go_metrics is None:
-            raise control.RequestError(
+            raise RequestError(
                 f"{name} has no go_metrics URL: set [programs.{name}.limits] go_metrics "
                 "(the dump is read from /debug/pprof/goroutine on its host:port)"
             )
         if program.state not in WATCHED_STATES:
-            raise control.RequestError(f"{name} is not running ({program.state.value})")
+            raise RequestError(f"{name} is not running ({program.state.value})")
         url = goruntime.pprof_url(limits.go_metrics, goruntime.GOROUTINE_DUMP_PATH)
         path = self.dumps_dir / f"{goruntime.dump_stem(self.dumps_dir, name)}-goroutines.txt"
         try:
             await goruntime.fetch_dump(url, path, limits.dump_max_size, DUMP_TIMEOUT)
         except goruntime.ScrapeError as exc:
-            raise control.RequestError(f"dump {name}: {exc}") from None
+            raise RequestError(f"dump {name}: {exc}") from None
         self._saved(program, limits, path, "pprof", reason="operator")
         return {"path": str(path)}
-
-
-_services: weakref.WeakKeyDictionary[daemon.Supervisor, ResourceSampler] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _factory(sup: daemon.Supervisor) -> ResourceSampler:
-    service = _services[sup] = ResourceSampler(sup)
-    return service
-
-
-@control.register("dump")
-async def handle_dump(sup: daemon.Supervisor, req: control.Request) -> Any:
-    name = req.get("name", str)
-    if name is None:
-        raise control.RequestError("dump: name the program to dump")
-    service = _services.get(sup)
-    if service is None:
-        raise control.RequestError("dump: resource sampling is not set up")
-    return await service.dump(name)
-
-
-daemon.SERVICE_FACTORIES.append(_factory)

@@ -48,14 +48,15 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from loguru import logger
 
-from supervisor import daemon, spawn
 from supervisor.config import ProgramSpec
+from supervisor.core import spawn
+from supervisor.service import daemon
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
+    from supervisor.service.daemon import Supervisor
 
-STATE_DIR_VAR = "GOSUP_STATE_DIR"
-PROGRAM_VAR = "GOSUP_PROGRAM"
+STATE_DIR_VAR = spawn.STATE_DIR_VAR
+PROGRAM_VAR = spawn.PROGRAM_VAR
 PIDS_FILE = "pids.json"
 LEFTOVER_GRACE_MAX = 10.0  # seconds a leftover gets to stop after SIGTERM, at most
 REAP_INTERVAL = 1.0
@@ -356,7 +357,6 @@ class OrphanService:
         await self.sweep()
         self.pids.write()
         self.sup.history.add_listener(self.pids.on_record)
-        self._mark_children()
         if os.getpid() == 1:
             logger.info("running as PID 1: reaping orphaned zombies")
             self.reaper = Reaper(self.sup)
@@ -373,20 +373,13 @@ class OrphanService:
         else:  # a child we could not stop: leave it for the next gosup to find
             self.pids.write()
 
-    def _mark_children(self) -> None:
-        """Every child (and so its descendants) carries our state_dir and its name."""
-        # A gosup run by another gosup inherited that one's marks: they are not
-        # ours to pass on (extra_env never overrides gosup's own environment).
-        for var in (STATE_DIR_VAR, PROGRAM_VAR):
-            os.environ.pop(var, None)
-        previous = self.sup.ctx.extra_env
-        marker = str(self.state_dir)
+    def marks(self, spec: ProgramSpec) -> dict[str, str]:
+        """An environment provider: our state_dir and the program's name."""
+        return {STATE_DIR_VAR: str(self.state_dir), PROGRAM_VAR: spec.name}
 
-        def extra_env(spec: ProgramSpec) -> dict[str, str]:
-            return {**previous(spec), STATE_DIR_VAR: marker, PROGRAM_VAR: spec.name}
-
-        self.sup.ctx.extra_env = extra_env
-        self.sup.ctx.strays = lambda name: marked(self.state_dir, name)
+    def escapees(self, name: str) -> list[psutil.Process]:
+        """Processes of ``name``'s past runs found by their marks."""
+        return marked(self.state_dir, name)
 
     async def sweep(self) -> None:
         """Stop what a previous gosup of this state_dir left running."""
@@ -410,10 +403,3 @@ class OrphanService:
     def _grace(self) -> float:
         timeouts = [p.stop_timeout for p in self.sup.config.programs]
         return min(max(timeouts, default=1.0), LEFTOVER_GRACE_MAX)
-
-
-def make_service(sup: Supervisor) -> OrphanService:
-    return OrphanService(sup)
-
-
-daemon.SERVICE_FACTORIES.append(make_service)

@@ -19,7 +19,7 @@ Commands and their arguments: ``status`` {names}; ``start``, ``stop``,
 -> {added, removed, changed}; ``history`` {n, program} -> {records}
 (following is ``gosup history -f``, reading the file); ``shutdown``,
 answered at once, the connection closing when gosup exits. Other modules
-add commands with ``@control.register("name")`` (``dump`` is one).
+add commands through ``ControlServer.add_command`` (``dump`` is one).
 
 Program commands become the typed messages the signal handlers use
 (``Program.request``), so the program's own task serialises them: a stop
@@ -39,44 +39,35 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from supervisor import __version__, daemon, events
+from supervisor import __version__
 from supervisor import config as configmod
-from supervisor.daemon import Supervisor
-from supervisor.program import CommandError, Message, Restart, SendSignal, Start, Stop
-from supervisor.states import SIGNALLABLE_STATES
+from supervisor import history as events
+from supervisor.core.program import CommandError, Message, Restart, SendSignal, Start, Stop
+from supervisor.core.states import SIGNALLABLE_STATES
+from supervisor.protocol import LOCK_NAME, MAX_REQUEST, SOCKET_NAME, RequestError
+from supervisor.service.daemon import StartupError, Supervisor
 
-MAX_REQUEST = 1 << 20  # bytes per request line (the newline excluded)
 MAX_REPLY = 1 << 20  # what the history command keeps its reply under
 MIN_RECORD = 40  # bytes: no history record is shorter, so a reply holds fewer than
 MAX_HISTORY = MAX_REPLY // MIN_RECORD  # this many records (more are never read)
-SOCKET_NAME = "gosup.sock"
-LOCK_NAME = "gosup.lock"
 # Figures every status entry carries (null until a sampler fills them in), so
 # `status --json` has the same shape whether resource sampling is on or not.
 STATUS_FIGURES = ("rss_bytes", "goroutines")
 
 
-class ControlError(daemon.StartupError):
+class ControlError(StartupError):
     """The control socket cannot be set up; ``gosup run`` exits 1 with this message."""
 
 
 class AlreadyRunning(ControlError):
     """Another gosup owns this state_dir."""
-
-
-class RequestError(Exception):
-    """A request that cannot be served: becomes ``{"ok": false, "error": ...}``."""
-
-    def __init__(self, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.data = data
 
 
 # -- requests and the handler table ---------------------------------------------
@@ -104,24 +95,26 @@ class Request:
 
 
 Handler = Callable[[Supervisor, Request], Awaitable[Any]]
-HANDLERS: dict[str, Handler] = {}
+# The commands this module serves; another part adds its own through
+# ControlServer.add_command (the composition root, service/app.py, does it).
+BUILTIN: dict[str, Handler] = {}
 
 
-def register(name: str) -> Callable[[Handler], Handler]:
-    """Decorator: serve command ``name`` with the decorated coroutine function.
+def _builtin(name: str) -> Callable[[Handler], Handler]:
+    """Decorator: one of this module's own commands.
 
     A handler returns the reply's ``data`` (anything JSON can encode) or
     raises RequestError; it runs on the supervisor's loop.
     """
 
     def add(handler: Handler) -> Handler:
-        HANDLERS[name] = handler
+        BUILTIN[name] = handler
         return handler
 
     return add
 
 
-def parse_request(line: bytes) -> Request:
+def parse_request(line: bytes, known: Collection[str] = BUILTIN.keys()) -> Request:
     """One request line -> Request; RequestError naming what is wrong with it."""
     if not line.strip():
         raise RequestError('invalid request: empty line (send {"cmd": "status"} and the like)')
@@ -138,8 +131,8 @@ def parse_request(line: bytes) -> Request:
     cmd = obj.pop("cmd", None)
     if not isinstance(cmd, str):
         raise RequestError('invalid request: "cmd" is missing or not a string')
-    if cmd not in HANDLERS:
-        raise RequestError(f"unknown command {cmd!r} (known: {', '.join(sorted(HANDLERS))})")
+    if cmd not in known:
+        raise RequestError(f"unknown command {cmd!r} (known: {', '.join(sorted(known))})")
     return Request(cmd, obj)
 
 
@@ -190,7 +183,7 @@ async def _each(sup: Supervisor, names: list[str], make: Callable[[], Message]) 
 # -- the commands ------------------------------------------------------------------
 
 
-@register("status")
+@_builtin("status")
 async def handle_status(sup: Supervisor, req: Request) -> Any:
     names = select(sup, req, empty_ok=True) or list(sup.programs)
     programs = [sup.programs[n].status() for n in names]
@@ -211,24 +204,24 @@ async def handle_status(sup: Supervisor, req: Request) -> Any:
     }
 
 
-@register("start")
+@_builtin("start")
 async def handle_start(sup: Supervisor, req: Request) -> Any:
     _refuse_while_stopping(sup, req.cmd)
     return await _each(sup, select(sup, req), lambda: Start(reason="operator"))
 
 
-@register("stop")
+@_builtin("stop")
 async def handle_stop(sup: Supervisor, req: Request) -> Any:
     return await _each(sup, select(sup, req), lambda: Stop(reason="operator"))
 
 
-@register("restart")
+@_builtin("restart")
 async def handle_restart(sup: Supervisor, req: Request) -> Any:
     _refuse_while_stopping(sup, req.cmd)
     return await _each(sup, select(sup, req), lambda: Restart(reason="operator"))
 
 
-@register("signal")
+@_builtin("signal")
 async def handle_signal(sup: Supervisor, req: Request) -> Any:
     raw = req.get("signal", (str, int))
     if raw is None:
@@ -243,7 +236,7 @@ async def handle_signal(sup: Supervisor, req: Request) -> Any:
     return await _each(sup, names, lambda: SendSignal(signum=signum, reason="operator"))
 
 
-@register("reload")
+@_builtin("reload")
 async def handle_reload(sup: Supervisor, req: Request) -> Any:
     _refuse_while_stopping(sup, req.cmd)
     try:
@@ -255,14 +248,14 @@ async def handle_reload(sup: Supervisor, req: Request) -> Any:
         ) from None
 
 
-@register("shutdown")
+@_builtin("shutdown")
 async def handle_shutdown(sup: Supervisor, req: Request) -> Any:
     logger.info("shutdown requested over the control socket")
     sup.shutdown()
     return "shutting down"
 
 
-@register("history")
+@_builtin("history")
 async def handle_history(sup: Supervisor, req: Request) -> Any:
     n = req.get("n", int, 20)
     if n < 1:
@@ -325,6 +318,13 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self.handlers: dict[str, Handler] = dict(BUILTIN)
+
+    def add_command(self, name: str, handler: Handler) -> None:
+        """Serve ``name`` with ``handler`` (a part of the daemon that owns a command)."""
+        if name in self.handlers:
+            raise ValueError(f"control command {name!r} is already served")
+        self.handlers[name] = handler
 
     async def start(self) -> None:
         self._claim()
@@ -429,10 +429,10 @@ class ControlServer:
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         """Serve one request line; every failure becomes an error reply."""
         try:
-            req = parse_request(line)
+            req = parse_request(line, self.handlers.keys())
             if req.cmd not in ("status", "history"):
                 logger.info("control: {} {}", req.cmd, json.dumps(req.args))
-            data = await HANDLERS[req.cmd](self.sup, req)
+            data = await self.handlers[req.cmd](self.sup, req)
         except RequestError as exc:
             return _error(str(exc), exc.data)
         except Exception as exc:  # a bug in a handler must not take the socket down
@@ -490,12 +490,3 @@ def bind_socket(path: Path) -> socket.socket:
         sock.close()
         raise ControlError(f"cannot create the control socket {path}: {exc}") from None
     return sock
-
-
-def _factory(sup: Supervisor) -> ControlServer:
-    return ControlServer(sup)
-
-
-# The control service must be the first: it refuses a second gosup before
-# anything else (metrics port, programs) is touched.
-daemon.SERVICE_FACTORIES.insert(0, _factory)

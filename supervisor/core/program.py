@@ -20,7 +20,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,12 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from supervisor import gopanic, spawn
-from supervisor.backoff import BackoffPolicy
 from supervisor.config import ProgramSpec, RestartPolicy
-from supervisor.events import History
-from supervisor.output import OutputCapture
-from supervisor.states import SIGNALLABLE_STATES, ProcessState, check_transition
+from supervisor.core import gopanic, spawn
+from supervisor.core.backoff import BackoffPolicy
+from supervisor.core.output import OutputCapture
+from supervisor.core.states import SIGNALLABLE_STATES, ProcessState, check_transition
+from supervisor.history import History
 
 S = ProcessState
 DRAIN_TIMEOUT = 0.5  # how long a crash's last words may take to arrive after the exit
@@ -52,13 +52,23 @@ class Context:
     echo_width: int | None = None
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
-    extra_env: Callable[[ProgramSpec], dict[str, str]] = lambda spec: {}
-    # program name -> processes of its past runs found by their marks (orphans.py)
-    strays: Callable[[str], list[psutil.Process]] = lambda name: []
+    # What a child gets in its environment besides gosup's and its own: each
+    # provider in this order (the composition root, service/app.py, lists them).
+    env_providers: tuple[Callable[[ProgramSpec], Mapping[str, str]], ...] = ()
+    # program name -> processes of its past runs that left its group and were
+    # found by their marks (service/orphans.py); swept with the group at a stop
+    marked_escapees: Callable[[str], list[psutil.Process]] = lambda name: []
     # (spec, extra env) -> (child, binary sha256); tests inject fakes here
     launcher: Callable[[ProgramSpec, dict[str, str]], Awaitable[tuple[spawn.Child, str]]] = (
         spawn.launch
     )
+
+    def extra_env(self, spec: ProgramSpec) -> dict[str, str]:
+        """The providers' variables for ``spec``, a later provider winning."""
+        env: dict[str, str] = {}
+        for provider in self.env_providers:
+            env.update(provider(spec))
+        return env
 
 
 # -- messages ---------------------------------------------------------------
@@ -361,7 +371,7 @@ class Program:
         was_running = self.state is S.RUNNING
         self._transition(S.EXITED, "exited", **info)
         # A crashed program's helpers must not outlive it, even those that left its group.
-        spawn.sweep(leftovers + self.ctx.strays(self.name))
+        spawn.sweep(leftovers + self.ctx.marked_escapees(self.name))
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy and was_running)

@@ -31,19 +31,17 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
 from watchdog import events as wd
 
-from supervisor import configswap as swap
-from supervisor import daemon, watching
 from supervisor.config import ConfigFileSpec, OnChange
-from supervisor.program import CommandError, Program, Restart, SendSignal
-from supervisor.states import ProcessState
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
+from supervisor.core.program import CommandError, Program, Restart, SendSignal
+from supervisor.core.states import ProcessState
+from supervisor.files import configswap as swap
+from supervisor.files import watching
+from supervisor.history import History
 
 S = ProcessState
 POLL_INTERVAL = 0.1  # seconds between directory scans of the polling observer
@@ -68,8 +66,10 @@ def _change(event: wd.FileSystemEvent) -> tuple[str, str, str]:
 class ConfigSync:
     """All config files of one program."""
 
-    def __init__(self, sup: Supervisor, program: Program, polling: bool | None = None) -> None:
-        self.sup = sup
+    holds_autostart = False  # the program starts as usual (an Attachment)
+
+    def __init__(self, history: History, program: Program, polling: bool | None = None) -> None:
+        self.history = history
         self.program = program
         self.state_changed = asyncio.Event()
         self.files: list[StagedFile | LiveFile] = [
@@ -88,7 +88,7 @@ class ConfigSync:
         )
 
     def record(self, event: str, **fields: Any) -> None:
-        self.sup.history.record(event, self.program.name, **fields)
+        self.history.record(event, self.program.name, **fields)
 
     async def start(self) -> None:
         self.program.state_listeners.append(self._on_state)
@@ -446,10 +446,3 @@ def _resolved_dir(directory: Path) -> Path:
     """The real directory behind ``directory`` (watchdog's inotify observer does
     not follow a symlinked directory: it would report nothing)."""
     return Path(os.path.realpath(directory))
-
-
-def _attach(sup: Supervisor, program: Program) -> ConfigSync | None:
-    return ConfigSync(sup, program) if program.spec.config_files else None
-
-
-daemon.ATTACHMENT_FACTORIES.append(_attach)

@@ -48,8 +48,9 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
-from supervisor import spawn, watching
 from supervisor.config import BuildSpec, ProgramSpec
+from supervisor.core import spawn
+from supervisor.files import watching
 
 # Never sources: VCS data, vendored code, and editors' temporary files (vim's
 # swap files and its "4913" write test, emacs lock files, backups).

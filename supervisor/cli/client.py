@@ -3,7 +3,7 @@ restart, signal, reload, shutdown, dump.
 
 Stdlib only, and nothing heavier than ``socket`` and ``json``: ``gosup
 status`` must feel instant, so this module never imports asyncio, psutil or
-loguru. The protocol is described in ``supervisor/control.py``.
+loguru. The protocol is described in docs/control.md.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from supervisor import cli
+from supervisor.cli import common as cli
+from supervisor.protocol import SOCKET_NAME
 
-SOCKET_NAME = "gosup.sock"  # the same as control.SOCKET_NAME (not imported: it is heavy)
 STATUS_TIMEOUT = 30.0  # seconds; a command that starts or stops waits as long as it takes
 MAX_REPLY = 64 << 20
 
@@ -174,7 +174,7 @@ _FAST_OPTIONS = {"-c": "config", "--config": "config", "--socket": "socket"}
 
 
 def fast_status(argv: list[str]) -> int | None:
-    """``gosup status ARGS`` parsed by hand, for speed (see cli._fast_path);
+    """``gosup status ARGS`` parsed by hand, for speed (see cli.main._fast_path);
     None for anything but names, --json, -c/--config and --socket (help, a
     typo ...), which argparse then handles as usual."""
     ns = argparse.Namespace(names=[], json=False, config=cli.DEFAULT_CONFIG, socket=None)
@@ -417,6 +417,3 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _target_options(p)
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_dump)
-
-
-cli.PARSER_EXTENSIONS.append(add_parsers)

@@ -34,9 +34,28 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from supervisor.units import parse_duration, parse_signal, parse_size
+from supervisor.config.units import parse_duration, parse_signal, parse_size
 
-__all__ = ["ConfigError", "load", "loads", "parse_duration", "parse_signal", "parse_size"]
+__all__ = [
+    "AppConfig",
+    "BackoffSpec",
+    "BuildSpec",
+    "ConfigError",
+    "ConfigFileSpec",
+    "Evidence",
+    "LimitsSpec",
+    "LogSpec",
+    "OnChange",
+    "ProgramSpec",
+    "RestartPolicy",
+    "SupervisorSpec",
+    "check_file",
+    "load",
+    "loads",
+    "parse_duration",
+    "parse_signal",
+    "parse_size",
+]
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)

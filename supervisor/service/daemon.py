@@ -19,11 +19,13 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from supervisor import __version__, features, spawn
+from supervisor import __version__
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
-from supervisor.events import History
-from supervisor.program import CommandError, Context, Kill, Program, Start, Stop
+from supervisor.core import spawn
+from supervisor.core.program import CommandError, Context, Kill, Program, SendSignal, Start, Stop
+from supervisor.core.states import SIGNALLABLE_STATES
+from supervisor.history import History
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -51,21 +53,26 @@ def privilege_errors(config: AppConfig) -> list[str]:
     return errors
 
 
-class Attachment(Protocol):
-    """Something that lives beside a program (config watcher, builder ...)."""
+class Service(Protocol):
+    """A supervisor-wide part (control socket, sampler, sd_notify, metrics ...)."""
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
 
-# Each factory may attach one helper object to a program; later features
-# (config sync, build watcher) register themselves here.
+class Attachment(Service, Protocol):
+    """Something that lives beside one program (config sync, dev-mode build).
+
+    ``holds_autostart``: the attachment posts the program's first Start itself
+    (dev mode starts it only after a good build).
+    """
+
+    holds_autostart: bool
+
+
+# Makes a program's attachment, or None when the program needs none.
 AttachmentFactory = Callable[["Supervisor", Program], Attachment | None]
-ATTACHMENT_FACTORIES: list[AttachmentFactory] = []
-# Supervisor-wide services (control socket, metrics, sampler, sd_notify).
-ServiceFactory = Callable[["Supervisor"], Attachment | None]
-SERVICE_FACTORIES: list[ServiceFactory] = []
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -75,6 +82,14 @@ def prepare_state_dir(path: Path) -> None:
 
 
 class Supervisor:
+    """The programs, the signals, reloads and the orderly stop.
+
+    Built by the composition root (``service/app.py``), which hands it every
+    part by name: ``services`` start in order before the first program and
+    close in reverse after the last; each of ``attachments`` may attach a
+    helper to every program it adds.
+    """
+
     def __init__(self, config: AppConfig, *, echo: bool = False, dev: bool = False) -> None:
         if errors := privilege_errors(config):
             raise configmod.ConfigError(errors)
@@ -84,13 +99,14 @@ class Supervisor:
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
         sup.log_dir.mkdir(parents=True, exist_ok=True)
-        self.history = History(sup.state_dir / "history.jsonl")
+        self.history = History(sup.state_dir / "history.jsonl", on_listener_error=_listener_failed)
         self.ctx = Context(
             history=self.history, log_dir=sup.log_dir, echo_width=self._echo_width(config.programs)
         )
         self.programs: dict[str, Program] = {}
         self.attachments: dict[str, list[Attachment]] = {}
-        self.services: list[Attachment] = []
+        self.services: list[Service] = []  # set by the composition root before run()
+        self.attachment_factories: list[AttachmentFactory] = []  # likewise
         self.state_listeners: list[Callable[[Program, Any, Any], None]] = []
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._done = asyncio.Event()
@@ -98,6 +114,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads under way
         self._leaving: set[Program] = set()  # removed by a reload, still stopping
+        self._running_services: list[Service] = []
         self.shutting_down = False
         self._started = False
 
@@ -110,17 +127,14 @@ class Supervisor:
 
     async def run(self) -> int:
         """Run until told to stop; return the exit code."""
-        features.load(features.DAEMON_MODULES)
         loop = asyncio.get_running_loop()
         for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         dispatcher = loop.create_task(self._dispatch_signals(), name="signals")
         try:
-            for factory in SERVICE_FACTORIES:
-                service = factory(self)
-                if service is not None:
-                    await service.start()
-                    self.services.append(service)
+            for service in self.services:
+                await service.start()
+                self._running_services.append(service)
             # Recorded once the services are up: a gosup that the control
             # service refused (another one owns this state_dir) must leave no
             # started/stopped records in the running one's history.
@@ -143,13 +157,15 @@ class Supervisor:
                     await self._add_program(spec)
             await self._done.wait()
         finally:
-            dispatcher.cancel()
-            for task in self._reloads:
-                task.cancel()
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
+            # Our own tasks end before we close anything: a reload cancelled
+            # here still runs its cleanup (a removed program's log files).
+            await _cancel_and_wait([dispatcher, *self._reloads])
             if self._shutdown_task is None:  # an error brought us here: still stop everything
                 await self._stop_all()
+            else:
+                await self._shutdown_task
             await self._close()
         return 0
 
@@ -159,15 +175,15 @@ class Supervisor:
         self.programs[spec.name] = program
         program.launch()
         attached = []
-        for factory in ATTACHMENT_FACTORIES:
+        for factory in self.attachment_factories:
             att = factory(self, program)
             if att is not None:
                 await att.start()
                 attached.append(att)
         self.attachments[spec.name] = attached
         # An attachment that must act before the first start (dev mode's
-        # initial build) sets holds_autostart and posts the Start itself.
-        held = any(getattr(att, "holds_autostart", False) for att in attached)
+        # initial build) holds the autostart and posts the Start itself.
+        held = any(att.holds_autostart for att in attached)
         if spec.autostart and not held:
             program.post(Start(reason="autostart"))
         return program
@@ -201,10 +217,9 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         """Stop programs in reverse order of start, within shutdown_timeout; then kill."""
-        for att_list in self.attachments.values():
+        for name, att_list in self.attachments.items():
             for att in att_list:
-                with contextlib.suppress(Exception):
-                    await att.close()
+                await _close_logged(att, name)
         self.attachments.clear()
         order = sorted(self.programs.values(), key=lambda p: p.start_seq, reverse=True)
         try:
@@ -226,9 +241,9 @@ class Supervisor:
         await asyncio.gather(*replies, return_exceptions=True)
 
     async def _close(self) -> None:
-        for service in reversed(self.services):
-            with contextlib.suppress(Exception):
-                await service.close()
+        for service in reversed(self._running_services):
+            await _close_logged(service, "gosup")
+        self._running_services.clear()
         for program in self.programs.values():
             await program.close()
         if self._started:
@@ -271,9 +286,6 @@ class Supervisor:
 
     async def forward_signal(self, sig: int, reason: str) -> list[str]:
         """Send ``sig`` to every running program; return who got it."""
-        from supervisor.program import SendSignal
-        from supervisor.states import SIGNALLABLE_STATES
-
         got = []
         for program in list(self.programs.values()):
             if program.state in SIGNALLABLE_STATES:
@@ -329,3 +341,28 @@ class Supervisor:
             self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
             logger.info("reloaded: added {}, removed {}, changed {}", added, removed, changed)
             return {"added": added, "removed": removed, "changed": changed}
+
+
+def _listener_failed(exc: BaseException) -> None:
+    """A history listener (pid file, metrics, sd_notify) failed: the record is
+    written all the same; the fault is logged with its traceback and counted
+    (``History.listener_errors``, exported as a metric)."""
+    logger.opt(exception=exc).error("a history listener failed: {}", exc)
+
+
+async def _close_logged(part: Service, owner: str) -> None:
+    """Close ``part``; a failure is logged with its traceback, never raised:
+    the parts after it (and the programs) must still be closed."""
+    try:
+        await part.close()
+    except Exception as exc:
+        logger.opt(exception=exc).error("{}: closing {} failed: {}", owner, part, exc)
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel our own tasks and wait until they have ended (their cleanup ran)."""
+    for task in tasks:
+        task.cancel()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Exception):
+            logger.opt(exception=result).error("a gosup task failed: {}", result)

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from loguru import logger
 
-from supervisor import builder, daemon
 from supervisor.config import BuildSpec, ConfigError
-from supervisor.output import TerminalEcho
-from supervisor.program import CommandError, Message, Program, Restart, Start
-from supervisor.states import ProcessState
+from supervisor.core.output import TerminalEcho
+from supervisor.core.program import CommandError, Message, Program, Restart, Start
+from supervisor.core.states import ProcessState
+from supervisor.service import builder, daemon
 
 S = ProcessState
 CONFIG_DEBOUNCE = 0.2
@@ -309,10 +309,11 @@ class ConfigWatch:
             )
 
 
-# -- registration -----------------------------------------------------------------------
+# -- the parts the composition root wires in -----------------------------------------
 
 
-def _attach(sup: daemon.Supervisor, program: Program) -> DevBuild | None:
+def build_for(sup: daemon.Supervisor, program: Program) -> DevBuild | None:
+    """A program's dev-mode build (only with ``--dev`` and a [build] section)."""
     spec = program.spec.build
     if spec is None:
         return None
@@ -320,11 +321,3 @@ def _attach(sup: daemon.Supervisor, program: Program) -> DevBuild | None:
         logger.info("{}: [build] is used only by `gosup run --dev`: not building", program.name)
         return None
     return DevBuild(sup, program, spec)
-
-
-def _config_watch(sup: daemon.Supervisor) -> ConfigWatch | None:
-    return ConfigWatch(sup) if sup.dev else None
-
-
-daemon.ATTACHMENT_FACTORIES.append(_attach)
-daemon.SERVICE_FACTORIES.append(_config_watch)

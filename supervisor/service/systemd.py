@@ -38,12 +38,11 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from supervisor import daemon
-from supervisor.program import Program
-from supervisor.states import ProcessState
+from supervisor.core.program import Program
+from supervisor.core.states import ProcessState
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
+    from supervisor.service.daemon import Supervisor
 
 S = ProcessState
 # An autostart program in one of these states no longer holds up READY=1.
@@ -215,12 +214,6 @@ def make_service(sup: Supervisor) -> SystemdService | None:
         return None
     if not notifier.enabled:
         return None
-    service = SystemdService(sup, notifier, watchdog_interval(os.environ))
-    # Like sd_notify(unset_environment=1): nothing gosup runs (validators,
-    # builds, programs) inherits systemd's socket or watchdog.
-    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        os.environ.pop(var, None)
-    return service
-
-
-daemon.SERVICE_FACTORIES.append(make_service)
+    # Nothing gosup runs inherits systemd's socket or watchdog: every child
+    # starts from core.spawn.base_environment(), which leaves them out.
+    return SystemdService(sup, notifier, watchdog_interval(os.environ))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import cli
+from supervisor.cli import common as cli
 
 POLL = 0.02  # seconds between looks at the history while waiting
 
@@ -69,7 +69,7 @@ def stage_file(new_file: Path, staging: Path) -> str:
     finally:
         tmp_file.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
-    from supervisor.configswap import fsync_dir  # here: the client path stays light
+    from supervisor.files.configswap import fsync_dir  # here: the client path stays light
 
     fsync_dir(directory)
     return sha
@@ -256,6 +256,3 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="how long to wait for gosup's verdict (default 5)",
     )
     p.set_defaults(func=cmd_stage)
-
-
-cli.PARSER_EXTENSIONS.append(add_parser)

@@ -7,7 +7,7 @@ program publishes one), a ``goroutine profile: total N`` first line is pprof
 (``/debug/pprof/goroutine?debug=1``), anything else is read as Prometheus text
 (``go_goroutines``, ``go_memstats_heap_inuse_bytes``).
 
-Answers are read with `supervisor.gohttp`, a minimal asyncio HTTP client; a
+Answers are read with `supervisor.health.gohttp`, a minimal asyncio HTTP client; a
 sampler keeps one connection per program alive between scrapes. A failed
 scrape is an error to show, never a reason to kill: callers catch
 `ScrapeError`.
@@ -34,12 +34,12 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from supervisor.config import ProgramSpec
-from supervisor.gohttp import HttpClient, http_get
-from supervisor.gohttp import ScrapeError as ScrapeError
-from supervisor.states import ProcessState
+from supervisor.core.states import ProcessState
+from supervisor.health.gohttp import HttpClient, http_get
+from supervisor.health.gohttp import ScrapeError as ScrapeError
 
 if TYPE_CHECKING:
-    from supervisor.program import Program
+    from supervisor.core.program import Program
 
 METRICS_MAX_BYTES = 4 * 1024**2
 GOROUTINE_DUMP_PATH = "/debug/pprof/goroutine?debug=2"

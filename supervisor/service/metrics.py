@@ -29,11 +29,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from supervisor import daemon
-from supervisor.states import RUNNING_STATES, STATE_NUMBERS, ProcessState
+from supervisor.core.states import RUNNING_STATES, STATE_NUMBERS, ProcessState
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
+    from supervisor.service.daemon import Supervisor
 
 # Reasons are always exported (as 0 until they happen): increase() cannot see
 # the first restart of a series that appears with the value 1.
@@ -222,6 +221,3 @@ def make_service(sup: Supervisor) -> MetricsServer | None:
     """The daemon service factory: only when ``metrics_listen`` is set."""
     listen = sup.config.supervisor.metrics_listen
     return MetricsServer(sup, listen) if listen else None
-
-
-daemon.SERVICE_FACTORIES.append(make_service)

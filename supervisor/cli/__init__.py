@@ -1,0 +1,7 @@
+"""The command line: argparse front end, socket client, ``stage``, history display.
+
+Light on purpose: ``gosup status`` imports only this package, ``protocol``
+and the stdlib (never asyncio, psutil or the daemon).
+"""
+
+from supervisor.cli.commands import main as main

@@ -1,0 +1,2 @@
+"""Staged files: watching (the watchdog bridge), verify/validate/swap, and
+ConfigSync (probation, rollback). Sends typed commands to the Program."""

@@ -1,0 +1,74 @@
+"""The composition root: every part gosup runs, built by name, in one place.
+
+A reader finds what runs by reading ``build``: nothing registers itself by
+being imported, and a part that is missing is an ImportError here, at
+start, not a feature that silently is not there.
+
+Order matters and is spelled out:
+
+- services start in this order and close in reverse: the control socket
+  first (it refuses a second gosup before anything else is touched), the
+  leftover sweep last (it needs the config, and nothing may start a program
+  before it has run);
+- a child's extra environment comes from the providers in this order, a
+  later one winning: the Go runtime settings, then gosup's marks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from supervisor.config import AppConfig
+from supervisor.core.program import Program
+from supervisor.files.configsync import ConfigSync
+from supervisor.health.resources import ResourceSampler
+from supervisor.protocol import RequestError
+from supervisor.service import control, devmode, metrics, orphans, systemd
+from supervisor.service.daemon import Attachment, Service, Supervisor
+
+SAMPLING_ENV = "GOSUP_SAMPLING"  # "0": no resource sampling (benchmarks compare with it off)
+
+
+def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Supervisor:
+    """The Supervisor for ``config`` with every part it needs, wired."""
+    sup = Supervisor(config, echo=echo, dev=dev)
+    state_dir = config.supervisor.state_dir
+
+    server = control.ControlServer(sup)
+    sampler = ResourceSampler(
+        lambda: sup.programs,
+        sup.history,
+        state_dir / "dumps",
+        enabled=os.environ.get(SAMPLING_ENV, "1") != "0",
+    )
+    leftovers = orphans.OrphanService(sup)
+
+    async def handle_dump(_: Supervisor, req: control.Request) -> Any:
+        name = req.get("name", str)
+        if name is None:
+            raise RequestError("dump: name the program to dump")
+        return await sampler.dump(name)
+
+    server.add_command("dump", handle_dump)
+    sup.state_listeners.append(sampler.on_state)
+
+    services: list[Service | None] = [
+        server,
+        sampler,
+        systemd.make_service(sup),
+        metrics.make_service(sup),
+        devmode.ConfigWatch(sup) if dev else None,
+        leftovers,
+    ]
+    sup.services = [s for s in services if s is not None]
+    sup.ctx.env_providers = (sampler.go_env, leftovers.marks)
+    sup.ctx.marked_escapees = leftovers.escapees
+
+    def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
+        if not program.spec.config_files:
+            return None
+        return ConfigSync(sup.history, program)
+
+    sup.attachment_factories = [config_sync, devmode.build_for]
+    return sup
