@@ -252,7 +252,7 @@ def test_validator_refuses_a_bad_file(gosup_factory: Callable[..., Gosup], goapp
 def test_hanging_validator_is_killed_with_its_children(
     gosup_factory: Callable[..., Gosup], goapp: Path
 ) -> None:
-    hang = '["sh", "-c", "sleep 60; echo never"]'
+    hang = '["sh", "-c", "sleep 60; echo never", "sh", "{file}"]'
     g = gosup_factory(app_toml(goapp, validate=hang, validate_timeout='"300ms"'))
     live = running(g)
     stage(g, V1)

@@ -79,10 +79,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
+    from supervisor.service import preflight
     from supervisor.service.daemon import privilege_errors
 
     for note in privilege_errors(config):  # `check` may run as another user than gosup
         print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
+    errors, warnings = preflight.findings(config)
+    for note in warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return EXIT_USAGE
     print(f"{args.config}: ok ({len(config.programs)} programs)")
     return EXIT_OK
 

@@ -34,7 +34,7 @@ from loguru import logger
 from supervisor.config import Evidence, LimitsSpec, ProgramSpec
 from supervisor.core.program import CommandError, Program, Restart
 from supervisor.core.states import ProcessState
-from supervisor.health import gohttp, goruntime
+from supervisor.health import evidence, gohttp, goruntime
 from supervisor.health.sampling import (
     AGE,
     LIMIT_FIGURES,
@@ -321,7 +321,7 @@ class ResourceSampler:
             # Unreadable, or unwritable (disk full, dumps/ unusable): the restart
             # must happen all the same, the evidence is a bonus.
             if isinstance(result, goruntime.ScrapeError | OSError):
-                logger.warning("{}: no {} evidence: {}", program.name, kind, result)
+                evidence.failed(self.history, program.name, kind, str(result))
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -348,9 +348,8 @@ class ResourceSampler:
     def _saved(
         self, program: Program, limits: LimitsSpec, path: Path, kind: str, **extra: Any
     ) -> None:
-        self.history.record("evidence_saved", program.name, path=str(path), kind=kind, **extra)
-        logger.info("{}: {} evidence saved to {}", program.name, kind, path)
-        goruntime.prune_dumps(self.dumps_dir, program.name, limits.dump_keep)
+        if evidence.record(self.history, program.name, path, kind, **extra):
+            goruntime.prune_dumps(self.dumps_dir, program.name, limits.dump_keep)
 
     # -- Go runtime environment, dump on request -----------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 from supervisor.config import AppConfig
 from supervisor.core.program import Program
 from supervisor.files.configsync import ConfigSync
+from supervisor.health import probing
 from supervisor.health.resources import ResourceSampler
 from supervisor.protocol import RequestError
 from supervisor.service import control, devmode, metrics, orphans, systemd
@@ -70,5 +71,8 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
             return None
         return ConfigSync(sup.history, program)
 
-    sup.attachment_factories = [config_sync, devmode.build_for]
+    def probes(sup: Supervisor, program: Program) -> Attachment | None:
+        return probing.build_for(sup.history, program, state_dir / "dumps")
+
+    sup.attachment_factories = [config_sync, probes, devmode.build_for]
     return sup
