@@ -19,8 +19,9 @@ from loguru import logger
 from supervisor.history import History
 
 # What the Go runtime writes for every goroutine, in a SIGQUIT dump and in
-# pprof's debug=2 text: "goroutine 1 [running]:" (debug=1 starts "goroutine profile:").
-_STACKS = re.compile(rb"^goroutine (\d+ \[|profile: total )", re.MULTILINE)
+# pprof's debug=2 text: "goroutine 1 [running]:", or with GOTRACEBACK=system
+# "goroutine 0 gp=0xb2e700 m=0 mp=0xb2f8e0 [idle]:" (debug=1 starts "goroutine profile:").
+_STACKS = re.compile(rb"^goroutine (\d+ [^\n]*\[[^\n]*\]:|profile: total )", re.MULTILINE)
 GOROUTINE_KINDS = frozenset({"pprof", "sigquit"})  # the kinds that must hold stacks
 GLIMPSE = 160  # bytes of a non-dump quoted in evidence_failed
 

@@ -37,6 +37,7 @@ S = ProcessState
 PPROF_TIMEOUT = 3.0  # a hung server rarely answers pprof: do not hold the restart long
 DUMP_MAX_SIZE = 16 * 1024**2  # without [limits], the default dump_max_size
 DUMP_KEEP = 10
+SPAWN_POLL = 0.02  # STARTING without a pid yet: the spawn is under way
 
 
 class ProbeWatch:
@@ -86,6 +87,10 @@ class ProbeWatch:
                     await self._readiness(pid, self.ready)
                 elif program.state is S.RUNNING and self.live and pid is not None:
                     await self._liveness(pid, self.live)
+                elif program.state is S.STARTING and self.ready:
+                    # STARTING is entered before the child exists (the spawn is
+                    # awaited): look again shortly, no state change will say so.
+                    await self._pause(SPAWN_POLL)
                 else:
                     await self._changed.wait()
             except Exception as exc:  # a bug: log it, keep probing the next run
