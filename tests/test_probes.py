@@ -94,7 +94,8 @@ def test_probes_parse_with_their_defaults(tmp_path: Path) -> None:
         ("[programs.api.ready]\nhttp = 'http://127.0.0.1:1/'\nfailures = 2", "unknown key"),
         ("[programs.api.live]\nexec = []", "programs.api.live.exec: must not be empty"),
         (
-            "[[programs.api.config_files]]\npath = 'a.conf'\nvalidate = ['./api', '-check', '{path}']",
+            "[[programs.api.config_files]]\npath = 'a.conf'\n"
+            "validate = ['./api', '-check', '{path}']",
             "validate: must name the staged file as {file}",
         ),
     ],
@@ -108,7 +109,7 @@ def test_probe_and_validator_mistakes_are_config_errors(
 
 
 @pytest.mark.parametrize(
-    "text", ["up", "up >= x", 'up{a=b} == 1', "up ~ 1", "up >= nan", '{a="b"} > 1']
+    "text", ["up", "up >= x", "up{a=b} == 1", "up ~ 1", "up >= nan", '{a="b"} > 1']
 )
 def test_bad_metric_expressions_say_so(text: str) -> None:
     with pytest.raises(ValueError):
@@ -126,7 +127,9 @@ def test_metric_verdict_reads_one_sample_by_name_and_labels() -> None:
         """
     ).encode()
     assert probes.metric_verdict(parse_metric_check('app_ready{shard="b"} == 1'), body) is None
-    assert "is 0" in str(probes.metric_verdict(parse_metric_check('app_ready{shard="a"} > 0'), body))
+    assert "is 0" in str(
+        probes.metric_verdict(parse_metric_check('app_ready{shard="a"} > 0'), body)
+    )
     assert probes.metric_verdict(parse_metric_check("app_reloads_total >= 3"), body) is None
     assert "no such sample" in str(probes.metric_verdict(parse_metric_check("nope < 1"), body))
 

@@ -127,6 +127,12 @@ class Harness:
                 await asyncio.sleep(0.001)
 
 
+def armed(h: Harness) -> bool:
+    """The actor has finished the start (its STARTING timer is set): advancing
+    the clock before that would be lost on a deadline not armed yet."""
+    return h.program._deadline is not None
+
+
 def run(tmp: Path, body: Callable[[Harness], Coroutine[Any, Any, None]], **keys: Any) -> None:
     async def main() -> None:
         h = Harness(tmp, **keys)
@@ -210,16 +216,48 @@ def test_stop_escalates_to_sigkill_at_stop_timeout(tmp_path: Path) -> None:
 def test_operator_restart_is_not_a_failure(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.until(lambda: len(h.children) == 1 and armed(h), "start")
         await h.advance(1.0)
-        reply = asyncio.ensure_future(h.program.request(Restart(reason="leak")))
-        await h.until(lambda: len(h.children) == 2, "restart")
+        reply = asyncio.ensure_future(h.program.request(Restart(reason="operator")))
+        await h.until(lambda: len(h.children) == 2 and armed(h), "restart")
         await h.advance(1.0)
         assert "running" in await reply
         assert h.program.failures == 0
         assert not h.records("backoff")
-        assert h.records("restart_requested")[0]["reason"] == "leak"
-        assert h.program.restarts["leak"] == 1
+        assert h.records("restart_requested")[0]["reason"] == "operator"
+        assert h.program.restarts["operator"] == 1
+
+    run(tmp_path, body, start_seconds=1.0)
+
+
+@pytest.mark.parametrize("reason", ["leak", "unhealthy"])
+def test_a_leak_restart_after_a_healthy_run_is_not_a_failure(tmp_path: Path, reason: str) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1 and armed(h), "start")
+        await h.advance(61.0)  # past backoff.reset_after (60s)
+        reply = asyncio.ensure_future(h.program.request(Restart(reason=reason)))
+        await h.until(lambda: len(h.children) == 2 and armed(h), "restart")
+        await h.advance(1.0)
+        assert "running" in await reply
+        assert h.program.failures == 0 and not h.records("backoff")
+
+    run(tmp_path, body, start_seconds=1.0)
+
+
+@pytest.mark.parametrize("reason", ["leak", "unhealthy"])
+def test_a_leak_restart_within_reset_after_is_a_failed_run(tmp_path: Path, reason: str) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.until(lambda: len(h.children) == 1 and armed(h), "start")
+        await h.advance(1.0)
+        reply = await h.program.request(Restart(reason=reason))
+        assert "a failed run" in reply
+        assert h.program.state is S.BACKOFF and h.program.failures == 1
+        exited = h.records("exited")[-1]
+        assert exited["reason"] == reason
+        assert h.records("backoff")[0]["attempt"] == 1
+        assert h.program.restarts[reason] == 1 and not h.program.restarts["crash"]
 
     run(tmp_path, body, start_seconds=1.0)
 

@@ -62,7 +62,9 @@ def test_unreadable_live_file_does_not_stop_gosup(gosup_factory: Factory, goapp:
 def test_validator_flood_does_not_balloon_gosup(gosup_factory: Factory, goapp: Path) -> None:
     """A validator printing hundreds of MB: gosup kept all of it in memory
     (communicate()) only to keep the last 2000 characters."""
-    flood = '["sh", "-c", "head -c 400000000 /dev/zero; echo; echo bad config; exit 1", "sh", "{file}"]'
+    flood = (
+        '["sh", "-c", "head -c 400000000 /dev/zero; echo; echo bad config; exit 1", "sh", "{file}"]'
+    )
     g = gosup_factory(app_toml(goapp, validate=flood))
     make_live(g.dir)
     started(g)

@@ -50,8 +50,10 @@ class MetricCheck:
 
     def __str__(self) -> str:
         labels = ",".join(f'{k}="{v}"' for k, v in self.labels)
-        return f"{self.name}{{{labels}}} {self.op} {self.value:g}" if labels else (
-            f"{self.name} {self.op} {self.value:g}"
+        return (
+            f"{self.name}{{{labels}}} {self.op} {self.value:g}"
+            if labels
+            else (f"{self.name} {self.op} {self.value:g}")
         )
 
 
