@@ -171,7 +171,10 @@ class Supervisor:
 
     async def _add_program(self, spec: ProgramSpec) -> Program:
         program = Program(spec, self.ctx)
-        program.state_listeners.extend(self.state_listeners)
+        # One listener that reads self.state_listeners at each change: a service
+        # that closes (and removes its listener) is not called again by the
+        # programs added while it was running.
+        program.state_listeners.append(self._state_changed)
         self.programs[spec.name] = program
         program.launch()
         attached = []
@@ -187,6 +190,15 @@ class Supervisor:
         if spec.autostart and not held:
             program.post(Start(reason="autostart"))
         return program
+
+    def _state_changed(self, program: Program, old: Any, new: Any) -> None:
+        for listener in list(self.state_listeners):
+            try:
+                listener(program, old, new)
+            except Exception as exc:  # the others must still hear of it
+                logger.opt(exception=exc).error(
+                    "{}: state listener {} failed", program.name, listener
+                )
 
     async def _remove_program(self, name: str, reason: str) -> None:
         program = self.programs.pop(name)
