@@ -7,14 +7,12 @@ that need them, so client commands such as ``gosup status`` start fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from supervisor import __version__
-from supervisor.cli import client, stage
+from supervisor.cli import client, historyview, stage
 from supervisor.cli.common import (
     DEFAULT_CONFIG,
     EXIT_OK,
@@ -87,39 +85,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- history ----------------------------------------------------------------------
-
-
-def history_path(args: argparse.Namespace) -> Path:
-    if args.state_dir:
-        return Path(args.state_dir) / "history.jsonl"
-    return load_config(args.config).supervisor.state_dir / "history.jsonl"
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    from supervisor import history as events
-
-    path = history_path(args)
-    if not path.exists() and not args.follow:
-        raise CLIError(f"no history yet at {path}")
-
-    def show(rec: dict[str, object]) -> None:
-        line = json.dumps(rec, ensure_ascii=False) if args.json else events.format_record(rec)
-        print(line, flush=True)
-
-    if not args.json:
-        print(events.format_header())
-    for rec in events.read(path, n=args.n, program=args.program) if path.exists() else []:
-        show(rec)
-    if args.follow:
-        try:
-            for rec in events.follow(path, program=args.program):
-                show(rec)
-        except KeyboardInterrupt:
-            return EXIT_OK
-    return EXIT_OK
-
-
 # -- parser -------------------------------------------------------------------------
 
 
@@ -179,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--program", metavar="NAME", help="only records of program NAME")
     p.add_argument("--json", action="store_true", help="raw JSON lines")
-    p.set_defaults(func=cmd_history)
+    p.set_defaults(func=historyview.cmd_history)
 
     client.add_parsers(sub)
     stage.add_parser(sub)
