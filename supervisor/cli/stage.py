@@ -222,29 +222,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "stage",
-        help="hand a new config version to gosup (verified, validated, swapped atomically)",
-        description="Copy NEW_FILE to the staging path of LIVE_PATH with its .sha256 "
-        "sidecar, then tell whether gosup applied it. Exit 0 applied or queued, "
-        "1 rejected, 2 usage error.",
-    )
-    p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
-    p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
-    p.add_argument(
-        "-c",
-        "--config",
-        default=None,
-        help="the app.toml naming LIVE_PATH in config_files (default: ./app.toml)",
-    )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long to wait for gosup's verdict (default 5)",
-    )
-    p.set_defaults(func=cmd_stage)
