@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Gosup, pid_alive, wait_for
 
-from supervisor.cli import client
+from supervisor.cli import status as status_cli
 
 Factory = Callable[..., Gosup]
 
@@ -567,7 +567,7 @@ def test_status_table_format() -> None:
         },
         {"name": "worker", "state": "STOPPED", "pid": None, "uptime_s": None, "restarts": 0},
     ]
-    lines = client.format_status(programs).splitlines()
+    lines = status_cli.format_status(programs).splitlines()
     assert lines[0].split() == [
         "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "RSS", "GOROUTINES", "LAST", "EXIT",
     ]  # fmt: skip
@@ -577,11 +577,11 @@ def test_status_table_format() -> None:
     assert lines[2].split() == ["worker", "STOPPED", "-", "-", "0", "-", "-", "-"]
     # A NOTE column only when a program has something to point out.
     noted = {"over_limit": {"rss": 2}, "sustain": 3, "scrape_error": "http://h:1/m: HTTP 404"}
-    lines = client.format_status([programs[0], {**programs[1], **noted}]).splitlines()
+    lines = status_cli.format_status([programs[0], {**programs[1], **noted}]).splitlines()
     assert lines[0].split()[-3:] == ["LAST", "EXIT", "NOTE"] and lines[1].endswith(" -")
     assert lines[2].endswith("  over rss 2/3; scrape: HTTP 404")
-    assert client.format_duration(4.25) == "4.2s"
-    assert client.format_duration(2 * 86400 + 7200) == "2d02h"
+    assert status_cli.format_duration(4.25) == "4.2s"
+    assert status_cli.format_duration(2 * 86400 + 7200) == "2d02h"
 
 
 @pytest.mark.parametrize(
@@ -598,8 +598,8 @@ def test_status_table_format() -> None:
 )
 def test_fast_status_parses_like_argparse(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     seen: list[dict[str, Any]] = []
-    monkeypatch.setattr(client, "cmd_status", lambda ns: seen.append(vars(ns)) or 0)
-    assert client.fast_status(argv) == 0
+    monkeypatch.setattr(status_cli, "cmd_status", lambda ns: seen.append(vars(ns)) or 0)
+    assert status_cli.fast_status(argv) == 0
     from supervisor.cli import commands as cli
 
     full = vars(cli.build_parser().parse_args(["status", *argv]))
@@ -608,4 +608,4 @@ def test_fast_status_parses_like_argparse(monkeypatch: pytest.MonkeyPatch, argv:
 
 @pytest.mark.parametrize("argv", [["-h"], ["--bogus"], ["-c"], ["-cother.toml"], ["--socket"]])
 def test_fast_status_leaves_the_rest_to_argparse(argv: list[str]) -> None:
-    assert client.fast_status(argv) is None
+    assert status_cli.fast_status(argv) is None

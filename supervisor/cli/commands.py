@@ -1,20 +1,23 @@
-"""argparse front end: the only place that prints for humans and exits.
+"""argparse front end: every subcommand's options, ``run`` and ``check``, and
+``main``, the one place that turns an error into a message and an exit code.
 
-Heavy modules (psutil, loguru, the daemon) are imported inside the commands
-that need them, so client commands such as ``gosup status`` start fast.
+The other commands live in one module each (``status``, ``actions``,
+``historyview``, ``stage``), none of which imports this one. Heavy modules
+(psutil, loguru, the daemon) are imported inside the commands that need
+them, and ``gosup status`` with simple arguments skips the parser (and the
+other commands' modules) entirely, so client commands start fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from supervisor import __version__
-from supervisor.cli import client, stage
+from supervisor.cli import status
 from supervisor.cli.common import (
     DEFAULT_CONFIG,
     EXIT_OK,
@@ -22,6 +25,9 @@ from supervisor.cli.common import (
     CLIError,
     load_config,
 )
+
+if TYPE_CHECKING:
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # -- run / check ----------------------------------------------------------------
 
@@ -87,39 +93,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- history ----------------------------------------------------------------------
-
-
-def history_path(args: argparse.Namespace) -> Path:
-    if args.state_dir:
-        return Path(args.state_dir) / "history.jsonl"
-    return load_config(args.config).supervisor.state_dir / "history.jsonl"
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    from supervisor import history as events
-
-    path = history_path(args)
-    if not path.exists() and not args.follow:
-        raise CLIError(f"no history yet at {path}")
-
-    def show(rec: dict[str, object]) -> None:
-        line = json.dumps(rec, ensure_ascii=False) if args.json else events.format_record(rec)
-        print(line, flush=True)
-
-    if not args.json:
-        print(events.format_header())
-    for rec in events.read(path, n=args.n, program=args.program) if path.exists() else []:
-        show(rec)
-    if args.follow:
-        try:
-            for rec in events.follow(path, program=args.program):
-                show(rec)
-        except KeyboardInterrupt:
-            return EXIT_OK
-    return EXIT_OK
-
-
 # -- parser -------------------------------------------------------------------------
 
 
@@ -140,6 +113,12 @@ def _add_config(p: argparse.ArgumentParser, positional: bool = False) -> None:
         )
 
 
+def _add_target(p: argparse.ArgumentParser) -> None:
+    """Which running gosup a client command talks to."""
+    _add_config(p)
+    p.add_argument("--socket", metavar="PATH", help="talk to the gosup at this control socket")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gosup",
@@ -149,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gosup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_daemon_parsers(sub)
+    _add_history_parser(sub)
+    _add_client_parsers(sub)
+    _add_stage_parser(sub)
+    return parser
 
+
+def _add_daemon_parsers(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="run the programs of CONFIG in the foreground")
     _add_config(p, positional=True)
     p.add_argument(
@@ -172,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, positional=True)
     p.set_defaults(func=cmd_check)
 
+
+# The other commands' modules are imported while building the parser, which
+# `gosup status`'s short path never does: it loads only status and client.
+
+
+def _add_history_parser(sub: Subparsers) -> None:
+    from supervisor.cli import historyview
+
     p = sub.add_parser("history", help="show the restart history (works while gosup is down)")
     _add_config(p)
     p.add_argument("--state-dir", help="read STATE_DIR/history.jsonl instead of the config's")
@@ -179,21 +173,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--program", metavar="NAME", help="only records of program NAME")
     p.add_argument("--json", action="store_true", help="raw JSON lines")
-    p.set_defaults(func=cmd_history)
+    p.set_defaults(func=historyview.cmd_history)
 
-    client.add_parsers(sub)
-    stage.add_parser(sub)
-    return parser
+
+def _add_client_parsers(sub: Subparsers) -> None:
+    from supervisor.cli import actions
+
+    p = sub.add_parser("status", help="show the state of every program (or of NAME...)")
+    _add_target(p)
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true", help='print {"programs": [...]} as JSON')
+    p.set_defaults(func=status.cmd_status)
+
+    for cmd, what in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
+        p = sub.add_parser(cmd, help=f"{what} programs (NAME... or all) and wait for it")
+        _add_target(p)
+        p.add_argument("names", nargs="+", metavar="NAME", help="program names, or all")
+        p.set_defaults(func=actions.cmd_program)
+
+    p = sub.add_parser("signal", help="send SIGNAL (HUP, USR1, SIGUSR2, 10 ...) to programs")
+    _add_target(p)
+    p.add_argument("signal", metavar="SIGNAL")
+    p.add_argument("names", nargs="+", metavar="NAME", help="program names, or all")
+    p.set_defaults(func=actions.cmd_signal)
+
+    p = sub.add_parser("reload", help="re-read app.toml and apply the difference")
+    _add_target(p)
+    p.set_defaults(func=actions.cmd_reload)
+
+    p = sub.add_parser("shutdown", help="stop every program and end gosup")
+    _add_target(p)
+    p.add_argument("--no-wait", action="store_true", help="return without waiting for the end")
+    p.set_defaults(func=actions.cmd_shutdown)
+
+    p = sub.add_parser("dump", help="save a goroutine dump of NAME now (under state_dir/dumps/)")
+    _add_target(p)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=actions.cmd_dump)
+
+
+def _add_stage_parser(sub: Subparsers) -> None:
+    from supervisor.cli import stage
+
+    p = sub.add_parser(
+        "stage",
+        help="hand a new config version to gosup (verified, validated, swapped atomically)",
+        description="Copy NEW_FILE to the staging path of LIVE_PATH with its .sha256 "
+        "sidecar, then tell whether gosup applied it. Exit 0 applied or queued, "
+        "1 rejected, 2 usage error.",
+    )
+    p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
+    p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="the app.toml naming LIVE_PATH in config_files (default: ./app.toml)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for gosup's verdict (default 5)",
+    )
+    p.set_defaults(func=stage.cmd_stage)
 
 
 def _fast_path(argv: list[str]) -> int | None:
     """`gosup status` must feel instant: with simple arguments it skips building
-    every subcommand's parser (and importing the other client modules)."""
+    every subcommand's parser."""
     if argv[:1] != ["status"]:
         return None
-    from supervisor.cli.client import fast_status
-
-    return fast_status(argv[1:])  # None: let argparse handle these arguments
+    return status.fast_status(argv[1:])  # None: let argparse handle these arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from supervisor.config.units import parse_duration, parse_signal, parse_size
+from supervisor.protocol import DEFAULT_STATE_DIR
 
 __all__ = [
     "AppConfig",
@@ -443,7 +444,7 @@ def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
     if t is None:
         t = _Table([], "", {}, "supervisor", None)  # all defaults
     return SupervisorSpec(
-        state_dir=t.get("state_dir", _path(base), _path(base)(".gosup")),
+        state_dir=t.get("state_dir", _path(base), _path(base)(DEFAULT_STATE_DIR)),
         log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
         metrics_listen=t.get("metrics_listen", _listen_address, None),
         shutdown_timeout=t.get("shutdown_timeout", _positive_duration, 30.0),

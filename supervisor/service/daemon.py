@@ -26,6 +26,7 @@ from supervisor.core import spawn
 from supervisor.core.program import CommandError, Context, Kill, Program, SendSignal, Start, Stop
 from supervisor.core.states import SIGNALLABLE_STATES
 from supervisor.history import History
+from supervisor.protocol import HISTORY_NAME
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -99,7 +100,7 @@ class Supervisor:
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
         sup.log_dir.mkdir(parents=True, exist_ok=True)
-        self.history = History(sup.state_dir / "history.jsonl", on_listener_error=_listener_failed)
+        self.history = History(sup.state_dir / HISTORY_NAME, on_listener_error=_listener_failed)
         self.ctx = Context(
             history=self.history, log_dir=sup.log_dir, echo_width=self._echo_width(config.programs)
         )
