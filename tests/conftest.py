@@ -127,7 +127,7 @@ class Gosup:
         env = dict(os.environ, **(extra_env or {}))
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.cli", "run", str(self.config), *self.args],
+                [sys.executable, "-m", "supervisor", "run", str(self.config), *self.args],
                 cwd=self.dir,
                 stdout=out,
                 stderr=err,
@@ -139,7 +139,7 @@ class Gosup:
     def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         """Run a gosup client command against this instance's config."""
         return subprocess.run(
-            [sys.executable, "-m", "supervisor.cli", *args],
+            [sys.executable, "-m", "supervisor", *args],
             cwd=self.dir,
             capture_output=True,
             text=True,

@@ -137,7 +137,7 @@ def test_status_shows_each_state(gosup_factory: Factory, goapp: Path) -> None:
     # A stop under way shows STOPPING; a second stop is answered, not raced.
     hangs_pid = status(g)["hangs"]["pid"]
     with subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "stop", "hangs"],
+        [sys.executable, "-m", "supervisor", "stop", "hangs"],
         cwd=g.dir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -312,7 +312,7 @@ def test_restart_cut_short_by_a_reload_is_answered(gosup_factory: Factory, goapp
     g = started(gosup_factory(slow + prog(goapp, "other")))
     wait_state(g, "slow", "RUNNING")
     with subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "restart", "slow"],
+        [sys.executable, "-m", "supervisor", "restart", "slow"],
         cwd=g.dir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -342,7 +342,7 @@ def test_second_gosup_is_refused(gosup_factory: Factory, goapp: Path) -> None:
     pid = wait_state(g, "a", "RUNNING")["pid"]
 
     second = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "run", str(g.config)],
+        [sys.executable, "-m", "supervisor", "run", str(g.config)],
         cwd=g.dir,
         capture_output=True,
         text=True,
@@ -410,13 +410,13 @@ def test_foreign_uid_is_refused(gosup_factory: Factory, goapp: Path, shared_dir:
         )
 
     # The 0700 directory and 0600 socket keep it out in the first place ...
-    r = as_nobody("-m", "supervisor.cli", "status", "--socket", str(path))
+    r = as_nobody("-m", "supervisor", "status", "--socket", str(path))
     assert r.returncode == 1
     assert "Permission denied" in r.stderr
     # ... and when someone loosens the modes, the peer check still refuses.
     os.chmod(state, 0o711)
     os.chmod(path, 0o666)
-    r = as_nobody("-m", "supervisor.cli", "restart", "a", "--socket", str(path))
+    r = as_nobody("-m", "supervisor", "restart", "a", "--socket", str(path))
     assert r.returncode == 1
     assert "permission denied: uid 65534" in r.stderr
     script = (
@@ -532,7 +532,7 @@ def test_status_import_path_stays_light(tmp_path: Path) -> None:
             "-X",
             "importtime",
             "-m",
-            "supervisor.cli",
+            "supervisor",
             "status",
             "--socket",
             nowhere,

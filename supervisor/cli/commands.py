@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from supervisor import __version__
 from supervisor.cli import status
@@ -27,6 +27,8 @@ from supervisor.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from supervisor import config as configmod
+
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # -- run / check ----------------------------------------------------------------
@@ -54,29 +56,31 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
+class Daemon(Protocol):
+    """What ``run`` and ``check`` need of the daemon (``supervisor/service/``).
 
+    Handed in by the program's entry point (``supervisor/gosup.py``): the
+    command line never imports the daemon itself, so ``gosup status`` stays
+    light and the layers stay one-way.
+    """
+
+    def run(self, config: configmod.AppConfig, *, echo: bool, dev: bool) -> int:
+        """Run in the foreground until told to stop; CLIError when gosup cannot."""
+        ...
+
+    def privilege_errors(self, config: configmod.AppConfig) -> list[str]:
+        """The user/group switches gosup, run as this user, could not make."""
+        ...
+
+
+def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
     config = load_config(args.config)
     setup_logging(args.verbose)
-    from supervisor import config as configmod
-    from supervisor.service import app
-    from supervisor.service.daemon import StartupError
-
     echo = sys.stdout.isatty() if args.echo is None else args.echo
-
-    async def main() -> int:
-        return await app.build(config, echo=echo, dev=args.dev).run()
-
-    try:
-        return asyncio.run(main())
-    except StartupError as exc:  # e.g. another gosup already runs with this state_dir
-        raise CLIError(str(exc)) from None
-    except configmod.ConfigError as exc:  # e.g. a user switch gosup has no right to make
-        raise CLIError(str(exc), EXIT_USAGE) from None
+    return daemon.run(config, echo=echo, dev=args.dev)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
     from supervisor import config as configmod
 
     errors = configmod.check_file(args.config)
@@ -85,9 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
-    from supervisor.service.daemon import privilege_errors
-
-    for note in privilege_errors(config):  # `check` may run as another user than gosup
+    for note in daemon.privilege_errors(config):  # `check` may run as another user than gosup
         print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.programs)} programs)")
     return EXIT_OK
@@ -248,13 +250,19 @@ def _fast_path(argv: list[str]) -> int | None:
     return status.fast_status(argv[1:])  # None: let argparse handle these arguments
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, daemon: Daemon | None = None) -> int:
+    """Run one gosup command; ``daemon`` serves ``run`` and ``check``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = _fast_path(argv)
         if code is None:
             args = build_parser().parse_args(argv)
-            code = args.func(args)
+            if args.func in (cmd_run, cmd_check):
+                if daemon is None:
+                    raise CLIError(f"{args.command}: no daemon was handed to the command line")
+                code = args.func(args, daemon)
+            else:
+                code = args.func(args)
     except CLIError as exc:
         print(f"gosup: {exc}", file=sys.stderr)
         return exc.code
