@@ -75,6 +75,7 @@ class HttpClient:
         self.host, self.https = parts.hostname or "", parts.scheme == "https"
         self.port = parts.port or (443 if self.https else 80)
         self._conn: _Connection | None = None
+        self._requests: dict[tuple[str, bool], h11.Request] = {}  # built (and checked) once
 
     async def get(self, target: str, timeout: float, max_bytes: int, keep: bool = True) -> Response:
         """GET ``target`` (path and query); ScrapeError naming the problem."""
@@ -99,7 +100,10 @@ class HttpClient:
         raise ScrapeError(f"{url}: {problem}")
 
     async def _get(self, target: str, max_bytes: int, keep: bool) -> Response:
-        request = h11.Request(method="GET", target=target, headers=self._headers(keep))
+        request = self._requests.get((target, keep))
+        if request is None:
+            request = h11.Request(method="GET", target=target, headers=self._headers(keep))
+            self._requests[(target, keep)] = request
         conn = await self._connection()
         try:
             response = await self._exchange(conn, request, max_bytes)
