@@ -1,6 +1,6 @@
 """The history: every decision gosup takes, one JSON object per line.
 
-`<state_dir>/history.jsonl` is what operators trust (DESIGN §5), so a record
+`<state_dir>/history.jsonl` is what operators trust (docs/history.md), so a record
 is handed to the kernel before the action it describes: each one is written
 with a single unbuffered `write()` on a file opened for appending, so a
 reader (`gosup history -f`, `tail -f`) never sees half a record unless the

@@ -1,6 +1,6 @@
 """``gosup stage NEW_FILE LIVE_PATH``: hand a new config version to gosup.
 
-The staging protocol (DESIGN §4), which this command follows and which any
+The staging protocol (docs/config-files.md), which this command follows and which any
 deployer may follow by hand: copy the new version to a temporary name in the
 staging directory, write ``<staging>.sha256`` ("<hex>  <name>", as
 ``sha256sum`` writes it), then rename the copy onto ``<staging>``. The rename
