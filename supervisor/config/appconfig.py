@@ -1,4 +1,4 @@
-"""The gosup config file (app.toml, DESIGN §4) parsed into frozen dataclasses.
+"""The gosup config file (app.toml, docs/config.md) parsed into frozen dataclasses.
 
 Reading happens once, up front, and either yields a complete `AppConfig` or
 raises one `ConfigError` carrying *every* problem found, each naming the file

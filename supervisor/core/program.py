@@ -435,7 +435,7 @@ class Program:
         if healthy:
             self.failures = 0
             self.restarts["crash"] += 1
-            self._deadline = self.ctx.clock()  # EXITED -> STARTING at once, via the timer
+            self._deadline = self.ctx.clock()  # EXITED -> BACKOFF, delay 0 (starts at once)
             self._transition(S.BACKOFF, "backoff", attempt=1, delay_s=0.0)
             return
         self.failures += 1

@@ -1,4 +1,4 @@
-"""Prometheus ``/metrics`` (DESIGN §8), served from the event loop itself.
+"""Prometheus ``/metrics`` (docs/production.md), served from the event loop itself.
 
 Nothing is counted on the hot paths: a custom collector reads every
 program's state, restart counters and sampled figures
