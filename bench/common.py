@@ -7,7 +7,8 @@ runnable as ``python bench/<name>.py [--quick]``, prints its table and writes
 format). Cleanup is by *tag*, never by name: every process a benchmark starts
 inherits ``GOSUP_BENCH_TAG=<uuid>`` in its environment, so whatever is left
 afterwards (a daemon that double-forked, a child re-parented to init) is found
-through ``/proc/<pid>/environ`` and killed by pid.
+through its environment and killed by pid. The scan is psutil's, never gosup's
+own (orphans.py): a bug there must not leave a benchmark's processes running.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
-
-from supervisor.service.orphans import with_environment  # the project venv has gosup installed
 
 T = TypeVar("T")
 
@@ -139,8 +138,20 @@ def bench_env(tag: str, *, scrub_python: bool = False, **extra: str) -> dict[str
 
 
 def tagged(tag: str, var: str = TAG_VAR) -> list[psutil.Process]:
-    """Every process (zombies included) whose environment carries ``var=tag``."""
-    return with_environment(f"{var}={tag}")
+    """Every live process but this one whose environment carries ``var=tag``, and
+    their descendants (one that cleared its environment too). A zombie's
+    environment cannot be read: zombies are found through their parent."""
+    me = os.getpid()
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(var) == tag:
+                for p in (proc, *proc.children(recursive=True)):
+                    found.setdefault(p.pid, p)
+    found.pop(me, None)
+    return list(found.values())
 
 
 def sweep(tag: str, timeout: float = 10.0, var: str = TAG_VAR) -> int:

@@ -181,7 +181,7 @@ def running_gosup(wd: Path, goapp: Path, polling: bool, tag: str) -> Iterator[Pa
     extra = {"GOSUP_FORCE_POLLING": "1"} if polling else {}
     with open(wd / "gosup.err", "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "app.toml", "--no-echo"],
+            [sys.executable, "-m", "supervisor", "run", "app.toml", "--no-echo"],
             cwd=wd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

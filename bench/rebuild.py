@@ -81,7 +81,7 @@ class DevGosup:
         argv = [
             sys.executable,
             "-m",
-            "supervisor.cli",
+            "supervisor",
             "run",
             "app.toml",
             "--dev",

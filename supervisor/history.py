@@ -1,12 +1,15 @@
 """The history: every decision gosup takes, one JSON object per line.
 
-`<state_dir>/history.jsonl` is what operators trust (DESIGN §5), so a record
+`<state_dir>/history.jsonl` is what operators trust (docs/history.md), so a record
 is handed to the kernel before the action it describes: each one is written
 with a single unbuffered `write()` on a file opened for appending, so a
 reader (`gosup history -f`, `tail -f`) never sees half a record unless the
 machine dies mid-write, and then only the last line, which readers skip.
 
-This module is on the CLI's fast path: stdlib only.
+This module is the writer (`History`), the record names and the one way to
+read the file (`read`, `read_from`); following and formatting for humans are
+the command line's (`supervisor/cli/historyview.py`). Stdlib only: the CLI
+imports it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,9 +145,13 @@ class History:
 
 
 # ---------------------------------------------------------------- reading
+#
+# Every reader of the file (the daemon's ``history`` command, ``gosup
+# history`` and its follower, ``gosup stage``) parses lines with parse_line()
+# and reads with read() or read_from(), so they agree on what a record is.
 
 
-def _parse(line: bytes) -> Record | None:
+def parse_line(line: bytes) -> Record | None:
     """One record, or None for a blank, garbage or half-written line."""
     if not line.strip():
         return None
@@ -157,7 +162,8 @@ def _parse(line: bytes) -> Record | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _wanted(rec: Record, program: str | None) -> bool:
+def wanted(rec: Record, program: str | None) -> bool:
+    """Whether ``rec`` passes a ``--program`` filter (None: every record)."""
     return program is None or rec.get("program") == program
 
 
@@ -174,12 +180,30 @@ def read(path: Path, n: int | None = None, program: str | None = None) -> list[R
             # quoted name cannot be one of the program's records.
             needle = json.dumps(program, ensure_ascii=False).encode()
             lines = (line for line in lines if needle in line)
-        records = (rec for rec in map(_parse, lines) if rec is not None and _wanted(rec, program))
+        records = (r for r in map(parse_line, lines) if r is not None and wanted(r, program))
         if n is None:
             return list(records)
         found = list(itertools.islice(records, max(n, 0)))
         found.reverse()
         return found
+
+
+def read_from(path: Path, offset: int) -> tuple[list[Record], int]:
+    """The records whose lines end after byte `offset`, and the offset after
+    the last whole line (where the next call starts).
+
+    A half-written last line is left for the next call. A missing file has
+    no records yet: ``([], offset)``.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = (parse_line(line) for line in data[:end].split(b"\n"))
+    return [r for r in records if r is not None], offset + end
 
 
 def _lines_backwards(f: IO[bytes], block: int = 64 * 1024) -> Iterator[bytes]:
@@ -194,172 +218,3 @@ def _lines_backwards(f: IO[bytes], block: int = 64 * 1024) -> Iterator[bytes]:
         head = lines.pop(0)
         yield from reversed(lines)
     yield head
-
-
-def follow(
-    path: Path,
-    program: str | None = None,
-    poll: float = 0.25,
-    stop: Callable[[], bool] | None = None,
-    from_end: bool = True,
-) -> Iterator[Record]:
-    """Yield records as they are appended, like `tail -F`.
-
-    Starts at the end of the file (or its start when `from_end` is false).
-    Waits for a missing file to appear; when the file is truncated or
-    replaced (a new inode at `path`), reads the new one from its start. A
-    half-written last line is held until its newline arrives. `stop()` is
-    checked once per poll; without it the generator runs until closed.
-    """
-    tail = _Tail(path, from_end)
-    try:
-        while True:
-            for rec in tail.read_new():
-                if _wanted(rec, program):
-                    yield rec
-            if stop is not None and stop():
-                return
-            time.sleep(poll)
-    finally:
-        tail.close()
-
-
-class _Tail:
-    """The reading side of follow(): one open file and the unfinished line."""
-
-    def __init__(self, path: Path, from_end: bool) -> None:
-        self._path = path
-        self._file: IO[bytes] | None = None
-        self._identity: tuple[int, int] | None = None
-        self._partial = b""
-        # Only the file that exists when following starts is skipped; one
-        # that appears or replaces it later is new, so read from its start.
-        self._skip_existing = from_end
-
-    def read_new(self) -> Iterator[Record]:
-        if self._file is None and not self._open():
-            return
-        yield from self._drain()
-        try:
-            st = os.stat(self._path)
-        except FileNotFoundError:  # removed or renamed away: wait for the next
-            self.close()
-            return
-        if (st.st_dev, st.st_ino) != self._identity:
-            self.close()  # replaced; the old file was drained above
-            if self._open():
-                yield from self._drain()
-        elif self._file is not None and st.st_size < self._file.tell():
-            self._file.seek(0)  # truncated in place
-            self._partial = b""
-            yield from self._drain()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = None
-        self._partial = b""
-
-    def _open(self) -> bool:
-        try:
-            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
-        except FileNotFoundError:
-            self._skip_existing = False
-            return False
-        st = os.fstat(self._file.fileno())
-        self._identity = (st.st_dev, st.st_ino)
-        if self._skip_existing:
-            self._file.seek(0, os.SEEK_END)
-            self._skip_existing = False
-        return True
-
-    def _drain(self) -> Iterator[Record]:
-        assert self._file is not None
-        while chunk := self._file.read(1 << 20):
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            for line in lines:
-                rec = _parse(line)
-                if rec is not None:
-                    yield rec
-
-
-# ---------------------------------------------------------------- formatting
-
-# The fields an operator scans for first, in this order; others follow in the
-# order they were recorded, and the long free-text ones come last.
-_FIRST = (
-    "pid",
-    "attempt",
-    "attempts",
-    "exit_code",
-    "signal",
-    "uptime_s",
-    "reason",
-    "delay_s",
-    "killed",
-    "metric",
-    "value",
-    "limit",
-    "samples",
-    "kind",
-    "path",
-    "sha256",
-    "previous_sha256",
-    "restored_sha256",
-    "expected",
-    "actual",
-    "duration_s",
-    "version",
-)
-_LAST = ("command", "crash", "output_tail")
-_TS_WIDTH = len("2026-11-26 23:48:48.123Z")
-_PROGRAM_WIDTH = 12
-_EVENT_WIDTH = max(map(len, EVENT_NAMES))
-_MAX_VALUE = 120
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def format_header() -> str:
-    """Column titles matching format_record()."""
-    return _columns("TIME", "PROGRAM", "EVENT", "DETAILS")
-
-
-def format_record(rec: dict[str, Any]) -> str:
-    """One human line: time, program ("-" when supervisor-wide), event, key=value."""
-    ts = str(rec.get("ts", "-")).replace("T", " ", 1)
-    program = rec.get("program")
-    keys = [k for k in rec if k not in ("ts", "program", "event")]
-    ordered = (
-        [k for k in _FIRST if k in rec]
-        + [k for k in keys if k not in _FIRST and k not in _LAST]
-        + [k for k in _LAST if k in rec]
-    )
-    details = " ".join(f"{k}={_format_value(k, rec[k])}" for k in ordered if rec[k] is not None)
-    return _columns(ts, "-" if program is None else str(program), str(rec.get("event")), details)
-
-
-def _columns(ts: str, program: str, event: str, details: str) -> str:
-    line = f"{ts:<{_TS_WIDTH}}  {program:<{_PROGRAM_WIDTH}} {event:<{_EVENT_WIDTH}} {details}"
-    return line.rstrip()
-
-
-def _format_value(key: str, value: object) -> str:
-    if key == "crash" and isinstance(value, dict):
-        text = f"{value.get('kind')}: {value.get('message')}"
-        return f"{text} ({value['frame']})" if value.get("frame") else text
-    if key == "output_tail" and isinstance(value, str):
-        # The compiler's last words are the ones that say what went wrong.
-        lines = value.strip().splitlines()
-        value = lines[-1] if lines else ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        if _SHA256.fullmatch(value):
-            return value[:12]  # enough to tell versions apart; --json has it all
-        if len(value) > _MAX_VALUE:
-            value = value[: _MAX_VALUE - 3] + "..."
-        needs_quotes = not value or any(c.isspace() or c in "\"'=" for c in value)
-        return json.dumps(value, ensure_ascii=False) if needs_quotes else value
-    if isinstance(value, list | dict):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return str(value)

@@ -6,7 +6,11 @@ Leak check: each test gets a unique tag in its environment
 (GOSUP_TEST_TAG). Everything a test starts (gosup, its children, their
 grandchildren, even ones that left the process group or were re-parented to
 init) inherits it, so after the test we look for any process still carrying
-the tag, zombie or not, and fail the test if one is found.
+the tag, plus every descendant of such a process (one that cleared its
+environment) and every new descendant of the test process itself, zombies
+included, and fail the test if one is found. The scan is psutil's, from the
+test side: it never goes through gosup's own code (orphans.py), so a bug
+there cannot hide a leak in every test at once.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gobuild
-
-from supervisor.service.orphans import with_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -69,36 +71,88 @@ def goapp(go_bin_dir: Path) -> Path:
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:
-    return with_environment(f"{TAG_VAR}={tag}")
+    """Live processes other than this one whose environment has GOSUP_TEST_TAG=tag.
+
+    A zombie's environment cannot be read any more: zombies are found as
+    descendants instead (see `leftovers`)."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(TAG_VAR) == tag:
+                found.append(proc)
+    return found
+
+
+def _key(proc: psutil.Process) -> tuple[int, float]:
+    """A process's identity across pid reuse."""
+    try:
+        return proc.pid, proc.create_time()
+    except psutil.Error:
+        return proc.pid, 0.0
+
+
+def _descendants(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def leftovers(tag: str, before: set[tuple[int, float]]) -> list[psutil.Process]:
+    """What a test left: tagged processes, their descendants, and the descendants
+    of this process that were not there before the test (``before``), zombies included."""
+    found: dict[tuple[int, float], psutil.Process] = {}
+    for proc in tagged_processes(tag):
+        for p in (proc, *_descendants(proc)):
+            found.setdefault(_key(p), p)
+    for p in _descendants(psutil.Process()):
+        found.setdefault(_key(p), p)
+    return [p for key, p in found.items() if key not in before and p.is_running()]
 
 
 def _describe(procs: list[psutil.Process]) -> str:
     out = []
     for p in procs:
         with contextlib.suppress(psutil.Error):
-            out.append(f"pid {p.pid} {p.status()} {p.cmdline()[:4]}")
+            what = f"pid {p.pid} (parent {p.ppid()}) {p.status()} {p.name()!r}"
+            with contextlib.suppress(psutil.Error):  # a zombie has no command line
+                what += f" {p.cmdline()[:4]}"
+            out.append(what)
     return "; ".join(out)
+
+
+def _remove(procs: list[psutil.Process]) -> None:
+    """Kill what a failed test left, and reap our own zombies, so the next test starts clean."""
+    me = os.getpid()
+    for p in procs:
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if p.ppid() == me and p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, os.WNOHANG)
+            else:
+                p.kill()
 
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Fail the test if any process it started (at any depth) outlives it."""
+    """Fail the test if any process it started (at any depth) outlives it, even as a zombie."""
     tag = uuid.uuid4().hex
     monkeypatch.setenv(TAG_VAR, tag)
+    before = {_key(p) for p in _descendants(psutil.Process())}
     fds_before = set(os.listdir("/proc/self/fd"))
     yield tag
     left: list[psutil.Process] = []
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
-        left = tagged_processes(tag)
+        left = leftovers(tag, before)
         if not left:
             break
         time.sleep(0.05)
     if left:
         desc = _describe(left)
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        _remove(left)
         pytest.fail(f"processes left behind: {desc}")
     leaked_fds = set(os.listdir("/proc/self/fd")) - fds_before
     # fds the test process itself still holds open (pipes to gosup, files)
@@ -127,7 +181,7 @@ class Gosup:
         env = dict(os.environ, **(extra_env or {}))
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.cli", "run", str(self.config), *self.args],
+                [sys.executable, "-m", "supervisor", "run", str(self.config), *self.args],
                 cwd=self.dir,
                 stdout=out,
                 stderr=err,
@@ -139,7 +193,7 @@ class Gosup:
     def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         """Run a gosup client command against this instance's config."""
         return subprocess.run(
-            [sys.executable, "-m", "supervisor.cli", *args],
+            [sys.executable, "-m", "supervisor", *args],
             cwd=self.dir,
             capture_output=True,
             text=True,

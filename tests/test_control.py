@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, Gosup, pid_alive, wait_for
 
-from supervisor.cli import client
+from supervisor.cli import status as status_cli
 
 Factory = Callable[..., Gosup]
 
@@ -137,7 +137,7 @@ def test_status_shows_each_state(gosup_factory: Factory, goapp: Path) -> None:
     # A stop under way shows STOPPING; a second stop is answered, not raced.
     hangs_pid = status(g)["hangs"]["pid"]
     with subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "stop", "hangs"],
+        [sys.executable, "-m", "supervisor", "stop", "hangs"],
         cwd=g.dir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -312,7 +312,7 @@ def test_restart_cut_short_by_a_reload_is_answered(gosup_factory: Factory, goapp
     g = started(gosup_factory(slow + prog(goapp, "other")))
     wait_state(g, "slow", "RUNNING")
     with subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "restart", "slow"],
+        [sys.executable, "-m", "supervisor", "restart", "slow"],
         cwd=g.dir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -342,7 +342,7 @@ def test_second_gosup_is_refused(gosup_factory: Factory, goapp: Path) -> None:
     pid = wait_state(g, "a", "RUNNING")["pid"]
 
     second = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "run", str(g.config)],
+        [sys.executable, "-m", "supervisor", "run", str(g.config)],
         cwd=g.dir,
         capture_output=True,
         text=True,
@@ -410,13 +410,13 @@ def test_foreign_uid_is_refused(gosup_factory: Factory, goapp: Path, shared_dir:
         )
 
     # The 0700 directory and 0600 socket keep it out in the first place ...
-    r = as_nobody("-m", "supervisor.cli", "status", "--socket", str(path))
+    r = as_nobody("-m", "supervisor", "status", "--socket", str(path))
     assert r.returncode == 1
     assert "Permission denied" in r.stderr
     # ... and when someone loosens the modes, the peer check still refuses.
     os.chmod(state, 0o711)
     os.chmod(path, 0o666)
-    r = as_nobody("-m", "supervisor.cli", "restart", "a", "--socket", str(path))
+    r = as_nobody("-m", "supervisor", "restart", "a", "--socket", str(path))
     assert r.returncode == 1
     assert "permission denied: uid 65534" in r.stderr
     script = (
@@ -532,7 +532,7 @@ def test_status_import_path_stays_light(tmp_path: Path) -> None:
             "-X",
             "importtime",
             "-m",
-            "supervisor.cli",
+            "supervisor",
             "status",
             "--socket",
             nowhere,
@@ -567,7 +567,7 @@ def test_status_table_format() -> None:
         },
         {"name": "worker", "state": "STOPPED", "pid": None, "uptime_s": None, "restarts": 0},
     ]
-    lines = client.format_status(programs).splitlines()
+    lines = status_cli.format_status(programs).splitlines()
     assert lines[0].split() == [
         "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "RSS", "GOROUTINES", "LAST", "EXIT",
     ]  # fmt: skip
@@ -577,11 +577,11 @@ def test_status_table_format() -> None:
     assert lines[2].split() == ["worker", "STOPPED", "-", "-", "0", "-", "-", "-"]
     # A NOTE column only when a program has something to point out.
     noted = {"over_limit": {"rss": 2}, "sustain": 3, "scrape_error": "http://h:1/m: HTTP 404"}
-    lines = client.format_status([programs[0], {**programs[1], **noted}]).splitlines()
+    lines = status_cli.format_status([programs[0], {**programs[1], **noted}]).splitlines()
     assert lines[0].split()[-3:] == ["LAST", "EXIT", "NOTE"] and lines[1].endswith(" -")
     assert lines[2].endswith("  over rss 2/3; scrape: HTTP 404")
-    assert client.format_duration(4.25) == "4.2s"
-    assert client.format_duration(2 * 86400 + 7200) == "2d02h"
+    assert status_cli.format_duration(4.25) == "4.2s"
+    assert status_cli.format_duration(2 * 86400 + 7200) == "2d02h"
 
 
 @pytest.mark.parametrize(
@@ -598,8 +598,8 @@ def test_status_table_format() -> None:
 )
 def test_fast_status_parses_like_argparse(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     seen: list[dict[str, Any]] = []
-    monkeypatch.setattr(client, "cmd_status", lambda ns: seen.append(vars(ns)) or 0)
-    assert client.fast_status(argv) == 0
+    monkeypatch.setattr(status_cli, "cmd_status", lambda ns: seen.append(vars(ns)) or 0)
+    assert status_cli.fast_status(argv) == 0
     from supervisor.cli import commands as cli
 
     full = vars(cli.build_parser().parse_args(["status", *argv]))
@@ -608,4 +608,4 @@ def test_fast_status_parses_like_argparse(monkeypatch: pytest.MonkeyPatch, argv:
 
 @pytest.mark.parametrize("argv", [["-h"], ["--bogus"], ["-c"], ["-cother.toml"], ["--socket"]])
 def test_fast_status_leaves_the_rest_to_argparse(argv: list[str]) -> None:
-    assert client.fast_status(argv) is None
+    assert status_cli.fast_status(argv) is None

@@ -1,4 +1,5 @@
-"""The history file: writer, reader, follower and the human format."""
+"""The history file: writer and reader (supervisor.history), follower and the
+human format (supervisor.cli.historyview)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from supervisor import history as events
+from supervisor import history as hist
+from supervisor.cli import historyview
 from supervisor.core.gopanic import Crash
 from supervisor.history import History
 
@@ -48,12 +50,12 @@ def history(path: Path) -> Iterator[History]:
 
 
 def test_now_rfc3339() -> None:
-    assert TS.fullmatch(events.now_rfc3339())
+    assert TS.fullmatch(hist.now_rfc3339())
 
 
 def test_event_names_cover_design() -> None:
-    assert {"started", "exited", "backoff", "fatal", "config_rolled_back"} <= events.EVENT_NAMES
-    assert len(events.EVENT_NAMES) == 20
+    assert {"started", "exited", "backoff", "fatal", "config_rolled_back"} <= hist.EVENT_NAMES
+    assert len(hist.EVENT_NAMES) == 20
 
 
 def test_record_writes_one_parsable_line(path: Path, history: History) -> None:
@@ -156,14 +158,14 @@ def write_many(path: Path, count: int) -> None:
 
 def test_read_last_n_and_filter(path: Path) -> None:
     write_many(path, 10_000)
-    assert [r["pid"] for r in events.read(path, n=5)] == [9995, 9996, 9997, 9998, 9999]
-    assert [r["pid"] for r in events.read(path, n=3, program="api")] == [9993, 9996, 9999]
-    assert [r["pid"] for r in events.read(path, n=2, program="worker")] == [9994, 9997]
-    assert len(events.read(path)) == 10_000
-    assert len(events.read(path, program="api")) == 3334
-    assert events.read(path, n=0) == []
-    assert len(events.read(path, n=20_000)) == 10_000
-    assert events.read(path, n=5, program="nobody") == []
+    assert [r["pid"] for r in hist.read(path, n=5)] == [9995, 9996, 9997, 9998, 9999]
+    assert [r["pid"] for r in hist.read(path, n=3, program="api")] == [9993, 9996, 9999]
+    assert [r["pid"] for r in hist.read(path, n=2, program="worker")] == [9994, 9997]
+    assert len(hist.read(path)) == 10_000
+    assert len(hist.read(path, program="api")) == 3334
+    assert hist.read(path, n=0) == []
+    assert len(hist.read(path, n=20_000)) == 10_000
+    assert hist.read(path, n=5, program="nobody") == []
 
 
 def test_read_skips_garbage_and_a_truncated_last_line(path: Path) -> None:
@@ -173,9 +175,9 @@ def test_read_skips_garbage_and_a_truncated_last_line(path: Path) -> None:
     write_many(path, 2)
     with open(path, "ab") as f:
         f.write(b'{"ts":"2026-11-26T23:48:48.123Z","program":"api","event":"exi')
-    assert [r["pid"] for r in events.read(path, n=3)] == [29, 0, 1]
-    assert len(events.read(path)) == 32
-    assert [r["pid"] for r in events.read(path, n=1, program="api")] == [0]
+    assert [r["pid"] for r in hist.read(path, n=3)] == [29, 0, 1]
+    assert len(hist.read(path)) == 32
+    assert [r["pid"] for r in hist.read(path, n=1, program="api")] == [0]
 
 
 def test_read_lines_longer_than_a_block(path: Path) -> None:
@@ -183,13 +185,30 @@ def test_read_lines_longer_than_a_block(path: Path) -> None:
         h.record("build_failed", command=["go", "build"], output_tail="x" * 200_000)
         h.record("build_failed", command=["go", "build"], output_tail="y" * 100_000)
         h.record("build_succeeded", command=["go", "build"], duration_s=1.5)
-    tails = [r.get("output_tail", "")[:1] for r in events.read(path, n=3)]
+    tails = [r.get("output_tail", "")[:1] for r in hist.read(path, n=3)]
     assert tails == ["x", "y", ""]
 
 
 def test_read_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        events.read(tmp_path / "nope.jsonl", n=10)
+        hist.read(tmp_path / "nope.jsonl", n=10)
+
+
+def test_read_from_an_offset_holds_a_partial_line(path: Path) -> None:
+    assert hist.read_from(path, 0) == ([], 0)  # no file yet: nothing, same offset
+    write_many(path, 3)
+    first, offset = hist.read_from(path, 0)
+    assert [r["pid"] for r in first] == [0, 1, 2] and offset == path.stat().st_size
+    assert hist.read_from(path, offset) == ([], offset)
+    line = json.dumps({"ts": hist.now_rfc3339(), "event": "started", "pid": 7}).encode() + b"\n"
+    with open(path, "ab") as f:
+        f.write(b"garbage\n" + line[:10])
+        f.flush()
+        held, after = hist.read_from(path, offset)
+        assert held == [] and after == offset + len(b"garbage\n")  # the half line waits
+        f.write(line[10:])
+    rest, end = hist.read_from(path, after)
+    assert [r["pid"] for r in rest] == [7] and end == path.stat().st_size
 
 
 # ---------------------------------------------------------------- following
@@ -210,7 +229,7 @@ class Follower:
         return self._stop.is_set()
 
     def _run(self, path: Path, **kwargs: Any) -> None:
-        for rec in events.follow(path, poll=0.005, stop=self._should_stop, **kwargs):
+        for rec in historyview.follow(path, poll=0.005, stop=self._should_stop, **kwargs):
             self.records.append(rec)
 
     def settle(self, polls: int = 2) -> None:
@@ -267,7 +286,7 @@ def test_follow_holds_a_partial_line_until_complete(
 ) -> None:
     follower = follower_factory(path)
     follower.settle()
-    line = json.dumps({"ts": events.now_rfc3339(), "event": "started", "pid": 7}) + "\n"
+    line = json.dumps({"ts": hist.now_rfc3339(), "event": "started", "pid": 7}) + "\n"
     with open(path, "ab", buffering=0) as raw:
         raw.write(line[:20].encode())
         follower.settle()
@@ -343,7 +362,7 @@ def test_format_record_exited_with_crash() -> None:
         "exit_code": 2,
         "pid": 123,
     }
-    line = events.format_record(rec)
+    line = historyview.format_record(rec)
     assert line.startswith("2026-11-26 23:48:48.123Z  api ")
     assert line.split()[4:] == [
         "pid=123",
@@ -367,9 +386,11 @@ def test_format_record_exited_with_crash() -> None:
 
 
 def test_format_record_columns_line_up() -> None:
-    header = events.format_header()
-    a = events.format_record({"ts": "2026-11-26T23:48:48.123Z", "event": "supervisor_reloaded"})
-    b = events.format_record(
+    header = historyview.format_header()
+    a = historyview.format_record(
+        {"ts": "2026-11-26T23:48:48.123Z", "event": "supervisor_reloaded"}
+    )
+    b = historyview.format_record(
         {"ts": "2026-11-26T23:48:48.123Z", "program": "api", "event": "backoff", "attempt": 3}
     )
     assert a.split()[2] == "-"
@@ -379,7 +400,7 @@ def test_format_record_columns_line_up() -> None:
 
 
 def test_format_record_values() -> None:
-    line = events.format_record(
+    line = historyview.format_record(
         {
             "ts": "2026-11-26T23:48:48.123Z",
             "program": "api",
@@ -396,7 +417,7 @@ def test_format_record_values() -> None:
     assert "expected=aaaaaaaaaaaa actual=bbbbbbbbbbbb" in line
     assert line.endswith('note="two words"')
 
-    build = events.format_record(
+    build = historyview.format_record(
         {
             "ts": "2026-11-26T23:48:48.123Z",
             "event": "build_failed",
@@ -418,5 +439,5 @@ def test_read_program_filter_is_exact(path: Path) -> None:
         h.record("started", "api", pid=1)
         h.record("restart_requested", "api-v2", reason="api")
         h.record("signal_sent", "worker", signal="SIGHUP", reason="api")
-    assert [r["program"] for r in events.read(path, n=5, program="api")] == ["api"]
-    assert [r["program"] for r in events.read(path, program="api-v2")] == ["api-v2"]
+    assert [r["program"] for r in hist.read(path, n=5, program="api")] == ["api"]
+    assert [r["program"] for r in hist.read(path, program="api-v2")] == ["api-v2"]

@@ -1,6 +1,7 @@
 """Go runtime figures, the HTTP client, dumps and the Go environment
-(supervisor/goruntime.py, supervisor/gohttp.py): parsers on real answers,
-the client against a local server, the three endpoints of a real Go program."""
+(supervisor/health/gometrics.py, gohttp.py, evidence.py, goenv.py; the cgroup
+parser in supervisor/core/cgroup.py): parsers on real answers, the client
+against local servers, the three endpoints of a real Go program."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,10 @@ import pytest
 from conftest import wait_for
 
 from supervisor import config as configmod
-from supervisor.health import gohttp, goruntime
-from supervisor.health.goruntime import CgroupLimits, ScrapeError
+from supervisor.core import cgroup
+from supervisor.health import evidence, goenv, gohttp, gometrics
+from supervisor.health.goenv import CgroupLimits
+from supervisor.health.gohttp import ScrapeError
 
 PROMETHEUS = b"""\
 # HELP go_gc_duration_seconds A summary of the pause duration of garbage collection cycles.
@@ -61,7 +65,7 @@ PPROF = b"""goroutine profile: total 1234
     ids=["prometheus", "expvar", "pprof", "prometheus-labels", "expvar-no-goroutines"],
 )
 def test_parse_metrics_reads_each_format(body: bytes, expected: dict[str, int]) -> None:
-    assert goruntime.parse_metrics(body) == expected
+    assert gometrics.parse_metrics(body) == expected
 
 
 @pytest.mark.parametrize(
@@ -80,11 +84,11 @@ def test_parse_metrics_reads_each_format(body: bytes, expected: dict[str, int]) 
 )
 def test_parse_metrics_rejects_garbage(body: bytes, message: str) -> None:
     with pytest.raises(ScrapeError, match=message):
-        goruntime.parse_metrics(body)
+        gometrics.parse_metrics(body)
 
 
 def test_pprof_url_keeps_scheme_and_host() -> None:
-    url = goruntime.pprof_url("http://[::1]:6060/metrics?x=1", goruntime.GOROUTINE_DUMP_PATH)
+    url = evidence.pprof_url("http://[::1]:6060/metrics?x=1", evidence.GOROUTINE_DUMP_PATH)
     assert url == "http://[::1]:6060/debug/pprof/goroutine?debug=2"
 
 
@@ -200,7 +204,7 @@ def test_scrape_names_a_non_200_answer() -> None:
         port = server.sockets[0].getsockname()[1]
         try:
             with pytest.raises(ScrapeError, match="HTTP 404"):
-                await goruntime.scrape(f"http://127.0.0.1:{port}/metrics", 2.0)
+                await gometrics.scrape(f"http://127.0.0.1:{port}/metrics", 2.0)
         finally:
             server.close()
             await server.wait_closed()
@@ -244,6 +248,110 @@ def test_http_client_keeps_its_connection_and_reopens_a_closed_one() -> None:
 
     assert asyncio.run(main()) == [b"ok"] * 5
     assert served == [2, 2, 1]
+
+
+def kept_alive(answers: list[bytes], max_bytes: int = 1 << 20) -> tuple[list[object], list[int]]:
+    """GET once per answer through one HttpClient against a server that answers
+    each request on a connection with the next answer; the bodies (or the
+    ScrapeError), and how many requests each connection carried."""
+    served: list[int] = []
+    handlers: list[Any] = []
+    queue = list(answers)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())
+        served.append(0)
+        me = len(served) - 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while queue:
+                await reader.readuntil(b"\r\n\r\n")
+                served[me] += 1
+                writer.write(queue.pop(0))
+                await writer.drain()
+            await reader.read()  # until the client closes
+        writer.close()
+
+    async def main() -> list[object]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = gohttp.HttpClient(f"http://127.0.0.1:{port}/metrics")
+        got: list[object] = []
+        try:
+            for _ in answers:
+                try:
+                    got.append((await client.get("/metrics", 5.0, max_bytes)).body)
+                except ScrapeError as exc:
+                    got.append(exc)
+        finally:
+            await client.aclose()
+            await stopped(server, handlers)
+        return got
+
+    return asyncio.run(main()), served
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_chunked_answers_twice_in_a_row_on_one_connection() -> None:
+    bodies, served = kept_alive([CHUNKED, CHUNKED])
+    assert bodies == [b"abcde", b"abcde"] and served == [2]
+
+
+def test_chunked_trailers_are_read_and_the_connection_kept() -> None:
+    with_trailer = CHUNKED.replace(b"0\r\n\r\n", b"0\r\nX-Checksum: 1\r\n\r\n")
+    bodies, served = kept_alive([with_trailer, LENGTH])
+    assert bodies == [b"abcde", b"ok"] and served == [2]
+
+
+def test_a_body_over_the_cap_is_cut_and_its_connection_dropped() -> None:
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+    bodies, served = kept_alive([big, LENGTH], max_bytes=10)
+    assert bodies == [b"x" * 10, b"ok"] and served == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 2000 OK", b"HTTP/1.1 OK", b"HTTP/2 200", b"ICY 200 OK"],
+)
+def test_a_malformed_status_line_is_a_scrape_error(status_line: bytes) -> None:
+    bodies, served = kept_alive([status_line + b"\r\nContent-Length: 2\r\n\r\nok", LENGTH])
+    assert isinstance(bodies[0], ScrapeError) and "not an HTTP answer" in str(bodies[0])
+    assert bodies[1] == b"ok" and served == [1, 1]  # a fresh connection for the next one
+
+
+def test_a_connection_close_answer_closes_the_socket_at_once() -> None:
+    """The client closes its end as soon as it has the answer; it keeps no
+    closed connection around until it is itself closed."""
+    eof_after: list[float] = []
+    seen_eof = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx")
+        await writer.drain()
+        start = time.monotonic()
+        await asyncio.wait_for(reader.read(), 10)  # EOF: the client closed its end
+        eof_after.append(time.monotonic() - start)
+        seen_eof.set()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = gohttp.HttpClient(f"http://127.0.0.1:{port}")
+        try:
+            assert (await client.get("/", 5.0, 100)).body == b"x"
+            assert client._conn is None
+            await asyncio.wait_for(seen_eof.wait(), 10)
+        finally:
+            await client.aclose()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert eof_after and eof_after[0] < 5
 
 
 def test_http_client_does_not_reuse_a_connection_the_server_closes() -> None:
@@ -304,15 +412,15 @@ def go_http(goapp: Path, tmp_path: Path) -> Iterator[str]:
     ids=["prometheus", "expvar", "pprof"],
 )
 def test_scrape_reads_a_real_go_program(go_http: str, path: str, keys: set[str]) -> None:
-    figures = asyncio.run(goruntime.scrape(f"http://{go_http}{path}", 10.0))
+    figures = asyncio.run(gometrics.scrape(f"http://{go_http}{path}", 10.0))
     assert set(figures) == keys
     assert figures["goroutines"] >= 2  # main, the HTTP server, the signal watcher ...
     assert figures.get("heap_inuse_bytes", 1) > 0
 
 
 def test_fetch_dump_saves_a_goroutine_dump(go_http: str, tmp_path: Path) -> None:
-    url = goruntime.pprof_url(f"http://{go_http}/metrics", goruntime.GOROUTINE_DUMP_PATH)
-    path = asyncio.run(goruntime.fetch_dump(url, tmp_path / "d" / "x.txt", 1 << 20, 10.0))
+    url = evidence.pprof_url(f"http://{go_http}/metrics", evidence.GOROUTINE_DUMP_PATH)
+    path = asyncio.run(evidence.fetch_dump(url, tmp_path / "d" / "x.txt", 1 << 20, 10.0))
     text = path.read_text()
     assert text.startswith("goroutine ") and "main.main()" in text
     assert os.stat(path).st_mode & 0o777 == 0o600
@@ -322,28 +430,28 @@ def test_fetch_dump_saves_a_goroutine_dump(go_http: str, tmp_path: Path) -> None
 
 
 def test_write_dump_caps_the_size_with_a_note(tmp_path: Path) -> None:
-    path = goruntime.write_dump(tmp_path / "a.txt", b"y" * 5000, max_size=1000)
+    path = evidence.write_dump(tmp_path / "a.txt", b"y" * 5000, max_size=1000)
     data = path.read_bytes()
     assert len(data) == 1000
-    assert data.endswith(goruntime.TRUNCATED_NOTE)
-    assert goruntime.write_dump(tmp_path / "b.txt", b"z" * 10, 1000).read_bytes() == b"z" * 10
-    cut = goruntime.write_dump(tmp_path / "c.pb.gz", b"\x1f\x8b" + b"q" * 5000, 1000)
-    assert cut.read_bytes() == (b"\x1f\x8b" + b"q" * 5000)[: 1000 - len(goruntime.TRUNCATED_NOTE)]
+    assert data.endswith(evidence.TRUNCATED_NOTE)
+    assert evidence.write_dump(tmp_path / "b.txt", b"z" * 10, 1000).read_bytes() == b"z" * 10
+    cut = evidence.write_dump(tmp_path / "c.pb.gz", b"\x1f\x8b" + b"q" * 5000, 1000)
+    assert cut.read_bytes() == (b"\x1f\x8b" + b"q" * 5000)[: 1000 - len(evidence.TRUNCATED_NOTE)]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_dump_stems_are_unique_and_pruning_keeps_the_newest(tmp_path: Path) -> None:
     stems = []
     for _ in range(5):
-        stem = goruntime.dump_stem(tmp_path, "api")
+        stem = evidence.dump_stem(tmp_path, "api")
         stems.append(stem)
         (tmp_path / f"{stem}-goroutines.txt").write_text("g")
         (tmp_path / f"{stem}-heap.pb.gz").write_text("h")
     assert len(set(stems)) == 5
-    other = tmp_path / f"{goruntime.dump_stem(tmp_path, 'api-2')}-sigquit.txt"
+    other = tmp_path / f"{evidence.dump_stem(tmp_path, 'api-2')}-sigquit.txt"
     other.write_text("other program")
     (tmp_path / "notes.txt").write_text("not a dump")
-    removed = goruntime.prune_dumps(tmp_path, "api", keep=2)
+    removed = evidence.prune_dumps(tmp_path, "api", keep=2)
     assert len(removed) == 6
     left = sorted(p.name for p in tmp_path.iterdir())
     kept = sorted(f"{s}-{k}" for s in stems[-2:] for k in ("goroutines.txt", "heap.pb.gz"))
@@ -351,10 +459,75 @@ def test_dump_stems_are_unique_and_pruning_keeps_the_newest(tmp_path: Path) -> N
 
 
 def test_goroutine_traces_start_at_the_sigquit_header() -> None:
-    assert (
-        goruntime.goroutine_traces(b"log line\nSIGQUIT: quit\nPC=0\n") == b"SIGQUIT: quit\nPC=0\n"
+    assert evidence.goroutine_traces(b"log line\nSIGQUIT: quit\nPC=0\n") == b"SIGQUIT: quit\nPC=0\n"
+    assert evidence.goroutine_traces(b"no header") == b"no header"
+
+
+def test_a_sigquit_capture_is_saved_only_when_the_run_ended_by_sigquit(tmp_path: Path) -> None:
+    """The capture taps stderr from before the restart is asked for; if the
+    restart was refused (no SIGQUIT went out), what came is no dump."""
+    saved: list[Path] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for name, outcome in (("quit", signal.SIGQUIT), ("term", signal.SIGTERM), ("gone", None)):
+            capture = evidence.SigquitCapture("api", tmp_path / name, 1 << 20, saved.append)
+            capture.feed(b"ordinary log line\n")
+            capture.feed(b"SIGQUIT: quit\nPC=0x0\n\ngoroutine 1 [running]:\nmain.main()\n")
+            ended: asyncio.Future[int | None] = loop.create_future()
+            ended.set_result(outcome)
+            capture.run_ended(ended)
+        refused = evidence.SigquitCapture("api", tmp_path / "refused", 1 << 20, saved.append)
+        refused.feed(b"ordinary log line\n")
+        ended = loop.create_future()
+        ended.cancel()
+        refused.run_ended(ended)
+
+    asyncio.run(main())
+    assert saved == [tmp_path / "quit"]
+    assert saved[0].read_text().startswith("SIGQUIT: quit\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quit"]
+
+
+def test_a_sigquit_capture_keeps_dump_max_size(tmp_path: Path) -> None:
+    saved: list[Path] = []
+
+    async def main() -> None:
+        capture = evidence.SigquitCapture("api", tmp_path / "d.txt", 100, saved.append)
+        capture.feed(b"SIGQUIT: quit\n" + b"g" * 500)
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        ended.set_result(signal.SIGQUIT)
+        capture.run_ended(ended)
+
+    asyncio.run(main())
+    data = saved[0].read_bytes()
+    assert len(data) == 100 and data.endswith(evidence.TRUNCATED_NOTE)
+
+
+# -- the cgroup parser (core) --------------------------------------------------------
+
+
+def test_cgroup_paths_name_each_controller(tmp_path: Path) -> None:
+    (tmp_path / "cgroup").write_text(
+        "12:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\nnot a cgroup line\n0::/user.slice\n"
     )
-    assert goruntime.goroutine_traces(b"no header") == b"no header"
+    assert cgroup.cgroup_paths(tmp_path) == {
+        "memory": "docker/abc", "cpu": "docker/abc", "cpuacct": "docker/abc", "": "user.slice",
+    }  # fmt: skip
+    assert cgroup.cgroup_paths(tmp_path / "missing") == {}
+
+
+def test_oom_kills_read_memory_events_of_our_cgroup(tmp_path: Path) -> None:
+    proc, root = tmp_path / "proc", tmp_path / "cg"
+    proc.mkdir()
+    (proc / "cgroup").write_text("0::/system.slice/app.service\n")
+    events = root / "system.slice" / "app.service" / "memory.events"
+    events.parent.mkdir(parents=True)
+    events.write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
+    assert cgroup.oom_kills(root, proc) == 2
+    events.unlink()
+    assert cgroup.oom_kills(root, proc) == 0
+    assert cgroup.oom_kills() >= 0  # this machine's, whatever it is
 
 
 # -- cgroups and the Go environment --------------------------------------------------
@@ -367,7 +540,7 @@ def fake_cgroup(tmp_path: Path, proc_cgroup: str, files: dict[str, str]) -> Cgro
     for rel, content in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(content)
-    return goruntime.cgroup_limits(root, proc)
+    return goenv.cgroup_limits(root, proc)
 
 
 def test_cgroup_v2_takes_the_tightest_limit_on_the_path(tmp_path: Path) -> None:
@@ -418,7 +591,7 @@ def test_cgroup_v1_and_a_namespaced_mount(tmp_path: Path) -> None:
 
 
 def test_cgroup_limits_of_this_machine_do_not_fail() -> None:
-    limits = goruntime.cgroup_limits()
+    limits = goenv.cgroup_limits()
     assert limits.memory is None or limits.memory > 0
     assert limits.cpus is None or limits.cpus > 0
 
@@ -460,7 +633,7 @@ def test_go_env(
     expected: dict[str, str],
 ) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    assert goruntime.go_env(spec(tmp_path, extra, limits), cgroup, inherited) == expected
+    assert goenv.go_env(spec(tmp_path, extra, limits), cgroup, inherited) == expected
 
 
 def test_go_env_looks_at_gosups_own_environment(
@@ -469,4 +642,4 @@ def test_go_env_looks_at_gosups_own_environment(
     monkeypatch.setenv("GOMEMLIMIT", "3GiB")
     with contextlib.suppress(KeyError):
         monkeypatch.delenv("GOMAXPROCS")
-    assert goruntime.go_env(spec(tmp_path, limits="rss = '1GiB'"), NO_CGROUP) == {}
+    assert goenv.go_env(spec(tmp_path, limits="rss = '1GiB'"), NO_CGROUP) == {}

@@ -284,7 +284,7 @@ def test_user_switch_without_root_is_a_config_error() -> None:
         cfg.write_text('[programs.api]\ncommand = ["/bin/true"]\nuser = "root"\n')
         code = (
             f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(site)!r}]; "
-            "from supervisor.cli.commands import main; sys.exit(main(sys.argv[1:]))"
+            "from supervisor.gosup import main; sys.exit(main(sys.argv[1:]))"
         )
         result = subprocess.run(
             ["/usr/bin/python3", "-c", code, "run", str(cfg)],

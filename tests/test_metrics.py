@@ -115,7 +115,7 @@ def test_scrape_after_a_crash_counts_the_restart(gosup_factory: Any, goapp: Path
     assert value(found, "process_open_fds")
 
     if importlib.util.find_spec("supervisor.health.resources") is not None:
-        # The resource sampler fills program.figures; the scrape reads them.
+        # The resource sampler fills program.observations; the scrape reads them.
         def sampled() -> dict[Any, float] | None:
             now = samples(get(port)[2])
             return now if value(now, "gosup_program_rss_bytes", program="api") else None
@@ -168,7 +168,7 @@ def fake_program(name: str, state: S, **figures: Any) -> SimpleNamespace:
         name=name,
         state=state,
         restarts=collections.Counter(),
-        figures=figures,
+        observations=SimpleNamespace(figures=figures),
         spec=SimpleNamespace(config_files=()),
     )
 

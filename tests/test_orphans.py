@@ -228,7 +228,7 @@ def test_as_pid_1_reaps_orphans_and_keeps_its_childrens_exit_status(
         )
         + _program("listener", goapp, "-report-signals", "-signal-file", str(signals)),
     )
-    cmd = [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-m", "supervisor.cli"]
+    cmd = [unshare, "--pid", "--fork", "--mount-proc", sys.executable, "-m", "supervisor"]
     with open(g.out, "wb") as out, open(g.err, "wb") as err:
         outer = subprocess.Popen(
             [*cmd, "run", str(g.config), "-v"], cwd=tmp_path, stdout=out, stderr=err

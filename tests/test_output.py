@@ -121,7 +121,7 @@ def test_history_follow_prints_new_records(gosup_factory: Any, goapp: Path, tmp_
             [
                 sys.executable,
                 "-m",
-                "supervisor.cli",
+                "supervisor",
                 "history",
                 "-c",
                 str(g.config),

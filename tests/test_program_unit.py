@@ -3,6 +3,14 @@
 No real process and no timer wait: the test moves the clock and wakes the
 actor, so a 30-second backoff is checked in microseconds, and the exact
 moment a deadline fires (not a millisecond early) is observable.
+
+The clock only moves when the actor has settled: a test that moves it while
+the actor is still between two steps (the launcher has run, the STARTING
+timer is not armed yet) arms that timer past the moved clock, and the run
+then never becomes RUNNING. So the harness waits for the actor's settled
+state (`started`: record written, timer armed), never for a side effect of
+its first step, and every wait has a deadline: a broken actor fails a test
+in seconds with the name of what it waited for, instead of hanging it.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import json
 import os
 import random
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ from supervisor.core.states import ProcessState
 from supervisor.history import History
 
 S = ProcessState
+WAIT = 10.0  # seconds any wait on the actor may take, even on a loaded machine
 
 
 class FakeClock:
@@ -122,15 +131,40 @@ class Harness:
             await asyncio.sleep(0.001)
 
     async def until(self, cond: Callable[[], bool], what: str) -> None:
-        async with asyncio.timeout(5):  # a deadline, polling the actor's visible state
-            while not cond():  # noqa: ASYNC110 - the actor exposes no event to wait on
-                await asyncio.sleep(0.001)
+        """Poll the actor's visible state until ``cond`` holds, with a deadline."""
+        try:
+            async with asyncio.timeout(WAIT):
+                while not cond():  # noqa: ASYNC110 - the actor exposes no event to wait on
+                    await asyncio.sleep(0.001)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {WAIT}s waiting for {what}") from None
 
+    async def started(self, n: int) -> FakeChild:
+        """Wait until the ``n``-th child runs and the actor has settled in STARTING:
+        its ``started`` record written and the start_seconds timer armed. The
+        launcher having run is not enough: the actor attaches the child's pipes
+        (real loop turns) before it arms the timer from the clock."""
 
-def armed(h: Harness) -> bool:
-    """The actor has finished the start (its STARTING timer is set): advancing
-    the clock before that would be lost on a deadline not armed yet."""
-    return h.program._deadline is not None
+        def settled() -> bool:
+            p = self.program
+            return (
+                len(self.children) == n
+                and p.child is self.children[-1]
+                and p.state is S.STARTING
+                and p._deadline is not None
+                and any(r["pid"] == p.child.pid for r in self.records("started"))
+            )
+
+        await self.until(settled, f"start #{n} settled in STARTING")
+        return self.child
+
+    async def answer(self, reply: Awaitable[str], what: str = "the reply") -> str:
+        """Await a command's reply, with a deadline (CommandError passes through)."""
+        try:
+            async with asyncio.timeout(WAIT):
+                return await reply
+        except TimeoutError:
+            raise AssertionError(f"timed out after {WAIT}s waiting for {what}") from None
 
 
 def run(tmp: Path, body: Callable[[Harness], Coroutine[Any, Any, None]], **keys: Any) -> None:
@@ -158,13 +192,13 @@ def test_crash_loop_waits_exactly_the_backoff_then_gives_up(tmp_path: Path) -> N
         h.program.post(Start())
         expected = [1.0, 2.0, 4.0]
         for n, delay in enumerate(expected, start=1):
-            await h.until(lambda n=n: len(h.children) == n, "a start")
+            await h.started(n)
             h.child.exit(1)
             await h.until(lambda: h.program.state is S.BACKOFF, "backoff")
             await h.advance(delay - 0.001)  # not a moment early
             assert h.program.state is S.BACKOFF and len(h.children) == n
             await h.advance(0.001)
-            await h.until(lambda n=n: len(h.children) == n + 1, "the restart")
+            await h.started(n + 1)
         h.child.exit(1)
         await h.until(lambda: h.program.state is S.FATAL, "FATAL")
         assert [r["delay_s"] for r in h.records("backoff")] == expected
@@ -178,16 +212,16 @@ def test_crash_loop_waits_exactly_the_backoff_then_gives_up(tmp_path: Path) -> N
 def test_healthy_run_resets_and_restarts_at_once(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         h.child.exit(1)  # one failed start: failures = 1
         await h.until(lambda: h.program.state is S.BACKOFF, "backoff")
         await h.advance(1.0)
-        await h.until(lambda: len(h.children) == 2, "restart")
+        await h.started(2)
         await h.advance(5.0)
         assert h.program.state is S.RUNNING
         await h.advance(60.0)  # healthy for reset_after
         h.child.exit(2)
-        await h.until(lambda: len(h.children) == 3, "immediate restart")
+        await h.started(3)
         assert h.records("backoff")[-1]["delay_s"] == 0.0
         assert h.program.failures == 0
         assert h.records("started")[-1]["attempt"] == 1
@@ -199,13 +233,13 @@ def test_stop_escalates_to_sigkill_at_stop_timeout(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         h.ignore_term = True
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         stop = asyncio.ensure_future(h.program.request(Stop()))
         await h.until(lambda: h.program.state is S.STOPPING, "stopping")
         await h.advance(9.999)
         assert h.child.signals == [("group", signal.SIGTERM)]
         await h.advance(0.001)
-        await stop
+        await h.answer(stop, "the stop")
         assert h.child.signals[-1] == ("group", signal.SIGKILL)
         assert h.program.state is S.STOPPED
         assert h.records("stopped")[0]["killed"] is True
@@ -216,12 +250,12 @@ def test_stop_escalates_to_sigkill_at_stop_timeout(tmp_path: Path) -> None:
 def test_operator_restart_is_not_a_failure(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1 and armed(h), "start")
+        await h.started(1)
         await h.advance(1.0)
         reply = asyncio.ensure_future(h.program.request(Restart(reason="operator")))
-        await h.until(lambda: len(h.children) == 2 and armed(h), "restart")
+        await h.started(2)
         await h.advance(1.0)
-        assert "running" in await reply
+        assert "running" in await h.answer(reply, "the restart")
         assert h.program.failures == 0
         assert not h.records("backoff")
         assert h.records("restart_requested")[0]["reason"] == "operator"
@@ -234,12 +268,12 @@ def test_operator_restart_is_not_a_failure(tmp_path: Path) -> None:
 def test_a_leak_restart_after_a_healthy_run_is_not_a_failure(tmp_path: Path, reason: str) -> None:
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1 and armed(h), "start")
+        await h.started(1)
         await h.advance(61.0)  # past backoff.reset_after (60s)
         reply = asyncio.ensure_future(h.program.request(Restart(reason=reason)))
-        await h.until(lambda: len(h.children) == 2 and armed(h), "restart")
+        await h.started(2)
         await h.advance(1.0)
-        assert "running" in await reply
+        assert "running" in await h.answer(reply, "the restart")
         assert h.program.failures == 0 and not h.records("backoff")
 
     run(tmp_path, body, start_seconds=1.0)
@@ -247,15 +281,16 @@ def test_a_leak_restart_after_a_healthy_run_is_not_a_failure(tmp_path: Path, rea
 
 @pytest.mark.parametrize("reason", ["leak", "unhealthy"])
 def test_a_leak_restart_within_reset_after_is_a_failed_run(tmp_path: Path, reason: str) -> None:
+    """DESIGN §3: a limit below the idle baseline must end in FATAL, not loop."""
+
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1 and armed(h), "start")
+        await h.started(1)
         await h.advance(1.0)
-        reply = await h.program.request(Restart(reason=reason))
-        assert "a failed run" in reply
+        reply = asyncio.ensure_future(h.program.request(Restart(reason=reason)))
+        assert "a failed run" in await h.answer(reply, "the restart")
         assert h.program.state is S.BACKOFF and h.program.failures == 1
-        exited = h.records("exited")[-1]
-        assert exited["reason"] == reason
+        assert h.records("exited")[-1]["reason"] == reason
         assert h.records("backoff")[0]["attempt"] == 1
         assert h.program.restarts[reason] == 1 and not h.program.restarts["crash"]
 
@@ -265,19 +300,19 @@ def test_a_leak_restart_within_reset_after_is_a_failed_run(tmp_path: Path, reaso
 def test_conflicting_and_pointless_commands_get_clear_answers(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         with pytest.raises(CommandError, match="not running"):
-            await h.program.request(SendSignal(signum=signal.SIGHUP))
+            await h.answer(h.program.request(SendSignal(signum=signal.SIGHUP)))
         h.ignore_term = True
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         first = asyncio.ensure_future(h.program.request(Stop()))
         await h.until(lambda: h.program.state is S.STOPPING, "stopping")
         with pytest.raises(CommandError, match="already stopping"):
-            await h.program.request(Stop())
+            await h.answer(h.program.request(Stop()))
         with pytest.raises(CommandError, match="is stopping"):
-            await h.program.request(Start())
+            await h.answer(h.program.request(Start()))
         await h.advance(10.0)
-        await first
-        assert "already stopped" in await h.program.request(Stop())
+        await h.answer(first, "the first stop")
+        assert "already stopped" in await h.answer(h.program.request(Stop()))
 
     run(tmp_path, body, stop_timeout=10.0)
 
@@ -285,13 +320,13 @@ def test_conflicting_and_pointless_commands_get_clear_answers(tmp_path: Path) ->
 def test_operator_start_leaves_fatal_with_a_fresh_series(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         h.child.exit(1)
         await h.until(lambda: h.program.state is S.FATAL, "FATAL")
         started = asyncio.ensure_future(h.program.request(Start()))
-        await h.until(lambda: len(h.children) == 2, "start from FATAL")
+        await h.started(2)
         await h.advance(1.0)
-        assert "running" in await started
+        assert "running" in await h.answer(started, "the start")
         assert h.program.failures == 0
 
     spec = BackoffSpec(give_up_after=1, jitter=0.0)
@@ -306,7 +341,7 @@ def test_panic_in_stderr_is_recorded_on_exit(tmp_path: Path) -> None:
 
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         h.child.exit(2, stderr=trace)
         await h.until(lambda: h.program.state is S.EXITED, "exited")
         crash = h.records("exited")[0]["crash"]
@@ -321,12 +356,12 @@ def test_a_restart_for_a_gone_pid_does_not_revive_the_program(tmp_path: Path) ->
 
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         leaking = h.child.pid
         h.child.exit(2)  # the crash wins the race against the leak restart
         await h.until(lambda: h.program.state is S.FATAL, "FATAL")
         with pytest.raises(CommandError, match=f"pid {leaking} is gone"):
-            await h.program.request(Restart(reason="leak", pid=leaking))
+            await h.answer(h.program.request(Restart(reason="leak", pid=leaking)))
         assert h.program.state is S.FATAL and len(h.children) == 1
         assert not h.records("restart_requested")
 

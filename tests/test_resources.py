@@ -1,4 +1,6 @@
-"""Resource watermarks (supervisor/resources.py, supervisor/sampling.py).
+"""Resource watermarks (supervisor/health/resources.py: the sampler,
+sampling.py: trees and hysteresis, watermarks.py: the leak response,
+evidence.py, goenv.py), and what they show (supervisor/core/observations.py).
 
 The hysteresis is tested with synthetic samples (no sleeping); everything
 else with real Go programs (tests/fixtures/goapp: -leak-*, -spike-*), run
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import textwrap
@@ -27,9 +30,12 @@ from conftest import wait_for
 
 from supervisor import config as configmod
 from supervisor.config import LimitsSpec
-from supervisor.core.program import CommandError, Program, Start, Stop
-from supervisor.health import goruntime, resources, sampling
-from supervisor.health.sampling import Figures, Hysteresis
+from supervisor.core.observations import Observations
+from supervisor.core.program import CommandError, Program, Restart, Start, Stop
+from supervisor.health import goenv, resources, sampling
+from supervisor.health.evidence import Dumps
+from supervisor.health.sampling import Hysteresis
+from supervisor.health.watermarks import LeakResponse
 from supervisor.protocol import RequestError
 from supervisor.service.daemon import Supervisor
 
@@ -106,18 +112,28 @@ def test_bad_limits_are_config_errors(tmp_path: Path, line: str, message: str) -
 # -- figures --------------------------------------------------------------------------
 
 
-def test_figures_age_is_worked_out_when_read() -> None:
-    now = [100.0]
-    figures = Figures({"go_env": {}}, lambda: now[0])
-    assert dict(figures) == {"go_env": {}}  # never sampled: no age
-    figures.update(rss_bytes=5)
-    figures.sampled_at = 99.0
-    now[0] = 102.5
-    copied = {"name": "api", **figures}  # what Program.status() does
-    assert copied["last_sample_age_s"] == 3.5
-    now[0] = 110.0
-    assert json.loads(json.dumps(figures))["last_sample_age_s"] == 11.0
-    assert figures["last_sample_age_s"] == 11.0
+def test_observations_show_the_sample_age_as_of_the_reading() -> None:
+    obs = Observations()
+    assert obs.status(100.0) == {}  # nothing known: nothing shown
+    obs.go_env = {"GOMEMLIMIT": "460MiB"}
+    obs.figures.update(rss_bytes=5, goroutines=7)
+    obs.sampled(99.0)
+    assert obs.status(102.5) == {
+        "go_env": {"GOMEMLIMIT": "460MiB"}, "rss_bytes": 5, "goroutines": 7,
+        "last_sample_age_s": 3.5,
+    }  # fmt: skip
+    assert obs.status(110.0)["last_sample_age_s"] == 11.0
+    obs.scrape_error = "http://h:1/m: HTTP 404"
+    obs.over_limit, obs.sustain = {"rss": 2}, 3
+    obs.limit_exceeded = {"metric": "rss"}
+    shown = obs.status(110.0)
+    assert shown["over_limit"] == {"rss": 2} and shown["sustain"] == 3
+    assert shown["scrape_error"].endswith("404") and shown["limit_exceeded"] == {"metric": "rss"}
+    obs.run_ended()  # what belonged to the run goes; the finding and go_env stay
+    assert obs.status(120.0) == {
+        "go_env": {"GOMEMLIMIT": "460MiB"}, "limit_exceeded": {"metric": "rss"},
+    }  # fmt: skip
+    assert obs.samples == 1
 
 
 # -- the process tree -------------------------------------------------------------------
@@ -177,8 +193,8 @@ def goapp_program(goapp: Path, *args: str, limits: str = "", extra: str = "") ->
 class Harness:
     """A Supervisor's programs and the sampler service, without the rest of gosup."""
 
-    def __init__(self, sup: Supervisor, sampler: resources.ResourceSampler) -> None:
-        self.sup, self.sampler = sup, sampler
+    def __init__(self, sup: Supervisor, sampler: resources.ResourceSampler, dumps: Dumps) -> None:
+        self.sup, self.sampler, self.dumps = sup, sampler, dumps
 
     @property
     def app(self) -> Program:
@@ -203,11 +219,11 @@ async def sampled(tmp_path: Path, programs: str) -> AsyncIterator[Harness]:
         f'[supervisor]\nstate_dir = "state"\n{programs}', tmp_path / "app.toml"
     )
     sup = Supervisor(config)
-    sampler = resources.ResourceSampler(
-        lambda: sup.programs, sup.history, config.supervisor.state_dir / "dumps"
-    )
+    # as service/app.py wires them
+    dumps = Dumps(sup.history, config.supervisor.state_dir / "dumps")
+    sampler = resources.ResourceSampler(lambda: sup.programs, LeakResponse(sup.history, dumps))
     sup.state_listeners.append(sampler.on_state)
-    sup.ctx.env_providers = (sampler.go_env,)  # as service/app.py wires it
+    sup.ctx.env_providers = (goenv.GoEnv(lambda: sup.programs),)
     await sampler.start()
     try:
         for spec in config.programs:
@@ -216,7 +232,7 @@ async def sampled(tmp_path: Path, programs: str) -> AsyncIterator[Harness]:
             sup.programs[spec.name] = program
             program.launch()
             program.post(Start())
-        yield Harness(sup, sampler)
+        yield Harness(sup, sampler, dumps)
     finally:
         for program in sup.programs.values():
             with contextlib.suppress(CommandError):
@@ -225,6 +241,10 @@ async def sampled(tmp_path: Path, programs: str) -> AsyncIterator[Harness]:
         for program in sup.programs.values():
             await program.close()
         sup.history.close()
+
+
+def seen(h: Harness) -> Observations:
+    return h.app.observations
 
 
 def text_of(path: str | Path) -> str:
@@ -247,7 +267,8 @@ def assert_leak_restart(h: Harness, metric: str) -> dict[str, Any]:
     assert not h.history("backoff") and not h.history("fatal")
     assert all("crash" not in r for r in h.history("exited"))
     assert h.app.restarts == {"leak": 1} and h.app.failures == 0
-    assert h.app.figures["limit_exceeded"]["metric"] == metric
+    fired = h.app.observations.limit_exceeded
+    assert fired is not None and fired["metric"] == metric
     return rec
 
 
@@ -280,13 +301,13 @@ def test_goroutine_leak_restarts_with_each_metrics_format(
 
     async def main() -> None:
         async with sampled(tmp_path, prog) as h:
-            await h.until(lambda: h.app.figures.get("goroutines"), 20, "goroutines in the figures")
+            await h.until(lambda: seen(h).figures.get("goroutines"), 20, "goroutines sampled")
             new_pid = await leak_restarted(h)
             rec = assert_leak_restart(h, "goroutines")
             assert rec["pid"] != new_pid
             # the counts start afresh for the new process
-            await h.until(lambda: h.app.figures.get("last_sample_age_s") is not None, 20, "sample")
-            assert h.app.figures["goroutines"] < 250 and "over_limit" not in h.app.figures
+            await h.until(lambda: seen(h).sampled_at is not None, 20, "a sample")
+            assert seen(h).figures["goroutines"] < 250 and not seen(h).over_limit
 
     run(main())
 
@@ -338,15 +359,13 @@ def test_a_brief_spike_never_restarts(
 
     async def main() -> None:
         async with sampled(tmp_path, prog) as h:
-            seen: list[dict[str, int]] = []
             # The sampler saw the spike (one sample over the limit, at least) ...
-            await h.until(lambda: seen.append(dict(h.app.figures.get("over_limit", {}))) or
-                          any(seen), 20, "the spike to be seen")  # fmt: skip
+            await h.until(lambda: seen(h).over_limit, 20, "the spike to be seen")
             # ... and it ended without a restart.
-            await h.until(lambda: not h.app.figures.get("over_limit"), 20, "the spike to end")
+            await h.until(lambda: not seen(h).over_limit, 20, "the spike to end")
             # ... and five more samples change nothing (no breach was pending).
-            start = h.app.figures.samples
-            await h.until(lambda: h.app.figures.samples >= start + 5, 20, "five more samples")
+            start = seen(h).samples
+            await h.until(lambda: seen(h).samples >= start + 5, 20, "five more samples")
             assert not h.history("limit_exceeded") and h.app.restarts == {}
             assert len(h.history("started")) == 1
 
@@ -413,6 +432,32 @@ def test_sigquit_evidence_is_a_stop_not_a_crash(tmp_path: Path, goapp: Path) -> 
     run(main())
 
 
+def test_a_runs_stderr_tap_and_exit_future(tmp_path: Path) -> None:
+    """The narrow Program API the SIGQUIT capture uses: a tap sees the current
+    run's stderr only, and the exit future says how gosup stopped that run."""
+    prog = (
+        '[programs.app]\ncommand = ["sh", "-c", "echo run >&2; exec sleep 60"]\n'
+        'start_seconds = "100ms"\nstop_signal = "USR1"\n'
+    )
+
+    async def main() -> None:
+        async with sampled(tmp_path, prog) as h:
+            pid = await h.until(lambda: h.app.state.value == "RUNNING" and h.app.pid, 20, "run")
+            assert h.app.exited(pid + 1_000_000).result() is None  # not this run: over already
+            taps: list[bytes] = []
+            untap = h.app.tap_stderr(taps.append)
+            ended = h.app.exited(pid)
+            assert not ended.done()
+            await h.app.request(Restart(reason="operator"))
+            assert ended.done() and ended.result() == signal.SIGUSR1
+            log = tmp_path / "logs" / "app.stderr.log"
+            await h.until(lambda: log.read_text().count("run") == 2, 20, "the second run")
+            assert taps == []  # the first run wrote before the tap, the second after it ended
+            untap()  # harmless once the run is over
+
+    run(main())
+
+
 @pytest.mark.parametrize("problem", ["refused", "garbage", "timeout"])
 def test_a_failed_scrape_is_shown_never_a_reason_to_kill(
     tmp_path: Path, goapp: Path, problem: str
@@ -432,15 +477,16 @@ def test_a_failed_scrape_is_shown_never_a_reason_to_kill(
 
         async def main() -> None:
             async with sampled(tmp_path, prog) as h:
-                error = await h.until(lambda: h.app.figures.get("scrape_error"), 30, "the error")
+                error = await h.until(lambda: seen(h).scrape_error, 30, "the error")
                 assert expected in error
                 pid = h.app.pid
                 # Limit: 1 goroutine, so any successful scrape would fire. Ten failed
                 # scrapes later, nothing has.
-                start = h.app.figures.samples
-                await h.until(lambda: h.app.figures.samples >= start + 10, 30, "ten samples")
+                start = seen(h).samples
+                await h.until(lambda: seen(h).samples >= start + 10, 30, "ten samples")
                 assert h.app.pid == pid and not h.history("limit_exceeded")
-                assert h.app.figures["rss_bytes"] > 0 and "goroutines" not in h.app.figures
+                assert seen(h).figures["rss_bytes"] > 0 and "goroutines" not in seen(h).figures
+                assert h.app.status()["scrape_error"] == seen(h).scrape_error
 
         run(main())
 
@@ -459,7 +505,8 @@ def test_programs_without_limits_are_sampled_for_status(
             assert status["last_sample_age_s"] < 10
             assert "connections" not in status and "goroutines" not in status
             await h.app.request(Stop())
-            await h.until(lambda: "rss_bytes" not in h.app.figures, 20, "figures cleared")
+            await h.until(lambda: "rss_bytes" not in h.app.status(), 20, "figures cleared")
+            assert "last_sample_age_s" not in h.app.status()
 
     run(main())
 
@@ -471,7 +518,7 @@ def test_go_env_is_set_logged_and_shown(tmp_path: Path, goapp: Path) -> None:
     async def main() -> None:
         async with sampled(tmp_path, prog) as h:
             await h.until(env_file.exists, 20, "the env file")
-            expected = goruntime.go_env(h.app.spec, goruntime.cgroup_limits())
+            expected = goenv.go_env(h.app.spec, goenv.cgroup_limits())
             assert expected["GOMEMLIMIT"] == "180MiB" or expected["GOMEMLIMIT"].endswith("MiB")
             env = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
                        if "=" in line and not line.startswith("#"))  # fmt: skip
@@ -507,20 +554,18 @@ def test_dump_on_request_keeps_the_program_running(tmp_path: Path, goapp: Path) 
     async def main() -> None:
         async with sampled(tmp_path, prog) as h:
             pid = await h.until(lambda: h.app.state.value == "RUNNING" and h.app.pid, 20, "app")
-            await h.until(lambda: h.app.figures.get("goroutines"), 20, "the HTTP server")
-            data = await h.sampler.dump("app")
+            await h.until(lambda: seen(h).figures.get("goroutines"), 20, "the HTTP server")
+            data = await h.dumps.on_request(h.app)
             text = text_of(data["path"])
             assert text.startswith("goroutine ") and "main.main()" in text
             assert h.app.pid == pid and h.app.restarts == {}
             saved = h.history("evidence_saved")[-1]
             assert saved["path"] == data["path"] and saved["reason"] == "operator"
             with pytest.raises(RequestError, match="plain has no go_metrics URL"):
-                await h.sampler.dump("plain")
-            with pytest.raises(RequestError, match="unknown program 'nope'"):
-                await h.sampler.dump("nope")
+                await h.dumps.on_request(h.sup.programs["plain"])
             await h.app.request(Stop())
             with pytest.raises(RequestError, match="app is not running"):
-                await h.sampler.dump("app")
+                await h.dumps.on_request(h.app)
 
     run(main())
 
@@ -586,4 +631,6 @@ def test_gosup_restarts_a_leaking_program_with_a_dump_and_spares_a_spiking_one(
     dump = g.cli("dump", "spiky")
     assert dump.returncode == 0, dump.stderr
     assert Path(dump.stdout.strip()).read_text().startswith("goroutine ")
+    unknown = g.cli("dump", "nope")
+    assert unknown.returncode != 0 and "unknown program 'nope'" in unknown.stderr
     assert g.stop() == 0

@@ -103,22 +103,21 @@ def test_healthy_run_ended_by_a_requested_restart_resets_the_failures(tmp_path: 
     # went FATAL (give_up_after=2 here) instead of backing off from `initial`.
     async def body(h: Harness) -> None:
         h.program.post(Start())
-        await h.until(lambda: len(h.children) == 1, "start")
+        await h.started(1)
         h.child.exit(1)  # failures = 1
         await h.until(lambda: h.program.state is S.BACKOFF, "backoff")
         await h.advance(1.0)
-        await h.until(lambda: len(h.children) == 2, "restart")
+        await h.started(2)
         await h.advance(5.0)
         assert h.program.state is S.RUNNING
         await h.advance(3600.0)  # an hour of health
         reply = asyncio.ensure_future(h.program.request(Restart(reason="leak")))
-        await h.until(lambda: len(h.children) == 3, "leak restart")
+        await h.started(3)
         await h.advance(5.0)
-        await reply
+        await h.answer(reply, "the leak restart")
         assert h.records("started")[-1]["attempt"] == 1
         h.child.exit(1)  # one crash soon after: the first of a new series
-        await h.until(lambda: h.program.state is not S.RUNNING, "exit")
-        await h.idle()
+        await h.until(lambda: h.program.state in (S.BACKOFF, S.FATAL), "the exit settled")
         assert h.program.state is S.BACKOFF
         assert h.records("backoff")[-1]["delay_s"] == 1.0
 

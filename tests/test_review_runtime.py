@@ -17,7 +17,7 @@ from conftest import wait_for
 from test_resources import free_port, goroutine_leak, leak_restarted, sampled
 
 from supervisor.config import BuildSpec
-from supervisor.health import gohttp, goruntime
+from supervisor.health import evidence, gohttp
 from supervisor.service import builder, metrics, orphans, systemd
 from supervisor.service.daemon import Supervisor
 
@@ -131,7 +131,7 @@ def test_pruning_skips_what_it_cannot_remove(tmp_path: Path) -> None:
     newer = [tmp_path / f"api-2026010{d}T000000.000Z-pprof.txt" for d in (2, 3)]
     for path in newer:
         path.write_text("dump")
-    removed = goruntime.prune_dumps(tmp_path, "api", keep=1)
+    removed = evidence.prune_dumps(tmp_path, "api", keep=1)
     assert removed == [newer[0]]
     assert newer[1].exists() and stuck.exists()
 
@@ -140,26 +140,19 @@ def test_a_refused_sigquit_restart_saves_no_dump(tmp_path: Path) -> None:
     """When the leak restart was refused (the program was STOPPING), no SIGQUIT
     went out, yet the program's ordinary stderr was saved as "sigquit" evidence."""
     saved: list[Path] = []
-    program = SimpleNamespace(
-        name="api", output=SimpleNamespace(stderr=SimpleNamespace(taps=[])), state_listeners=[]
-    )
 
     async def main() -> None:
-        capture = goruntime.StderrCapture(
-            program,  # type: ignore[arg-type]
-            tmp_path / "api-sigquit.txt",
-            1 << 20,
-            saved.append,
+        capture = evidence.SigquitCapture(
+            "api", tmp_path / "api-sigquit.txt", 1 << 20, saved.append
         )
-        capture.begin()
-        for tap in program.output.stderr.taps:
-            tap(b"ordinary log line\n")
-        capture.end()  # the restart request came back refused
+        capture.feed(b"ordinary log line\n")
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        ended.add_done_callback(capture.run_ended)
+        ended.cancel()  # the restart request came back refused
         await asyncio.sleep(0)
 
     asyncio.run(main())
     assert saved == [] and not (tmp_path / "api-sigquit.txt").exists()
-    assert program.output.stderr.taps == [] and program.state_listeners == []
 
 
 # -- the PID 1 reaper ------------------------------------------------------------------

@@ -26,7 +26,7 @@ class GosupDriver(Driver):
         return [
             _install.gosup_python(),
             "-m",
-            "supervisor.cli",
+            "supervisor",
             "run",
             "app.toml",
             "--no-echo",
@@ -34,7 +34,7 @@ class GosupDriver(Driver):
 
     def ctl_command(self) -> list[str]:
         """The gosup CLI; run it with cwd = the work directory (it finds ./app.toml)."""
-        return [_install.gosup_python(), "-m", "supervisor.cli"]
+        return [_install.gosup_python(), "-m", "supervisor"]
 
     def write_config(self) -> None:
         parts = [

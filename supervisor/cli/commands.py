@@ -1,20 +1,23 @@
-"""argparse front end: the only place that prints for humans and exits.
+"""argparse front end: every subcommand's options, ``run`` and ``check``, and
+``main``, the one place that turns an error into a message and an exit code.
 
-Heavy modules (psutil, loguru, the daemon) are imported inside the commands
-that need them, so client commands such as ``gosup status`` start fast.
+The other commands live in one module each (``status``, ``actions``,
+``historyview``, ``stage``), none of which imports this one. Heavy modules
+(psutil, loguru, the daemon) are imported inside the commands that need
+them, and ``gosup status`` with simple arguments skips the parser (and the
+other commands' modules) entirely, so client commands start fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from supervisor import __version__
-from supervisor.cli import client, stage
+from supervisor.cli import status
 from supervisor.cli.common import (
     DEFAULT_CONFIG,
     EXIT_OK,
@@ -22,6 +25,11 @@ from supervisor.cli.common import (
     CLIError,
     load_config,
 )
+
+if TYPE_CHECKING:
+    from supervisor import config as configmod
+
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # -- run / check ----------------------------------------------------------------
 
@@ -48,29 +56,35 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
+class Daemon(Protocol):
+    """What ``run`` and ``check`` need of the daemon (``supervisor/service/``).
 
+    Handed in by the program's entry point (``supervisor/gosup.py``): the
+    command line never imports the daemon itself, so ``gosup status`` stays
+    light and the layers stay one-way.
+    """
+
+    def run(self, config: configmod.AppConfig, *, echo: bool, dev: bool) -> int:
+        """Run in the foreground until told to stop; CLIError when gosup cannot."""
+        ...
+
+    def privilege_errors(self, config: configmod.AppConfig) -> list[str]:
+        """The user/group switches gosup, run as this user, could not make."""
+        ...
+
+    def preflight(self, config: configmod.AppConfig) -> tuple[list[str], list[str]]:
+        """(errors, warnings) a start would run into: missing or unexecutable binaries."""
+        ...
+
+
+def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
     config = load_config(args.config)
     setup_logging(args.verbose)
-    from supervisor import config as configmod
-    from supervisor.service import app
-    from supervisor.service.daemon import StartupError
-
     echo = sys.stdout.isatty() if args.echo is None else args.echo
-
-    async def main() -> int:
-        return await app.build(config, echo=echo, dev=args.dev).run()
-
-    try:
-        return asyncio.run(main())
-    except StartupError as exc:  # e.g. another gosup already runs with this state_dir
-        raise CLIError(str(exc)) from None
-    except configmod.ConfigError as exc:  # e.g. a user switch gosup has no right to make
-        raise CLIError(str(exc), EXIT_USAGE) from None
+    return daemon.run(config, echo=echo, dev=args.dev)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
     from supervisor import config as configmod
 
     errors = configmod.check_file(args.config)
@@ -79,12 +93,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
-    from supervisor.service import preflight
-    from supervisor.service.daemon import privilege_errors
-
-    for note in privilege_errors(config):  # `check` may run as another user than gosup
+    for note in daemon.privilege_errors(config):  # `check` may run as another user than gosup
         print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
-    errors, warnings = preflight.findings(config)
+    errors, warnings = daemon.preflight(config)
     for note in warnings:
         print(f"warning: {note}", file=sys.stderr)
     if errors:
@@ -92,39 +103,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     print(f"{args.config}: ok ({len(config.programs)} programs)")
-    return EXIT_OK
-
-
-# -- history ----------------------------------------------------------------------
-
-
-def history_path(args: argparse.Namespace) -> Path:
-    if args.state_dir:
-        return Path(args.state_dir) / "history.jsonl"
-    return load_config(args.config).supervisor.state_dir / "history.jsonl"
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    from supervisor import history as events
-
-    path = history_path(args)
-    if not path.exists() and not args.follow:
-        raise CLIError(f"no history yet at {path}")
-
-    def show(rec: dict[str, object]) -> None:
-        line = json.dumps(rec, ensure_ascii=False) if args.json else events.format_record(rec)
-        print(line, flush=True)
-
-    if not args.json:
-        print(events.format_header())
-    for rec in events.read(path, n=args.n, program=args.program) if path.exists() else []:
-        show(rec)
-    if args.follow:
-        try:
-            for rec in events.follow(path, program=args.program):
-                show(rec)
-        except KeyboardInterrupt:
-            return EXIT_OK
     return EXIT_OK
 
 
@@ -148,6 +126,12 @@ def _add_config(p: argparse.ArgumentParser, positional: bool = False) -> None:
         )
 
 
+def _add_target(p: argparse.ArgumentParser) -> None:
+    """Which running gosup a client command talks to."""
+    _add_config(p)
+    p.add_argument("--socket", metavar="PATH", help="talk to the gosup at this control socket")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gosup",
@@ -157,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gosup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_daemon_parsers(sub)
+    _add_history_parser(sub)
+    _add_client_parsers(sub)
+    _add_stage_parser(sub)
+    return parser
 
+
+def _add_daemon_parsers(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="run the programs of CONFIG in the foreground")
     _add_config(p, positional=True)
     p.add_argument(
@@ -180,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, positional=True)
     p.set_defaults(func=cmd_check)
 
+
+# The other commands' modules are imported while building the parser, which
+# `gosup status`'s short path never does: it loads only status and client.
+
+
+def _add_history_parser(sub: Subparsers) -> None:
+    from supervisor.cli import historyview
+
     p = sub.add_parser("history", help="show the restart history (works while gosup is down)")
     _add_config(p)
     p.add_argument("--state-dir", help="read STATE_DIR/history.jsonl instead of the config's")
@@ -187,30 +186,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--program", metavar="NAME", help="only records of program NAME")
     p.add_argument("--json", action="store_true", help="raw JSON lines")
-    p.set_defaults(func=cmd_history)
+    p.set_defaults(func=historyview.cmd_history)
 
-    client.add_parsers(sub)
-    stage.add_parser(sub)
-    return parser
+
+def _add_client_parsers(sub: Subparsers) -> None:
+    from supervisor.cli import actions
+
+    p = sub.add_parser("status", help="show the state of every program (or of NAME...)")
+    _add_target(p)
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--json", action="store_true", help='print {"programs": [...]} as JSON')
+    p.set_defaults(func=status.cmd_status)
+
+    for cmd, what in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
+        p = sub.add_parser(cmd, help=f"{what} programs (NAME... or all) and wait for it")
+        _add_target(p)
+        p.add_argument("names", nargs="+", metavar="NAME", help="program names, or all")
+        p.set_defaults(func=actions.cmd_program)
+
+    p = sub.add_parser("signal", help="send SIGNAL (HUP, USR1, SIGUSR2, 10 ...) to programs")
+    _add_target(p)
+    p.add_argument("signal", metavar="SIGNAL")
+    p.add_argument("names", nargs="+", metavar="NAME", help="program names, or all")
+    p.set_defaults(func=actions.cmd_signal)
+
+    p = sub.add_parser("reload", help="re-read app.toml and apply the difference")
+    _add_target(p)
+    p.set_defaults(func=actions.cmd_reload)
+
+    p = sub.add_parser("shutdown", help="stop every program and end gosup")
+    _add_target(p)
+    p.add_argument("--no-wait", action="store_true", help="return without waiting for the end")
+    p.set_defaults(func=actions.cmd_shutdown)
+
+    p = sub.add_parser("dump", help="save a goroutine dump of NAME now (under state_dir/dumps/)")
+    _add_target(p)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=actions.cmd_dump)
+
+
+def _add_stage_parser(sub: Subparsers) -> None:
+    from supervisor.cli import stage
+
+    p = sub.add_parser(
+        "stage",
+        help="hand a new config version to gosup (verified, validated, swapped atomically)",
+        description="Copy NEW_FILE to the staging path of LIVE_PATH with its .sha256 "
+        "sidecar, then tell whether gosup applied it. Exit 0 applied or queued, "
+        "1 rejected, 2 usage error.",
+    )
+    p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
+    p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="the app.toml naming LIVE_PATH in config_files (default: ./app.toml)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for gosup's verdict (default 5)",
+    )
+    p.set_defaults(func=stage.cmd_stage)
 
 
 def _fast_path(argv: list[str]) -> int | None:
     """`gosup status` must feel instant: with simple arguments it skips building
-    every subcommand's parser (and importing the other client modules)."""
+    every subcommand's parser."""
     if argv[:1] != ["status"]:
         return None
-    from supervisor.cli.client import fast_status
-
-    return fast_status(argv[1:])  # None: let argparse handle these arguments
+    return status.fast_status(argv[1:])  # None: let argparse handle these arguments
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, daemon: Daemon | None = None) -> int:
+    """Run one gosup command; ``daemon`` serves ``run`` and ``check``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = _fast_path(argv)
         if code is None:
             args = build_parser().parse_args(argv)
-            code = args.func(args)
+            if args.func in (cmd_run, cmd_check):
+                if daemon is None:
+                    raise CLIError(f"{args.command}: no daemon was handed to the command line")
+                code = args.func(args, daemon)
+            else:
+                code = args.func(args)
     except CLIError as exc:
         print(f"gosup: {exc}", file=sys.stderr)
         return exc.code

@@ -1,23 +1,22 @@
 """``gosup stage NEW_FILE LIVE_PATH``: hand a new config version to gosup.
 
-The staging protocol (DESIGN §4), which this command follows and which any
-deployer may follow by hand: copy the new version to a temporary name in the
-staging directory, write ``<staging>.sha256`` ("<hex>  <name>", as
-``sha256sum`` writes it), then rename the copy onto ``<staging>``. The rename
-is atomic (same directory), so gosup never sees half a file, and the sidecar
-is already there when the file lands.
+The staging protocol (docs/config-files.md, "Deploying a new version"),
+which this command follows and which any deployer may follow by hand: copy
+the new version to a temporary name in the staging directory, write
+``<staging>.sha256`` ("<hex>  <name>", as ``sha256sum`` writes it), then
+rename the copy onto ``<staging>``. The rename is atomic (same directory),
+so gosup never sees half a file, and the sidecar is already there when the
+file lands.
 
-Then, when a gosup is running, the command follows the history for a few
-seconds to tell whether the version was applied or refused. Stdlib only at
-import time: it is a client command.
+Then, when a gosup is running, the command reads the history for a few
+seconds (``supervisor.history.read_from``) to tell whether the version was
+applied or refused. Stdlib only: it is a client command.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import json
 import os
 import socket
 import time
@@ -25,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor import history
 from supervisor.cli import common as cli
+from supervisor.protocol import HISTORY_NAME, SOCKET_NAME
 
 POLL = 0.02  # seconds between looks at the history while waiting
 
@@ -69,10 +70,18 @@ def stage_file(new_file: Path, staging: Path) -> str:
     finally:
         tmp_file.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
-    from supervisor.files.configswap import fsync_dir  # here: the client path stays light
-
-    fsync_dir(directory)
+    _fsync_dir(directory)
     return sha
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable. The cli does not import the daemon's files
+    package (supervisor.files.configswap has the same few lines)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- finding the gosup ------------------------------------------------------------------
@@ -118,7 +127,7 @@ def gosup_running(state_dir: Path) -> bool:
     Without a socket file (a gosup built without the control socket) the
     history tells: the last supervisor record is a start, not a stop.
     """
-    sock_path = state_dir / "gosup.sock"
+    sock_path = state_dir / SOCKET_NAME
     if sock_path.exists():
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(1.0)
@@ -128,31 +137,13 @@ def gosup_running(state_dir: Path) -> bool:
                 return False
             return True
     last = None
-    for rec in _records(state_dir / "history.jsonl", 0)[0]:
+    for rec in history.read_from(state_dir / HISTORY_NAME, 0)[0]:
         if str(rec.get("event", "")).startswith("supervisor_"):
             last = rec["event"]
     return last in ("supervisor_started", "supervisor_reloaded")
 
 
 # -- waiting for the outcome ----------------------------------------------------------------
-
-
-def _records(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Whole records from byte ``offset`` on, and the offset after the last whole line."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    found = []
-    for line in data[:end].splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                found.append(rec)
-    return found, offset + end
 
 
 def _outcome(rec: dict[str, Any], target: Target, sha: str) -> bool:
@@ -164,12 +155,12 @@ def _outcome(rec: dict[str, Any], target: Target, sha: str) -> bool:
 
 
 def wait_outcome(
-    history: Path, target: Target, sha: str, offset: int, seconds: float
+    path: Path, target: Target, sha: str, offset: int, seconds: float
 ) -> dict[str, Any] | None:
     """The config_applied / config_rejected record of this version, if one comes in time."""
     deadline = time.monotonic() + seconds
     while True:
-        recs, offset = _records(history, offset)
+        recs, offset = history.read_from(path, offset)
         for rec in recs:
             if _outcome(rec, target, sha):
                 return rec
@@ -202,19 +193,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
     target = find_target(args.live_path, args.config)
     if not target.staging.parent.is_dir():
         raise cli.CLIError(f"{target.staging.parent}: no such directory", cli.EXIT_USAGE)
-    history = target.state_dir / "history.jsonl" if target.state_dir else None
-    offset = _size(history) if history else 0  # taken before staging: no outcome can be missed
+    history_file = target.state_dir / HISTORY_NAME if target.state_dir else None
+    # The offset is taken before staging: no outcome can be missed.
+    offset = _size(history_file) if history_file else 0
     try:
         sha = stage_file(new_file, target.staging)
     except OSError as exc:
         raise cli.CLIError(f"cannot stage {new_file} at {target.staging}: {exc}") from None
-    if target.state_dir is None or history is None:
+    if target.state_dir is None or history_file is None:
         print(f"staged at {target.staging} (sha256 {sha}); no gosup config here to follow")
         return cli.EXIT_OK
     if not gosup_running(target.state_dir):
         print(f"staged (sha256 {sha}); gosup is not running: it applies the file at start")
         return cli.EXIT_OK
-    rec = wait_outcome(history, target, sha, offset, args.wait)
+    rec = wait_outcome(history_file, target, sha, offset, args.wait)
     if rec is None:
         print(f"staged; no gosup applied it within {args.wait:g}s (queued)")
         return cli.EXIT_OK
@@ -230,29 +222,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "stage",
-        help="hand a new config version to gosup (verified, validated, swapped atomically)",
-        description="Copy NEW_FILE to the staging path of LIVE_PATH with its .sha256 "
-        "sidecar, then tell whether gosup applied it. Exit 0 applied or queued, "
-        "1 rejected, 2 usage error.",
-    )
-    p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
-    p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
-    p.add_argument(
-        "-c",
-        "--config",
-        default=None,
-        help="the app.toml naming LIVE_PATH in config_files (default: ./app.toml)",
-    )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long to wait for gosup's verdict (default 5)",
-    )
-    p.set_defaults(func=cmd_stage)

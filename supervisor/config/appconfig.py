@@ -1,4 +1,4 @@
-"""The gosup config file (app.toml, DESIGN §4) parsed into frozen dataclasses.
+"""The gosup config file (app.toml, docs/config.md) parsed into frozen dataclasses.
 
 Reading happens once, up front, and either yields a complete `AppConfig` or
 raises one `ConfigError` carrying *every* problem found, each naming the file
@@ -43,6 +43,7 @@ from supervisor.config.probespec import (
     parse_metric_check,
 )
 from supervisor.config.units import parse_duration, parse_signal, parse_size
+from supervisor.protocol import DEFAULT_STATE_DIR
 
 __all__ = [
     "AppConfig",
@@ -468,7 +469,7 @@ def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
     if t is None:
         t = _Table([], "", {}, "supervisor", None)  # all defaults
     return SupervisorSpec(
-        state_dir=t.get("state_dir", _path(base), _path(base)(".gosup")),
+        state_dir=t.get("state_dir", _path(base), _path(base)(DEFAULT_STATE_DIR)),
         log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
         metrics_listen=t.get("metrics_listen", _listen_address, None),
         shutdown_timeout=t.get("shutdown_timeout", _positive_duration, 30.0),

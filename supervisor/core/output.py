@@ -9,7 +9,8 @@ pipe buffer pushes back on the child).
 
 stderr also keeps a bounded tail, which is what the Go crash parser reads
 after the child exits (the runtime writes its panic there), and can be tapped
-for a window (a SIGQUIT goroutine dump).
+for the rest of a run (a SIGQUIT goroutine dump): taps end with the run's
+pipes, so the next child's output never reaches them.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Stream:
         self.keep_tail = keep_tail
         self.tail = bytearray()
         self.bytes_total = 0
-        self.taps: list[Callable[[bytes], None]] = []
+        self._taps: list[Callable[[bytes], None]] = []
 
     def feed(self, data: bytes) -> None:
         self.file.write(data)
@@ -119,8 +120,22 @@ class Stream:
             self.tail += data
             if len(self.tail) > 2 * TAIL_BYTES:
                 del self.tail[:-TAIL_BYTES]
-        for tap in self.taps:
+        for tap in self._taps:
             tap(data)
+
+    def tap(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
+        """Hand ``fn`` every chunk from now until the current pipes are detached
+        (the run is over) or the returned remover is called."""
+        self._taps.append(fn)
+
+        def remove() -> None:
+            if fn in self._taps:
+                self._taps.remove(fn)
+
+        return remove
+
+    def untap_all(self) -> None:
+        self._taps.clear()
 
     def tail_text(self) -> str:
         return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")
@@ -188,6 +203,8 @@ class OutputCapture:
             transport.close()
         self._transports.clear()
         self._done.clear()
+        self.stdout.untap_all()  # a tap lasts one run
+        self.stderr.untap_all()
 
     def close(self) -> None:
         self.detach()

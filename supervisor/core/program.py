@@ -35,8 +35,9 @@ import psutil
 from loguru import logger
 
 from supervisor.config import ProgramSpec, RestartPolicy
-from supervisor.core import gopanic, spawn
+from supervisor.core import cgroup, gopanic, spawn
 from supervisor.core.backoff import BackoffPolicy
+from supervisor.core.observations import Observations
 from supervisor.core.output import OutputCapture
 from supervisor.core.states import SIGNALLABLE_STATES, ProcessState, check_transition
 from supervisor.history import History
@@ -159,7 +160,7 @@ class Program:
         self.starts = 0
         self.restarts: collections.Counter[str] = collections.Counter()
         self.last_exit: dict[str, Any] | None = None
-        self.figures: dict[str, Any] = {}  # filled by samplers: rss_bytes, goroutines, ...
+        self.observations = Observations()  # written by health/ watchers, shown by status
         self.policy = BackoffPolicy(spec.backoff, ctx.rng)
         self.output = OutputCapture(
             spec.name, ctx.log_dir, spec.logs.max_size, spec.logs.backups, ctx.echo_width
@@ -179,6 +180,8 @@ class Program:
         self._snapshot: list[psutil.Process] = []
         self._killed = False
         self._task: asyncio.Task[None] | None = None
+        self._stop_signal: int | None = None  # what the stop under way was begun with
+        self._run_end: list[tuple[int, asyncio.Future[int | None]]] = []
 
     # -- the outside world's side --------------------------------------------
 
@@ -208,7 +211,27 @@ class Program:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for _, fut in self._run_end:
+            fut.cancel()
+        self._run_end = []
         self.output.close()
+
+    def tap_stderr(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
+        """Hand ``fn`` what the current run writes to stderr, until the run's
+        output is drained or the returned remover is called."""
+        return self.output.stderr.tap(fn)
+
+    def exited(self, pid: int) -> asyncio.Future[int | None]:
+        """Resolved when the run of ``pid`` is over (the child gone, its output
+        drained, STOPPED or EXITED recorded) with the signal gosup began its
+        stop with (None: it ended by itself). Done callbacks run before the
+        next run starts. Already resolved (None) when ``pid`` is not running."""
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        if pid == self.pid:
+            self._run_end.append((pid, fut))
+        else:
+            fut.set_result(None)
+        return fut
 
     @property
     def pid(self) -> int | None:
@@ -229,7 +252,7 @@ class Program:
             "restarts": sum(self.restarts.values()),
             "failures": self.failures,
             "last_exit": self.last_exit,
-            **self.figures,
+            **self.observations.status(self.ctx.clock()),
         }
 
     # -- the actor -------------------------------------------------------------
@@ -368,7 +391,7 @@ class Program:
         self.started_at = self.ctx.clock()
         self.starts += 1
         self._killed = False
-        self._oom_kills_at_start = _oom_kills()
+        self._oom_kills_at_start = cgroup.oom_kills()
         self._record("started", pid=child.pid, attempt=self.failures + 1, binary_sha256=digest)
         await self.output.attach(child.stdout, child.stderr)
         child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
@@ -432,6 +455,7 @@ class Program:
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy and was_running)
+        await self._run_ended(child, None)
 
     def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
         """What is left of the child's tree: its group, plus the snapshot taken at stop."""
@@ -448,7 +472,7 @@ class Program:
         crash = None
         if code != 0 and self.state is not S.STOPPING:
             crash = gopanic.parse(self.output.stderr.tail_text())
-            oom = _oom_kills() > self._oom_kills_at_start
+            oom = cgroup.oom_kills() > self._oom_kills_at_start
             if crash is None and sig == signal.SIGKILL and not self._killed and oom:
                 crash = gopanic.oom_crash()
         if crash is not None:
@@ -478,7 +502,7 @@ class Program:
         if healthy:
             self.failures = 0
             self.restarts[reason or "crash"] += 1
-            self._deadline = self.ctx.clock()  # EXITED -> STARTING at once, via the timer
+            self._deadline = self.ctx.clock()  # EXITED -> BACKOFF, delay 0 (starts at once)
             self._transition(S.BACKOFF, "backoff", attempt=1, delay_s=0.0)
             return
         self.failures += 1
@@ -531,6 +555,7 @@ class Program:
         self._transition(S.STOPPING, "stopping", pid=child.pid, reason=reason)
         self._snapshot = child.tree()
         sig = sig or self.spec.stop_signal
+        self._stop_signal = sig
         child.signal_group(sig)
         child.signal_escaped(self._snapshot, sig)  # descendants that left the group too
         self._stop_deadline = self._deadline = self.ctx.clock() + self.spec.stop_timeout
@@ -577,6 +602,7 @@ class Program:
             S.STOPPED, "stopped", pid=child.pid, reason=self._stop_reason, killed=self._killed
         )
         logger.info("{}: stopped ({})", self.name, self._stop_reason)
+        await self._run_ended(child, self._stop_signal)
         pending, self._start_after_stop = self._start_after_stop, None
         if pending is not None:
             self._wait_for(pending, frozenset({S.RUNNING}))
@@ -610,6 +636,17 @@ class Program:
             self._failed_stop = None
             if request is not None and request.reply is not None and not request.reply.done():
                 request.reply.set_exception(CommandError(f"{self.name}: restart cancelled ({why})"))
+
+    async def _run_ended(self, child: spawn.Child, stop_signal: int | None) -> None:
+        """Resolve the `exited` futures of this run, and let their callbacks run
+        before anything else happens here (such as the next start)."""
+        ended = [fut for pid, fut in self._run_end if pid == child.pid]
+        self._run_end = [(pid, fut) for pid, fut in self._run_end if pid != child.pid]
+        for fut in ended:
+            if not fut.done():
+                fut.set_result(stop_signal)
+        if ended:
+            await asyncio.sleep(0)  # callbacks were queued first: they run now
 
     # -- restart and signals ------------------------------------------------------
 
@@ -682,19 +719,3 @@ def output_tail(text: str, limit: int = OUTPUT_TAIL_BYTES) -> str:
         cut = data.find(b"\n")
         data = data[cut + 1 :] if 0 <= cut < len(data) - 1 else data
     return data.decode("utf-8", "ignore")
-
-
-def _oom_kills() -> int:
-    """How often the kernel's OOM killer acted in our cgroup (cgroup v2 memory.events)."""
-
-    try:
-        with open("/proc/self/cgroup") as f:
-            rel = f.read().strip().rpartition(":")[2]
-        with open(f"/sys/fs/cgroup{rel}/memory.events") as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0

@@ -32,7 +32,7 @@ TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     # RUNNING -> EXITED: the child exited on its own
     # RUNNING -> STOPPING: stop or restart requested
     S.RUNNING: frozenset({S.EXITED, S.STOPPING}),
-    # EXITED -> STARTING: restart at once (after a healthy run)
+    # EXITED -> STARTING: an operator's start after the program exited for good
     # EXITED -> BACKOFF: restart after a delay
     # EXITED -> STOPPED: an operator's stop after the program exited for good
     # EXITED -> FATAL: too many consecutive failures

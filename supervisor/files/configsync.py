@@ -18,7 +18,7 @@ EXITED) within ``probation`` rolls the file back. The rollback runs inside
 the state listener, synchronously, on purpose: the listener is called during
 the program's transition to EXITED, before the program's task decides on the
 next start. A long-healthy program that dies on a reload is restarted at once
-(DESIGN §3); a restore done later by another task could lose that race and
+(docs/config.md, `reset_after`); a restore done later by another task could lose that race and
 the new run would read the bad file again. Because the program restarts by
 itself (its restart policy and backoff), "apply again" after a rollback needs
 no signal: its next start reads the restored file.

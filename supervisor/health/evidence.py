@@ -1,22 +1,48 @@
-"""Is a saved dump evidence? Only when it holds goroutine stacks.
+"""Evidence: goroutine dumps and heap profiles, kept on disk for a person.
 
-A program that traps SIGQUIT (caddy does) answers it with a log line and
-exits; a pprof endpoint behind a proxy may answer a login page. Saving that
-and writing ``evidence_saved`` would tell the operator that the hang is
-documented when it is not. So every goroutine dump is read back before it
-is recorded: ``evidence_saved`` for stacks, ``evidence_failed`` with a
-glimpse of what came instead.
+Dumps are written under ``<state_dir>/dumps/`` as
+``<program>-<UTC stamp>-<kind>.<ext>``, capped in size, the oldest pruned.
+They come three ways: fetched over pprof (a leak with ``evidence = "pprof"``,
+or ``gosup dump``), or captured from stderr when the Go runtime answers a
+SIGQUIT (a leak with ``evidence = "sigquit"``; see `SigquitCapture`).
+Every saved dump is an ``evidence_saved`` record in the history, but only
+once it was read back and found to hold goroutine stacks: a program that
+traps SIGQUIT (caddy does) answers it with a log line, a pprof endpoint
+behind a proxy may answer a login page, and recording those as evidence
+would tell the operator the hang is documented when it is not. They are
+``evidence_failed`` with a glimpse of what came, like a dump that could not
+be fetched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import re
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from loguru import logger
 
+from supervisor.config import LimitsSpec
+from supervisor.core.states import ProcessState
+from supervisor.health.gohttp import ScrapeError, http_get
 from supervisor.history import History
+from supervisor.protocol import RequestError
+
+if TYPE_CHECKING:
+    from supervisor.core.program import Program
+
+GOROUTINE_DUMP_PATH = "/debug/pprof/goroutine?debug=2"
+HEAP_PROFILE_PATH = "/debug/pprof/heap"
+DUMP_TIMEOUT = 10.0  # a goroutine dump of a big program takes a while to write
+TRUNCATED_NOTE = b"\n\n[gosup: dump truncated at dump_max_size]\n"
+DUMPABLE_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
 
 # What the Go runtime writes for every goroutine, in a SIGQUIT dump and in
 # pprof's debug=2 text: "goroutine 1 [running]:", or with GOTRACEBACK=system
@@ -24,6 +50,67 @@ from supervisor.history import History
 _STACKS = re.compile(rb"^goroutine (\d+ [^\n]*\[[^\n]*\]:|profile: total )", re.MULTILINE)
 GOROUTINE_KINDS = frozenset({"pprof", "sigquit"})  # the kinds that must hold stacks
 GLIMPSE = 160  # bytes of a non-dump quoted in evidence_failed
+DUMP_KEEP = 10  # a program without [limits]: LimitsSpec's dump_keep default
+
+_DUMP_NAME = re.compile(r"^(?P<program>.+)-(?P<stamp>\d{8}T\d{6}\.\d{3}Z(?:\.\d+)?)-[a-z_]+\.")
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def dump_stem(dumps_dir: Path, program: str) -> str:
+    """A fresh ``<program>-<stamp>`` for one dump's files (unique even within one ms)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+    stem, n = f"{program}-{stamp}", 1
+    while any(dumps_dir.glob(f"{stem}-*")):
+        n += 1
+        stem = f"{program}-{stamp}.{n}"
+    return stem
+
+
+def write_dump(path: Path, data: bytes, max_size: int, truncated: bool = False) -> Path:
+    """Write a dump atomically (0600), cut to ``max_size`` bytes with a note when longer."""
+    if len(data) > max_size or truncated:
+        data = data[: max(0, max_size - len(TRUNCATED_NOTE))]
+        if not path.name.endswith(".gz"):  # a note would corrupt a binary profile
+            data += TRUNCATED_NOTE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+    return path
+
+
+def prune_dumps(dumps_dir: Path, program: str, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` dumps of ``program`` (a dump = files of one stem)."""
+    stems: dict[str, list[Path]] = {}
+    try:
+        names = list(dumps_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []  # no dumps yet (or dumps/ unusable, which writing them reports)
+    for path in names:
+        match = _DUMP_NAME.match(path.name)
+        if match is not None and match["program"] == program:
+            stems.setdefault(f"{match['program']}-{match['stamp']}", []).append(path)
+    removed = []
+    for stem in sorted(stems, key=_stamp_order)[:-keep]:
+        for path in stems[stem]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # not ours to remove: leave it, prune the rest
+                logger.warning("dumps: cannot remove {}: {}", path, exc)
+                continue
+            removed.append(path)
+    return removed
+
+
+def _stamp_order(stem: str) -> tuple[str, int]:
+    match = re.search(r"-(\d{8}T\d{6}\.\d{3}Z)(?:\.(\d+))?$", stem)
+    return (match[1], int(match[2] or 1)) if match else ("", 0)
 
 
 def holds_stacks(data: bytes) -> bool:
@@ -44,20 +131,160 @@ def verdict(path: Path, kind: str) -> str | None:
     return f"no goroutine stacks in the {len(data)} bytes received: {glimpse!r}"
 
 
-def record(history: History, program: str, path: Path, kind: str, **extra: object) -> bool:
-    """``evidence_saved`` for a real dump (True); else ``evidence_failed`` and the
-    file goes (a non-dump must not push a real one out of dump_keep)."""
-    error = verdict(path, kind)
-    if error is None:
-        history.record("evidence_saved", program, path=str(path), kind=kind, **extra)
+# -- over pprof --------------------------------------------------------------------
+
+
+def pprof_url(go_metrics: str, path: str) -> str:
+    """``path`` (with its query) on the host:port of the go_metrics URL."""
+    parts = urlsplit(go_metrics)
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+async def fetch_dump(url: str, path: Path, max_size: int, timeout: float) -> Path:
+    """Save what ``url`` answers (a pprof profile) at ``path``; ScrapeError on failure."""
+    response = await http_get(url, timeout, max_size)
+    if response.status != 200:
+        raise ScrapeError(f"{url}: HTTP {response.status}")
+    return await asyncio.to_thread(write_dump, path, response.body, max_size, response.truncated)
+
+
+# -- from stderr, after a SIGQUIT -------------------------------------------------------
+
+
+def goroutine_traces(stderr: bytes) -> bytes:
+    """The SIGQUIT dump in a captured stretch of stderr (what the runtime wrote from
+    its ``SIGQUIT: quit`` header on), or everything when the header is not there."""
+    start = stderr.find(b"SIGQUIT: quit")
+    return stderr[start:] if start >= 0 else stderr
+
+
+class SigquitCapture:
+    """A run's stderr from now until the run is over, saved as a goroutine dump
+    when gosup stopped that run with SIGQUIT.
+
+    ``feed`` is a tap on the program's stderr (`Program.tap_stderr`), and
+    ``run_ended`` a done callback of `Program.exited`: it runs once the child
+    is gone and its output drained, so everything the runtime wrote has passed
+    the tap, and before the next run starts, so ``evidence_saved`` precedes
+    the next ``started`` in the history. A run that ended any other way (the
+    restart was refused: no SIGQUIT went out) leaves no dump.
+    """
+
+    def __init__(
+        self, program: str, path: Path, max_size: int, on_saved: Callable[[Path], None]
+    ) -> None:
+        self.program, self.path, self.max_size, self.on_saved = program, path, max_size, on_saved
+        self.data = bytearray()
+        self.truncated = False
+
+    def feed(self, data: bytes) -> None:
+        room = self.max_size - len(self.data)
+        self.data += data[: max(room, 0)]
+        self.truncated |= len(data) > room
+
+    def run_ended(self, ended: asyncio.Future[int | None]) -> None:
+        if ended.cancelled() or ended.result() != signal.SIGQUIT:
+            return
+        traces = goroutine_traces(bytes(self.data))
+        if not traces.strip():
+            logger.warning("{}: SIGQUIT produced no goroutine dump", self.program)
+            return
+        try:
+            path = write_dump(self.path, traces, self.max_size, self.truncated)
+        except OSError as exc:
+            logger.warning("{}: cannot save the SIGQUIT dump: {}", self.program, exc)
+            return
+        self.on_saved(path)
+
+
+# -- the dumps directory -------------------------------------------------------------
+
+
+class Dumps:
+    """One supervisor's dumps directory: names, fetches, records and prunes."""
+
+    def __init__(self, history: History, dumps_dir: Path) -> None:
+        self.history = history
+        self.dir = dumps_dir
+
+    def path(self, program: str, suffix: str) -> Path:
+        """A fresh path for one file of a new dump of ``program``."""
+        return self.dir / f"{dump_stem(self.dir, program)}-{suffix}"
+
+    def saved(
+        self, program: Program, limits: LimitsSpec, path: Path, kind: str, **extra: Any
+    ) -> None:
+        """Record a saved dump (``evidence_saved``) and prune the oldest."""
+        self.record(program.name, path, kind, limits.dump_keep, **extra)
+
+    def record(self, program: str, path: Path, kind: str, keep: int, **extra: Any) -> bool:
+        """``evidence_saved`` for a real dump (True), then prune to ``keep``; else
+        ``evidence_failed`` and the file goes (a non-dump must not push a real
+        one out of dump_keep)."""
+        error = verdict(path, kind)
+        if error is not None:
+            self.failed(program, kind, error)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return False
+        self.history.record("evidence_saved", program, path=str(path), kind=kind, **extra)
         logger.info("{}: {} evidence saved to {}", program, kind, path)
+        prune_dumps(self.dir, program, keep)
         return True
-    failed(history, program, kind, error)
-    with contextlib.suppress(OSError):
-        path.unlink()
-    return False
 
+    def failed(self, program: str, kind: str, error: str) -> None:
+        """``evidence_failed``: no dump of ``kind``, and why."""
+        self.history.record("evidence_failed", program, kind=kind, error=error)
+        logger.warning("{}: no {} evidence: {}", program, kind, error)
 
-def failed(history: History, program: str, kind: str, error: str) -> None:
-    history.record("evidence_failed", program, kind=kind, error=error)
-    logger.warning("{}: no {} evidence: {}", program, kind, error)
+    async def pprof(self, program: Program, limits: LimitsSpec) -> None:
+        """A goroutine dump and a heap profile over pprof, both at once: an
+        overloaded program delays its restart DUMP_TIMEOUT at most. A dump that
+        cannot be read or written is logged: the evidence is a bonus, the
+        restart must happen all the same."""
+        if limits.go_metrics is None:
+            logger.info("{}: no go_metrics URL: no pprof evidence", program.name)
+            return
+        stem = dump_stem(self.dir, program.name)
+        wanted = (
+            (GOROUTINE_DUMP_PATH, "pprof", "goroutines.txt"),
+            (HEAP_PROFILE_PATH, "pprof_heap", "heap.pb.gz"),
+        )
+        fetched = await asyncio.gather(
+            *(
+                fetch_dump(
+                    pprof_url(limits.go_metrics, path),
+                    self.dir / f"{stem}-{suffix}",
+                    limits.dump_max_size,
+                    DUMP_TIMEOUT,
+                )
+                for path, _, suffix in wanted
+            ),
+            return_exceptions=True,
+        )
+        for (_, kind, _), result in zip(wanted, fetched, strict=True):
+            if isinstance(result, ScrapeError | OSError):
+                self.failed(program.name, kind, str(result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self.saved(program, limits, result, kind)
+
+    async def on_request(self, program: Program) -> dict[str, Any]:
+        """``gosup dump``: a goroutine dump now, over pprof (the process keeps running)."""
+        name, limits = program.name, program.spec.limits
+        if limits is None or limits.go_metrics is None:
+            raise RequestError(
+                f"{name} has no go_metrics URL: set [programs.{name}.limits] go_metrics "
+                "(the dump is read from /debug/pprof/goroutine on its host:port)"
+            )
+        if program.state not in DUMPABLE_STATES:
+            raise RequestError(f"{name} is not running ({program.state.value})")
+        url = pprof_url(limits.go_metrics, GOROUTINE_DUMP_PATH)
+        path = self.path(name, "goroutines.txt")
+        try:
+            await fetch_dump(url, path, limits.dump_max_size, DUMP_TIMEOUT)
+        except ScrapeError as exc:
+            raise RequestError(f"dump {name}: {exc}") from None
+        self.saved(program, limits, path, "pprof", reason="operator")
+        return {"path": str(path)}

@@ -1,26 +1,37 @@
-"""A minimal HTTP/1.1 GET client on asyncio streams, with keep-alive.
+"""The one HTTP/1.1 client gosup uses to talk to its programs: GETs over
+asyncio streams, framed by h11.
 
-Hand-written because scraping hundreds of programs must not need a thread
-pool, and the answers read are simple: a Content-Length, chunked, or the
-body read to EOF, cut at a size limit. `HttpClient` keeps one connection to
-one host:port alive between requests; `http_get` uses a connection of its
-own. Every failure is a `ScrapeError` naming the URL and the problem.
+Why not an HTTP library with a pool: scraping hundreds of programs must not
+need a thread pool, and each program gets exactly one connection, kept alive
+between scrapes. Why h11 rather than parsing by hand: framing (Content-Length,
+chunked with trailers, read-to-EOF, ``Connection: close``, HTTP/1.0) is a
+state machine that is easy to get subtly wrong, and h11 is a small, pure
+Python, well-kept one. What is ours: the socket, the timeout, and the size
+caps (``max_bytes`` for the body, ``MAX_HEADER_BYTES`` for headers and
+trailers).
+
+`HttpClient` keeps one connection to one host:port; `http_get` uses a
+connection of its own. Every failure is a `ScrapeError` naming the URL and
+the problem. A connection that cannot carry another request is closed and
+dropped at once, never kept until the client goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import h11
+
 MAX_HEADER_BYTES = 64 * 1024  # a metrics endpoint sends a few hundred bytes of headers
+READ_SIZE = 64 * 1024
 
 
 class ScrapeError(Exception):
-    """An endpoint could not be read (or, raised by goruntime, answered no Go metrics)."""
+    """An endpoint could not be read (or answered nothing usable)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,25 @@ class Response:
     status: int
     body: bytes
     truncated: bool  # the body was longer than max_bytes; the rest was not read
+
+
+class _ClosedBeforeAnswer(ConnectionError):
+    """The server closed the connection before a byte of the answer came."""
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    http: h11.Connection
+    used: bool = False  # has carried a request before (so it may have gone stale)
+
+    async def close(self) -> None:
+        """Close the socket now and wait until it is (an unanswered request may
+        still be buffered: abort, do not flush)."""
+        self.writer.transport.abort()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await self.writer.wait_closed()
 
 
 class HttpClient:
@@ -44,8 +74,8 @@ class HttpClient:
         self.base, self.netloc = f"{parts.scheme}://{parts.netloc}", parts.netloc
         self.host, self.https = parts.hostname or "", parts.scheme == "https"
         self.port = parts.port or (443 if self.https else 80)
-        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._closing: list[asyncio.StreamWriter] = []
+        self._conn: _Connection | None = None
+        self._requests: dict[tuple[str, bool], h11.Request] = {}  # built (and checked) once
 
     async def get(self, target: str, timeout: float, max_bytes: int, keep: bool = True) -> Response:
         """GET ``target`` (path and query); ScrapeError naming the problem."""
@@ -54,128 +84,120 @@ class HttpClient:
             async with asyncio.timeout(timeout):
                 return await self._get(target, max_bytes, keep)
         except TimeoutError:
-            self.close()
-            raise ScrapeError(f"{url}: no answer within {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
-            self.close()
-            raise ScrapeError(f"{url}: {exc.strerror or exc}") from None
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            self.close()
-            raise ScrapeError(f"{url}: not an HTTP answer ({exc})") from None
+            problem = f"no answer within {timeout:g}s"
+        except _ClosedBeforeAnswer as exc:
+            problem = f"not an HTTP answer ({exc})"
+        except h11.RemoteProtocolError as exc:
+            problem = f"not an HTTP answer ({_protocol_problem(exc)})"
+        except h11.LocalProtocolError as exc:
+            problem = f"cannot ask for it ({exc})"
+        except OSError as exc:  # refused, reset, unreachable, TLS
+            problem = str(exc.strerror or exc)
+        except BaseException:
+            self.close()  # cancelled mid-exchange: the connection's state is unknown
+            raise
+        await self.aclose()
+        raise ScrapeError(f"{url}: {problem}")
 
     async def _get(self, target: str, max_bytes: int, keep: bool) -> Response:
-        close = "" if keep else "Connection: close\r\n"
-        request = (
-            f"GET {target} HTTP/1.1\r\nHost: {self.netloc}\r\nUser-Agent: gosup\r\n"
-            f"Accept: */*\r\n{close}\r\n"
-        ).encode()
-        reused = self._conn is not None
+        request = self._requests.get((target, keep))
+        if request is None:
+            request = h11.Request(method="GET", target=target, headers=self._headers(keep))
+            self._requests[(target, keep)] = request
+        conn = await self._connection()
         try:
-            response, reusable = await self._exchange(request, max_bytes)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            if not reused:
+            response = await self._exchange(conn, request, max_bytes)
+        except ConnectionError:
+            if not conn.used:
                 raise
-            self.close()  # the server closed our idle connection: once more, afresh
-            response, reusable = await self._exchange(request, max_bytes)
-        if not (keep and reusable):
-            self.close()
+            await self.aclose()  # the server closed our idle connection: once more, afresh
+            conn = await self._connection()
+            response = await self._exchange(conn, request, max_bytes)
+        http = conn.http
+        if keep and http.our_state is h11.DONE and http.their_state is h11.DONE:
+            http.start_next_cycle()
+            conn.used = True
+        else:  # Connection: close, HTTP/1.0, read to EOF, or a body cut at max_bytes
+            await self.aclose()
         return response
 
-    async def _exchange(self, request: bytes, max_bytes: int) -> tuple[Response, bool]:
+    def _headers(self, keep: bool) -> list[tuple[str, str]]:
+        headers = [("Host", self.netloc), ("User-Agent", "gosup"), ("Accept", "*/*")]
+        return headers if keep else [*headers, ("Connection", "close")]
+
+    async def _connection(self) -> _Connection:
         if self._conn is None:
             ctx = ssl.create_default_context() if self.https else None
-            self._conn = await asyncio.open_connection(self.host, self.port, ssl=ctx)
-        reader, writer = self._conn
-        writer.write(request)
-        await writer.drain()
-        return await _read_response(reader, max_bytes)
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx)
+            http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+            self._conn = _Connection(reader, writer, http)
+        return self._conn
+
+    async def _exchange(self, conn: _Connection, request: h11.Request, max_bytes: int) -> Response:
+        conn.writer.write(conn.http.send(request) + conn.http.send(h11.EndOfMessage()))
+        await conn.writer.drain()
+        status, body, truncated = 0, bytearray(), False
+        while True:
+            event = await _next_event(conn)
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                room = max_bytes - len(body)
+                body += event.data[: max(room, 0)]
+                if len(event.data) > room:  # never read (or hold) more than we keep
+                    truncated = True
+                    break
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            # InformationalResponse (1xx): the real answer follows
+        return Response(status, bytes(body), truncated)
 
     def close(self) -> None:
-        """Close the connection (its socket goes at the loop's next turn)."""
+        """Drop the connection; its socket closes at the loop's next turn."""
         if self._conn is not None:
-            self._conn[1].close()
-            self._closing.append(self._conn[1])
+            self._conn.writer.transport.abort()
             self._conn = None
 
     async def aclose(self) -> None:
-        """Close the connection and wait until every socket it had is closed."""
-        self.close()
-        closing, self._closing = self._closing, []
-        for writer in closing:
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
+        """Close the connection and wait until its socket is closed."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+async def _next_event(conn: _Connection) -> object:
+    """The next h11 event of the answer, reading from the socket as h11 needs."""
+    http = conn.http
+    while True:
+        event = http.next_event()
+        if event is not h11.NEED_DATA:
+            break
+        answered = http.their_state is not h11.SEND_RESPONSE or bool(http.trailing_data[0])
+        data = await conn.reader.read(READ_SIZE)
+        if not data and not answered:
+            raise _ClosedBeforeAnswer("closed before answering")
+        http.receive_data(data)
+    if isinstance(event, h11.ConnectionClosed):
+        raise _ClosedBeforeAnswer("closed before answering")
+    return event
+
+
+def _protocol_problem(exc: h11.RemoteProtocolError) -> str:
+    if exc.error_status_hint == 431:  # h11's "Receive buffer too long"
+        return f"headers longer than {MAX_HEADER_BYTES} bytes"
+    return str(exc)
+
+
+def target_of(url: str) -> str:
+    """The request target (path and query) of ``url``."""
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 async def http_get(url: str, timeout: float, max_bytes: int) -> Response:
     """GET ``url`` on a connection of its own; ScrapeError naming the problem."""
-    parts = urlsplit(url)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     client = HttpClient(url)
     try:
-        return await client.get(target, timeout, max_bytes, keep=False)
+        return await client.get(target_of(url), timeout, max_bytes, keep=False)
     finally:
         await client.aclose()
-
-
-async def _read_response(reader: asyncio.StreamReader, max_bytes: int) -> tuple[Response, bool]:
-    """The response, and whether the connection may carry another request."""
-    status_line = await reader.readline()
-    if not status_line:
-        raise asyncio.IncompleteReadError(b"", None)  # closed before answering
-    match = re.match(rb"HTTP/1\.([01]) (\d{3})", status_line)
-    if match is None:
-        raise ValueError(f"bad status line {status_line[:60]!r}")
-    headers: dict[str, str] = {}
-    size = 0
-    while (line := await reader.readline()) not in (b"\r\n", b"\n"):
-        if not line:
-            raise ValueError("connection closed in the headers")
-        size += len(line)
-        if size > MAX_HEADER_BYTES:  # max_bytes bounds the body; this, the rest
-            raise ValueError(f"headers longer than {MAX_HEADER_BYTES} bytes")
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    framed = True
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body, truncated = await _read_chunked(reader, max_bytes)
-    elif "content-length" in headers:
-        length = int(headers["content-length"])
-        body = await reader.readexactly(min(length, max_bytes))
-        truncated = length > max_bytes
-    else:  # the end of the body is the end of the connection
-        body, framed = await _read_to_eof(reader, max_bytes), False
-        truncated, body = len(body) > max_bytes, body[:max_bytes]
-    keep = framed and not truncated and match[1] == b"1"
-    keep = keep and headers.get("connection", "").lower() != "close"
-    return Response(int(match[2]), body, truncated), keep
-
-
-async def _read_to_eof(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
-    body = b""
-    while len(body) <= max_bytes and (more := await reader.read(max_bytes + 1 - len(body))):
-        body += more
-    return body
-
-
-async def _read_chunked(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bytes, bool]:
-    body = bytearray()
-    while True:
-        size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
-        if size == 0:
-            # The trailer section ends with an empty line; left unread, that line
-            # would be taken for the next answer's status line on this connection.
-            await _skip_trailers(reader)
-            return bytes(body), False
-        take = min(size, max_bytes + 1 - len(body))  # never hold more than we keep
-        body += await reader.readexactly(take)
-        if len(body) > max_bytes:
-            return bytes(body[:max_bytes]), True
-        await reader.readexactly(2)  # the CRLF after each chunk
-
-
-async def _skip_trailers(reader: asyncio.StreamReader) -> None:
-    size = 0
-    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-        size += len(line)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"trailers longer than {MAX_HEADER_BYTES} bytes")

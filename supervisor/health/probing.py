@@ -26,17 +26,17 @@ from pathlib import Path
 
 from loguru import logger
 
-from supervisor.config import Evidence, ProbeSpec
+from supervisor.config import Evidence, LimitsSpec, ProbeSpec
 from supervisor.core.program import CommandError, NotReady, Program, Ready, Restart
 from supervisor.core.states import ProcessState
-from supervisor.health import evidence, goruntime
+from supervisor.health import evidence
+from supervisor.health.evidence import Dumps, SigquitCapture
+from supervisor.health.gohttp import ScrapeError
 from supervisor.health.probes import Prober
 from supervisor.history import History
 
 S = ProcessState
 PPROF_TIMEOUT = 3.0  # a hung server rarely answers pprof: do not hold the restart long
-DUMP_MAX_SIZE = 16 * 1024**2  # without [limits], the default dump_max_size
-DUMP_KEEP = 10
 SPAWN_POLL = 0.02  # STARTING without a pid yet: the spawn is under way
 
 
@@ -45,10 +45,10 @@ class ProbeWatch:
 
     holds_autostart = False
 
-    def __init__(self, history: History, program: Program, dumps_dir: Path) -> None:
+    def __init__(self, history: History, program: Program, dumps: Dumps) -> None:
         self.history = history
         self.program = program
-        self.dumps_dir = dumps_dir
+        self.dumps = dumps
         spec = program.spec
         self.ready = Prober(spec.ready, spec) if spec.ready else None
         self.live = Prober(spec.live, spec) if spec.live else None
@@ -138,15 +138,15 @@ class ProbeWatch:
                 return
             if error is None:
                 failures = 0
-                program.figures.pop("live_failures", None)
             else:
                 failures += 1
-                program.figures["live_failures"] = failures
-                if failures >= spec.failures:
-                    program.figures.pop("live_failures", None)
-                    self._failed("live", spec, error, failures)
-                    await self._restart_unhealthy(pid)
-                    return
+            program.observations.live_failures = failures
+            if failures >= spec.failures:
+                assert error is not None
+                program.observations.live_failures = 0
+                self._failed("live", spec, error, failures)
+                await self._restart_unhealthy(pid)
+                return
             await self._pause(tried_at + spec.interval - clock())
 
     def _failed(self, probe: str, spec: ProbeSpec, error: str, failures: int) -> None:
@@ -155,7 +155,7 @@ class ProbeWatch:
         self.history.record(
             "probe_failed", name, probe=probe, target=target, error=error, failures=failures
         )
-        self.program.figures["probe_failed"] = {"probe": probe, "error": error}
+        self.program.observations.probe_failed = {"probe": probe, "error": error}
         logger.warning("{}: {} probe failed {} times: {}", name, probe, failures, error)
 
     # -- an unhealthy program ------------------------------------------------------
@@ -179,15 +179,13 @@ class ProbeWatch:
             logger.warning("{}: unhealthy restart: {}", program.name, exc)
 
     def _dump_settings(self) -> tuple[int, int]:
-        limits = self.program.spec.limits
-        return (limits.dump_max_size, limits.dump_keep) if limits else (DUMP_MAX_SIZE, DUMP_KEEP)
+        limits = self.program.spec.limits or LimitsSpec()
+        return limits.dump_max_size, limits.dump_keep
 
     def _keep(self, path: Path, kind: str) -> bool:
         """Record the dump as evidence when it is one (else evidence_failed)."""
-        if not evidence.record(self.history, self.program.name, path, kind, reason="unhealthy"):
-            return False
-        goruntime.prune_dumps(self.dumps_dir, self.program.name, self._dump_settings()[1])
-        return True
+        keep = self._dump_settings()[1]
+        return self.dumps.record(self.program.name, path, kind, keep, reason="unhealthy")
 
     def _keep_sigquit(self, path: Path) -> None:
         self._keep(path, "sigquit")
@@ -197,34 +195,37 @@ class ProbeWatch:
         if limits is None or limits.go_metrics is None:
             return False
         name = self.program.name
-        url = goruntime.pprof_url(limits.go_metrics, goruntime.GOROUTINE_DUMP_PATH)
-        path = self.dumps_dir / f"{goruntime.dump_stem(self.dumps_dir, name)}-goroutines.txt"
+        url = evidence.pprof_url(limits.go_metrics, evidence.GOROUTINE_DUMP_PATH)
+        path = self.dumps.path(name, "goroutines.txt")
         try:
-            await goruntime.fetch_dump(url, path, limits.dump_max_size, PPROF_TIMEOUT)
-        except (goruntime.ScrapeError, OSError) as exc:
-            evidence.failed(self.history, name, "pprof", f"{exc}; a SIGQUIT dump instead")
+            await evidence.fetch_dump(url, path, limits.dump_max_size, PPROF_TIMEOUT)
+        except (ScrapeError, OSError) as exc:
+            self.dumps.failed(name, "pprof", f"{exc}; a SIGQUIT dump instead")
             return False
         return self._keep(path, "pprof")
 
     async def _restart_with_sigquit(self, pid: int) -> None:
+        """SIGQUIT as the stop signal of the restart; the run's stderr is the dump."""
         program = self.program
-        stem = goruntime.dump_stem(self.dumps_dir, program.name)
-        capture = goruntime.StderrCapture(
-            program,
-            self.dumps_dir / f"{stem}-sigquit.txt",
+        capture = SigquitCapture(
+            program.name,
+            self.dumps.path(program.name, "sigquit.txt"),
             self._dump_settings()[0],
             self._keep_sigquit,
         )
-        capture.begin()
+        untap = program.tap_stderr(capture.feed)
+        ended = program.exited(pid)
+        ended.add_done_callback(capture.run_ended)
         try:
             await program.request(Restart(reason="unhealthy", stop_signal=signal.SIGQUIT, pid=pid))
         finally:
-            capture.end()
+            untap()
+            ended.cancel()  # refused: no SIGQUIT went out, whatever ends that run is no dump
 
 
-def build_for(history: History, program: Program, dumps_dir: Path) -> ProbeWatch | None:
+def build_for(history: History, program: Program, dumps: Dumps) -> ProbeWatch | None:
     """The attachment for ``program``, or None when it has no probes."""
     spec = program.spec
     if spec.ready is None and spec.live is None:
         return None
-    return ProbeWatch(history, program, dumps_dir)
+    return ProbeWatch(history, program, dumps)

@@ -1,6 +1,6 @@
 """What one sample of a program is made of, and what a run of samples means:
-the process tree read from /proc, the figures shown in ``gosup status``, and
-the hysteresis that turns consecutive samples over a limit into a finding.
+the process tree read from /proc, and the hysteresis that turns consecutive
+samples over a limit into a finding.
 
 Reading /proc directly is what keeps a sample cheap enough to watch hundreds
 of programs:
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from supervisor.config import LimitsSpec
 
-AGE = "last_sample_age_s"
 # config key of a limit -> the figure it applies to
 LIMIT_FIGURES = {
     "rss": "rss_bytes",
@@ -36,43 +35,6 @@ LIMIT_FIGURES = {
     "goroutines": "goroutines",
     "heap_inuse": "heap_inuse_bytes",
 }
-
-
-class Figures(dict[str, Any]):
-    """``program.figures`` whose sample age is worked out when it is read:
-    ``status()`` copies the dict, so a stored age would be stale at once."""
-
-    def __init__(self, initial: Mapping[str, Any], clock: Callable[[], float]) -> None:
-        super().__init__(initial)
-        self.clock = clock
-        self.sampled_at: float | None = None
-        self.samples = 0  # samples evaluated so far (tests wait on it, not on time)
-
-    def _refresh(self) -> None:
-        if self.sampled_at is not None:
-            super().__setitem__(AGE, round(self.clock() - self.sampled_at, 3))
-
-    def keys(self) -> Any:
-        self._refresh()
-        return super().keys()
-
-    def items(self) -> Any:
-        self._refresh()
-        return super().items()
-
-    def __iter__(self) -> Any:
-        self._refresh()
-        return super().__iter__()
-
-    def __getitem__(self, key: str) -> Any:
-        if key == AGE:
-            self._refresh()
-        return super().__getitem__(key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key == AGE:
-            self._refresh()
-        return super().get(key, default)
 
 
 # -- limits with hysteresis ----------------------------------------------------------

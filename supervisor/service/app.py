@@ -22,8 +22,11 @@ from typing import Any
 from supervisor.config import AppConfig
 from supervisor.core.program import Program
 from supervisor.files.configsync import ConfigSync
+from supervisor.health.evidence import Dumps
 from supervisor.health import probing
+from supervisor.health.goenv import GoEnv
 from supervisor.health.resources import ResourceSampler
+from supervisor.health.watermarks import LeakResponse
 from supervisor.protocol import RequestError
 from supervisor.service import control, devmode, metrics, orphans, systemd
 from supervisor.service.daemon import Attachment, Service, Supervisor
@@ -37,19 +40,23 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     state_dir = config.supervisor.state_dir
 
     server = control.ControlServer(sup)
+    dumps = Dumps(sup.history, state_dir / "dumps")
     sampler = ResourceSampler(
         lambda: sup.programs,
-        sup.history,
-        state_dir / "dumps",
+        LeakResponse(sup.history, dumps),
         enabled=os.environ.get(SAMPLING_ENV, "1") != "0",
     )
+    go_env = GoEnv(lambda: sup.programs)
     leftovers = orphans.OrphanService(sup)
 
-    async def handle_dump(_: Supervisor, req: control.Request) -> Any:
+    async def handle_dump(sup: Supervisor, req: control.Request) -> Any:
         name = req.get("name", str)
         if name is None:
             raise RequestError("dump: name the program to dump")
-        return await sampler.dump(name)
+        program = sup.programs.get(name)
+        if program is None:
+            raise RequestError(f"unknown program {name!r}")
+        return await dumps.on_request(program)
 
     server.add_command("dump", handle_dump)
     sup.state_listeners.append(sampler.on_state)
@@ -63,7 +70,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
         leftovers,
     ]
     sup.services = [s for s in services if s is not None]
-    sup.ctx.env_providers = (sampler.go_env, leftovers.marks)
+    sup.ctx.env_providers = (go_env, leftovers.marks)
     sup.ctx.marked_escapees = leftovers.escapees
 
     def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
@@ -72,7 +79,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
         return ConfigSync(sup.history, program)
 
     def probes(sup: Supervisor, program: Program) -> Attachment | None:
-        return probing.build_for(sup.history, program, state_dir / "dumps")
+        return probing.build_for(sup.history, program, dumps)
 
     sup.attachment_factories = [config_sync, probes, devmode.build_for]
     return sup

@@ -1,5 +1,5 @@
 """The control socket: how ``gosup status``, ``restart``, ``reload`` ... reach
-a running gosup (DESIGN §6; the user's view is docs/control.md).
+a running gosup (the protocol, for users too: docs/control.md).
 
 Protocol: a Unix stream socket ``<state_dir>/gosup.sock`` (0600, in a 0700
 directory). One request per line, a JSON object with ``cmd``; one reply line

@@ -26,6 +26,7 @@ from supervisor.core import spawn
 from supervisor.core.program import CommandError, Context, Kill, Program, SendSignal, Start, Stop
 from supervisor.core.states import SIGNALLABLE_STATES
 from supervisor.history import History
+from supervisor.protocol import HISTORY_NAME
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -99,7 +100,7 @@ class Supervisor:
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
         sup.log_dir.mkdir(parents=True, exist_ok=True)
-        self.history = History(sup.state_dir / "history.jsonl", on_listener_error=_listener_failed)
+        self.history = History(sup.state_dir / HISTORY_NAME, on_listener_error=_listener_failed)
         self.ctx = Context(
             history=self.history, log_dir=sup.log_dir, echo_width=self._echo_width(config.programs)
         )
@@ -171,7 +172,10 @@ class Supervisor:
 
     async def _add_program(self, spec: ProgramSpec) -> Program:
         program = Program(spec, self.ctx)
-        program.state_listeners.extend(self.state_listeners)
+        # One listener that reads self.state_listeners at each change: a service
+        # that closes (and removes its listener) is not called again by the
+        # programs added while it was running.
+        program.state_listeners.append(self._state_changed)
         self.programs[spec.name] = program
         program.launch()
         attached = []
@@ -187,6 +191,15 @@ class Supervisor:
         if spec.autostart and not held:
             program.post(Start(reason="autostart"))
         return program
+
+    def _state_changed(self, program: Program, old: Any, new: Any) -> None:
+        for listener in list(self.state_listeners):
+            try:
+                listener(program, old, new)
+            except Exception as exc:  # the others must still hear of it
+                logger.opt(exception=exc).error(
+                    "{}: state listener {} failed", program.name, listener
+                )
 
     async def _remove_program(self, name: str, reason: str) -> None:
         program = self.programs.pop(name)

@@ -1,10 +1,10 @@
-"""Prometheus ``/metrics`` (DESIGN §8), served from the event loop itself.
+"""Prometheus ``/metrics`` (docs/production.md), served from the event loop itself.
 
 Nothing is counted on the hot paths: a custom collector reads every
-program's state, restart counters and sampled figures (``program.figures``,
-filled by the resource sampler) at scrape time. Only config changes are
-counted as they happen, from the history records, since no program keeps
-them.
+program's state, restart counters and sampled figures
+(``program.observations.figures``, filled by the resource sampler) at
+scrape time. Only config changes are counted as they happen, from the
+history records, since no program keeps them.
 
 The HTTP side is a few lines of asyncio rather than prometheus_client's
 ``start_http_server``: that one answers from a thread, and the collector
@@ -44,8 +44,8 @@ CONFIG_RESULTS = {
     "config_rolled_back": "rolled_back",
 }
 STATE_HELP = "Program state: " + " ".join(f"{n}={s.value}" for s, n in STATE_NUMBERS.items())
-# Figures that the resource sampler keeps in program.figures, exported as
-# gosup_program_<key> (absent until sampled).
+# Figures that the resource sampler keeps in program.observations.figures,
+# exported as gosup_program_<key> (absent until sampled).
 FIGURES = {
     "rss_bytes": "Resident memory of the program's process tree.",
     "open_fds": "Open file descriptors of the program's process tree.",
@@ -124,7 +124,7 @@ class ProgramCollector(Collector):
         for key, text in FIGURES.items():
             family = GaugeMetricFamily(f"gosup_program_{key}", text, labels=["program"])
             for p in programs:
-                value = _figure(p.figures, key)
+                value = _figure(p.observations.figures, key)
                 if value is not None:
                     family.add_metric([p.name], value)
             yield family

@@ -1,0 +1,60 @@
+"""The ``gosup`` command: the command line (``cli/``) with the daemon
+(``service/``) behind ``run`` and ``check``.
+
+This is the program's entry point and the one module that joins the two
+halves: the command line never imports the daemon (``gosup status`` must
+stay light, and the layers one-way), so it is handed this adapter. The
+daemon is imported only when ``run`` or ``check`` asks for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from supervisor.cli.commands import main as cli_main
+from supervisor.cli.common import EXIT_USAGE, CLIError
+
+if TYPE_CHECKING:
+    from supervisor.config import AppConfig
+
+
+class Daemon:
+    """``cli.commands.Daemon``: runs ``service.app``'s Supervisor."""
+
+    def run(self, config: AppConfig, *, echo: bool, dev: bool) -> int:
+        import asyncio
+
+        from supervisor.config import ConfigError
+        from supervisor.service import app
+        from supervisor.service.daemon import StartupError
+
+        async def main() -> int:
+            return await app.build(config, echo=echo, dev=dev).run()
+
+        try:
+            return asyncio.run(main())
+        except StartupError as exc:  # e.g. another gosup already runs with this state_dir
+            raise CLIError(str(exc)) from None
+        except ConfigError as exc:  # e.g. a user switch gosup has no right to make
+            raise CLIError(str(exc), EXIT_USAGE) from None
+
+    def privilege_errors(self, config: AppConfig) -> list[str]:
+        from supervisor.service.daemon import privilege_errors
+
+        return privilege_errors(config)
+
+    def preflight(self, config: AppConfig) -> tuple[list[str], list[str]]:
+        from supervisor.service import preflight
+
+        return preflight.findings(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gosup ARGS``: the exit code."""
+    return cli_main(argv, daemon=Daemon())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
