@@ -595,7 +595,7 @@ class Program:
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
         self._snapshot = []
         if self._failed_stop is not None:
-            self._end_failed_run(info)
+            await self._end_failed_run(child, info)
             return
         self._record("exited", **info)
         self._transition(
@@ -608,7 +608,7 @@ class Program:
             self._wait_for(pending, frozenset({S.RUNNING}))
             await self._spawn()
 
-    def _end_failed_run(self, info: dict[str, Any]) -> None:
+    async def _end_failed_run(self, child: spawn.Child, info: dict[str, Any]) -> None:
         """STOPPING -> EXITED: gosup stopped a run that failed; back off like a crash."""
         assert self._failed_stop is not None
         reason, request = self._failed_stop
@@ -617,6 +617,7 @@ class Program:
         info["reason"] = reason
         self.last_exit = info
         self._transition(S.EXITED, "exited", **info)
+        await self._run_ended(child, self._stop_signal)  # its evidence comes before the backoff
         logger.warning("{}: failed run ({}): backing off", self.name, reason)
         # not_ready counts as a restart of its own; a leak/unhealthy one was counted when asked
         self._after_failed_run(healthy=False, reason=reason if reason == "not_ready" else None)

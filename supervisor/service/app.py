@@ -22,8 +22,8 @@ from typing import Any
 from supervisor.config import AppConfig
 from supervisor.core.program import Program
 from supervisor.files.configsync import ConfigSync
-from supervisor.health.evidence import Dumps
 from supervisor.health import probing
+from supervisor.health.evidence import Dumps
 from supervisor.health.goenv import GoEnv
 from supervisor.health.resources import ResourceSampler
 from supervisor.health.watermarks import LeakResponse
