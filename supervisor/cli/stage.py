@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor import digest
 from supervisor.cli import common as cli
 
 POLL = 0.02  # seconds between looks at the history while waiting
@@ -42,14 +42,11 @@ class Target:
 
 def _copy_hashing(src: Path, dest: Path) -> str:
     """Copy ``src`` to ``dest`` (fsynced) and return its SHA-256."""
-    digest = hashlib.sha256()
     with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(1 << 20):
-            digest.update(chunk)
-            fout.write(chunk)
+        sha = digest.sha256_stream(fin, copy_to=fout.write)
         fout.flush()
         os.fsync(fout.fileno())
-    return digest.hexdigest()
+    return sha
 
 
 def stage_file(new_file: Path, staging: Path) -> str:

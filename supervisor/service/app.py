@@ -68,7 +68,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
         if not program.spec.config_files:
             return None
-        return ConfigSync(sup.history, program)
+        return ConfigSync(sup.history, program, leftovers.marks(program.spec))
 
     sup.attachment_factories = [config_sync, devmode.build_for]
     return sup
