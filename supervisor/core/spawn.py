@@ -243,20 +243,17 @@ class Child:
 
     def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to the child's process group; False if it is gone."""
-        if self.exited.done():
-            return False
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        return self._send(os.killpg, sig)
 
     def send_signal(self, sig: int) -> bool:
         """Send ``sig`` to the main process only; False if it is gone."""
+        return self._send(os.kill, sig)
+
+    def _send(self, kill: Callable[[int, int], None], sig: int) -> bool:
         if self.exited.done():
             return False
         try:
-            os.kill(self.pid, sig)
+            kill(self.pid, sig)
         except ProcessLookupError:
             return False
         return True
