@@ -91,6 +91,15 @@ def test_globs() -> None:
     assert Globs(["file[0-9].go"]).match("x/file7.go")
     assert not Globs(["file[!0-9].go"]).match("file7.go")
     assert Globs(["templates"]).match("templates/index.html")
+    # .gitignore rules beyond the common ones (docs/development.md)
+    assert Globs(["/vendor"]).match("vendor/a.go")
+    assert not Globs(["/vendor"]).match("x/vendor/a.go")
+    assert Globs(["gen/"]).match("x/gen/a.go")
+    assert not Globs(["gen/"]).match("gen")  # a file named like the directory
+    assert not Globs(["**/*.go", "!gen/**"]).match("gen/a.go")
+    assert Globs(["./cmd/*.go"]).match("cmd/a.go")
+    assert Globs(["#notes"]).match("#notes")  # a name, not a comment
+    assert not Globs(["", "  "]).match("a.go")
 
 
 # -- a real gosup --dev ------------------------------------------------------------------
