@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from supervisor.core.lines import LineSplitter, Tail
+
 TAIL_BYTES = 64 * 1024
 _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
 
@@ -81,23 +83,20 @@ class TerminalEcho:
             f"\x1b[{code}m".encode() + label + b" |\x1b[0m " if colour else label + b" | "
         )
         self._out = out if out is not None else sys.stdout.buffer
-        self._partial = b""
+        self._lines = LineSplitter(TAIL_BYTES)  # a "line" with no end in sight: print it anyway
 
     def feed(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > TAIL_BYTES:  # a "line" with no end in sight: print it anyway
-            lines.append(self._partial)
-            self._partial = b""
+        self._write(self._lines.feed(data))
+
+    def flush(self) -> None:
+        self._write(self._lines.flush())
+
+    def _write(self, lines: list[bytes]) -> None:
         if lines:
             prefix = self._prefix
             with contextlib.suppress(OSError, ValueError):
                 self._out.write(b"".join(prefix + line + b"\n" for line in lines))
                 self._out.flush()
-
-    def flush(self) -> None:
-        if self._partial:
-            self.feed(b"\n")
 
 
 class Stream:
@@ -106,8 +105,7 @@ class Stream:
     def __init__(self, file: RotatingFile, echo: TerminalEcho | None, keep_tail: bool) -> None:
         self.file = file
         self.echo = echo
-        self.keep_tail = keep_tail
-        self.tail = bytearray()
+        self.tail = Tail(TAIL_BYTES) if keep_tail else None
         self.bytes_total = 0
         self._taps: list[Callable[[bytes], None]] = []
 
@@ -116,10 +114,8 @@ class Stream:
         self.bytes_total += len(data)
         if self.echo is not None:
             self.echo.feed(data)
-        if self.keep_tail:
-            self.tail += data
-            if len(self.tail) > 2 * TAIL_BYTES:
-                del self.tail[:-TAIL_BYTES]
+        if self.tail is not None:
+            self.tail.feed(data)
         for tap in self._taps:
             tap(data)
 
@@ -138,7 +134,7 @@ class Stream:
         self._taps.clear()
 
     def tail_text(self) -> str:
-        return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")
+        return self.tail.text() if self.tail is not None else ""
 
 
 class _PipeProtocol(asyncio.Protocol):
@@ -183,7 +179,8 @@ class OutputCapture:
     async def attach(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         """Start pumping a new child's pipes (the previous run's must be detached)."""
         loop = asyncio.get_running_loop()
-        self.stderr.tail.clear()
+        if self.stderr.tail is not None:
+            self.stderr.tail.clear()
         for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
             done: asyncio.Future[None] = loop.create_future()
             protocol = _PipeProtocol(stream, done)
