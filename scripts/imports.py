@@ -15,7 +15,8 @@ a reader. Deferred imports are shown with a ``~``.
 
 The layers (docs/architecture.md draws them), lowest first:
 
-    supervisor/__init__, protocol, history, config/*   stdlib only (config: + protocol)
+    supervisor/__init__, protocol, fileops, history,   stdlib only (config: + protocol,
+      config/*                                           fileops)
     core/*                                             + config, protocol, history
     health/*, files/*                                  + core; siblings: never each other
     service/*                                          everything above
@@ -36,12 +37,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-LOW = ("init", "protocol", "history", "config")
+LOW = ("init", "protocol", "fileops", "history", "config")
 ALLOWED: dict[str, frozenset[str]] = {
     "init": frozenset(),
     "protocol": frozenset({"init"}),
+    "fileops": frozenset({"init"}),  # hashing, durable renames: stdlib only
     "history": frozenset({"init", "protocol"}),
-    "config": frozenset({"init", "protocol", "config"}),
+    "config": frozenset({"init", "protocol", "fileops", "config"}),
     "core": frozenset({*LOW, "core"}),
     "health": frozenset({*LOW, "core", "health"}),
     "files": frozenset({*LOW, "core", "files"}),
@@ -51,9 +53,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # line and the daemon, so it may import anything; nothing imports it.
     "entry": frozenset({*LOW, "core", "health", "files", "service", "cli", "entry"}),
 }
-RANK = {"init": 0, "protocol": 1, "history": 2, "config": 3, "cli": 3}
+RANK = {"init": 0, "protocol": 1, "fileops": 1, "history": 2, "config": 3, "cli": 3}
 RANK |= {"core": 4, "health": 5, "files": 5, "service": 6, "entry": 7}
-STDLIB_ONLY = frozenset({"init", "protocol", "history", "config"})
+STDLIB_ONLY = frozenset({"init", "protocol", "fileops", "history", "config"})
 STATUS_ENTRIES = ("__main__", "gosup", "cli.client")
 NOT_ON_STATUS_PATH = frozenset({"asyncio", "psutil", "loguru"})
 
@@ -181,6 +183,8 @@ def layer(module: str) -> str | None:
     head, _, rest = module.partition(".")
     if head in ("protocol", "history") and not rest:
         return head
+    if head == "fileops" and not rest:
+        return "fileops"
     if head in ("gosup", "__main__") and not rest:
         return "entry"
     if head in ("config", "core", "health", "files", "service", "cli"):
@@ -328,7 +332,7 @@ def render(names: list[str], edges: list[Import]) -> Iterator[str]:
     folder = None
     for module in order:
         group = layer(module) or "(no layer)"
-        top = ("init", "protocol", "history", "entry")
+        top = ("init", "protocol", "fileops", "history", "entry")
         heading = "(top level)" if group in top else f"{group}/"
         if heading != folder:
             folder = heading

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import Gosup, wait_for
+from test_orphans import child_of_test, kill_gosup_and_wait_gone
 
 from supervisor.cli.stage import stage_file
 from supervisor.files import configswap as swap
@@ -261,6 +262,19 @@ def test_hanging_validator_is_killed_with_its_children(
     assert "no answer within 0.3s" in rec["output_tail"]
     assert live.read_bytes() == V0
     # the leak check (conftest) fails this test if `sleep` outlived the timeout
+
+
+def test_a_validator_dies_with_a_sigkilled_gosup(
+    gosup_factory: Callable[..., Gosup], goapp: Path, no_leftover_processes: str
+) -> None:
+    g = gosup_factory(app_toml(goapp, validate='["sleep", "3141"]', validate_timeout='"60s"'))
+    live = running(g)
+    stage(g, V1)
+    found = wait_for(
+        lambda: child_of_test(no_leftover_processes, "3141"), 15, "the validator running"
+    )
+    kill_gosup_and_wait_gone(g, found, "api")
+    assert live.read_bytes() == V0
 
 
 # -- probation and rollback -------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import gobuild
 import pytest
 from conftest import FIXTURES, Gosup, pid_alive, wait_for
+from test_orphans import child_of_test, kill_gosup_and_wait_gone
 
 from supervisor.config import BuildSpec
 from supervisor.service.builder import Globs, SourceFilter
@@ -90,6 +91,15 @@ def test_globs() -> None:
     assert Globs(["file[0-9].go"]).match("x/file7.go")
     assert not Globs(["file[!0-9].go"]).match("file7.go")
     assert Globs(["templates"]).match("templates/index.html")
+    # .gitignore rules beyond the common ones (docs/development.md)
+    assert Globs(["/vendor"]).match("vendor/a.go")
+    assert not Globs(["/vendor"]).match("x/vendor/a.go")
+    assert Globs(["gen/"]).match("x/gen/a.go")
+    assert not Globs(["gen/"]).match("gen")  # a file named like the directory
+    assert not Globs(["**/*.go", "!gen/**"]).match("gen/a.go")
+    assert Globs(["./cmd/*.go"]).match("cmd/a.go")
+    assert Globs(["#notes"]).match("#notes")  # a name, not a comment
+    assert not Globs(["", "  "]).match("a.go")
 
 
 # -- a real gosup --dev ------------------------------------------------------------------
@@ -264,6 +274,15 @@ def test_shutdown_during_a_build_kills_its_process_group(gosup_factory: Any) -> 
     failed = builds(g, "build_failed")
     assert [r["reason"] for r in failed] == ["stopped"]
     assert "started" not in events(g)
+
+
+def test_a_build_dies_with_a_sigkilled_gosup(
+    gosup_factory: Any, no_leftover_processes: str
+) -> None:
+    g = project(gosup_factory(app_toml(build_command='["sleep", "2718"]'), "--dev")).start()
+    g.wait_event("build_started", "devapp", timeout=BUILD_TIMEOUT)
+    found = wait_for(lambda: child_of_test(no_leftover_processes, "2718"), 15, "the build running")
+    kill_gosup_and_wait_gone(g, found, "devapp")
 
 
 # -- app.toml on save ----------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Nothing gosup started outlives it: a SIGKILLed gosup's leftovers are
 stopped by the next one before it starts anything, pid records are kept,
-reused pids are left alone, and as PID 1 gosup reaps orphaned zombies
-without stealing its own children's exit statuses."""
+reused pids are left alone, one gosup runs per state_dir, and as PID 1 gosup
+reaps orphaned zombies without stealing its own children's exit statuses.
+
+``child_of_test`` and ``kill_gosup_and_wait_gone`` serve the tests that a
+build (test_devmode) and a validator (test_configsync) die with gosup."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -19,6 +24,7 @@ import psutil
 import pytest
 from conftest import TAG_VAR, Gosup, pid_alive, tagged_processes, wait_for
 
+from supervisor.protocol import LOCK_NAME
 from supervisor.service import orphans
 
 
@@ -47,6 +53,26 @@ def _program_processes(tag: str, name: str) -> list[int]:
         except psutil.Error:
             continue
     return sorted(found)
+
+
+def child_of_test(tag: str, *args: str) -> psutil.Process | None:
+    """The live process of this test whose arguments (after argv[0]) are ``args``."""
+    for proc in tagged_processes(tag):
+        with contextlib.suppress(psutil.Error):
+            if proc.cmdline()[1:] == list(args) and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
+    return None
+
+
+def kill_gosup_and_wait_gone(g: Gosup, child: psutil.Process, program: str) -> None:
+    """``child`` carries gosup's marks; SIGKILL gosup, and ``child`` dies with it."""
+    env = child.environ()
+    assert env[orphans.STATE_DIR_VAR] == str(g.state_dir.resolve())
+    assert env[orphans.PROGRAM_VAR] == program
+    assert g.proc is not None
+    g.proc.kill()
+    g.proc.wait()
+    wait_for(lambda: not pid_alive(child.pid), 10, f"pid {child.pid} to die with gosup")
 
 
 def test_next_gosup_stops_what_a_sigkilled_one_left(
@@ -160,18 +186,38 @@ def test_a_reused_pid_is_left_alone(
 
 
 def test_refuses_to_start_beside_a_live_gosup_of_the_same_state_dir(
+    gosup_factory: Any, goapp: Path
+) -> None:
+    g = gosup_factory(_program("api", goapp))
+    g.state_dir.mkdir(mode=0o700)
+    # What a running gosup holds for its whole life: the flock, its pid in the file.
+    fd = os.open(g.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        g.start()
+        assert g.proc is not None
+        assert g.proc.wait(30) == 1
+    finally:
+        os.close(fd)
+    assert f"another gosup (pid {os.getpid()}) is already running with state_dir" in g.log()
+    assert not g.history(event="started")
+
+
+def test_a_recorded_gosup_that_holds_no_lock_is_not_running(
     gosup_factory: Any, goapp: Path, bystander: psutil.Process
 ) -> None:
+    """Only the lock says that a gosup runs: a pids.json naming a live process
+    (its pid reused since) does not keep gosup from starting, nor is that
+    process touched."""
     g = gosup_factory(_program("api", goapp))
     g.state_dir.mkdir(mode=0o700)
     me = {"pid": bystander.pid, "create_time": bystander.create_time()}
     (g.state_dir / orphans.PIDS_FILE).write_text(json.dumps({"supervisor": me, "programs": {}}))
     g.start()
-    assert g.proc is not None
-    assert g.proc.wait(30) == 1
-    assert f"another gosup (pid {bystander.pid}) is running" in g.log()
-    assert not g.history(event="started")
-    assert bystander.is_running()
+    g.running_pid("api")
+    assert bystander.is_running() and bystander.status() != psutil.STATUS_ZOMBIE
+    assert g.stop() == 0
 
 
 # -- PID 1 ---------------------------------------------------------------------------------

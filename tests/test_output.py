@@ -13,6 +13,8 @@ import psutil
 from conftest import wait_for
 from test_lifecycle import program
 
+from supervisor.core.lines import Head, LineSplitter, Tail
+
 MiB = 1024 * 1024
 
 
@@ -147,3 +149,27 @@ def test_history_without_a_file_says_so(gosup_factory: Any) -> None:
     result = g.cli("history", "-c", str(g.config))
     assert result.returncode == 1
     assert "no history yet" in result.stderr
+
+
+# -- the bounded stream helpers (core/lines.py) ---------------------------------------
+
+
+def test_line_splitter_keeps_the_partial_line_and_bounds_it() -> None:
+    lines = LineSplitter(max_line=8)
+    assert lines.feed(b"one\ntw") == [b"one"]
+    assert lines.feed(b"o\n") == [b"two"]
+    assert lines.feed(b"0123456789") == [b"0123456789"]  # no end in sight: passed on
+    assert lines.feed(b"tail") == []
+    assert lines.flush() == [b"tail"]
+    assert lines.flush() == []
+
+
+def test_tail_and_head_keep_their_end_of_the_stream() -> None:
+    tail, head = Tail(4), Head(4)
+    for chunk in (b"abc", b"defgh", b"ij"):
+        tail.feed(chunk)
+        head.feed(chunk)
+    assert tail.bytes() == b"ghij" and tail.text() == "ghij"
+    assert bytes(head.data) == b"abcd" and head.truncated
+    tail.clear()
+    assert tail.bytes() == b""

@@ -97,7 +97,7 @@ def test_no_limits_never_fire() -> None:
         ("heap_inuse = 0", "limits.heap_inuse: must be > 0"),
         ("rss = '0MiB'", "limits.rss: must be > 0"),
         ("interval = '-1s'", "limits.interval: duration '-1s' must not be negative"),
-        ("sustain = -2", "limits.sustain: must be >= 1"),
+        ("sustain = -2", "limits.sustain: must be > 0"),
         ("dump_max_size = 0", "limits.dump_max_size: must be > 0"),
         ("go_metrics = 'http://192.0.2.1:6060/metrics'", "192.0.2.1 is not loopback"),
     ],

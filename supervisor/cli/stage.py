@@ -16,7 +16,6 @@ applied or refused. Stdlib only: it is a client command.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import history
+from supervisor import fileops, history
 from supervisor.cli import common as cli
 from supervisor.protocol import HISTORY_NAME, SOCKET_NAME
 
@@ -43,14 +42,11 @@ class Target:
 
 def _copy_hashing(src: Path, dest: Path) -> str:
     """Copy ``src`` to ``dest`` (fsynced) and return its SHA-256."""
-    digest = hashlib.sha256()
     with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(1 << 20):
-            digest.update(chunk)
-            fout.write(chunk)
+        sha = fileops.sha256_stream(fin, copy_to=fout.write)
         fout.flush()
         os.fsync(fout.fileno())
-    return digest.hexdigest()
+    return sha
 
 
 def stage_file(new_file: Path, staging: Path) -> str:
@@ -70,18 +66,8 @@ def stage_file(new_file: Path, staging: Path) -> str:
     finally:
         tmp_file.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fileops.fsync_dir(directory)
     return sha
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable. The cli does not import the daemon's files
-    package (supervisor.files.configswap has the same few lines)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- finding the gosup ------------------------------------------------------------------

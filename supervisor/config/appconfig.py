@@ -13,14 +13,14 @@ keys silently, and its users pay for it). After an error a converter's
 fallback value stands in so that checking can go on; nothing built from a
 config with errors ever leaves this module.
 
-Stdlib only: the fast CLI path (``gosup check``, ``gosup status``) imports it.
+Stdlib only (``supervisor.fileops`` is too): the fast CLI path (``gosup check``,
+``gosup status``) imports it.
 """
 
 from __future__ import annotations
 
 import difflib
 import enum
-import hashlib
 import ipaddress
 import json
 import os
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from supervisor import fileops
 from supervisor.config.probespec import (
     LIVE_DEFAULTS,
     READY_DEFAULTS,
@@ -387,7 +388,6 @@ _positive_duration = _checked(_duration, lambda v: v > 0, "must be > 0")
 _positive_size = _checked(_size, lambda v: v > 0, "must be > 0")
 _positive_integer = _checked(_integer, lambda v: v > 0, "must be > 0")
 _non_negative_integer = _checked(_integer, lambda v: v >= 0, "must be >= 0")
-_one_or_more = _checked(_integer, lambda v: v >= 1, "must be >= 1")
 _at_least_one = _checked(_number, lambda v: v >= 1, "must be >= 1")
 _fraction = _checked(_number, lambda v: 0 <= v < 1, "must be >= 0 and < 1")
 
@@ -523,7 +523,7 @@ def _limits(t: _Table | None) -> LimitsSpec | None:
     d = LimitsSpec()
     spec = LimitsSpec(
         interval=t.get("interval", _positive_duration, d.interval),
-        sustain=t.get("sustain", _one_or_more, d.sustain),
+        sustain=t.get("sustain", _positive_integer, d.sustain),
         rss=t.get("rss", _positive_size, None),
         open_fds=t.get("open_fds", _positive_integer, None),
         threads=t.get("threads", _positive_integer, None),
@@ -534,7 +534,7 @@ def _limits(t: _Table | None) -> LimitsSpec | None:
         allow_remote_metrics=t.get("allow_remote_metrics", _boolean, False),
         evidence=t.get("evidence", _choice(Evidence), d.evidence),
         dump_max_size=t.get("dump_max_size", _positive_size, d.dump_max_size),
-        dump_keep=t.get("dump_keep", _one_or_more, d.dump_keep),
+        dump_keep=t.get("dump_keep", _positive_integer, d.dump_keep),
     )
     if spec.go_metrics and not spec.allow_remote_metrics and not _is_loopback(spec.go_metrics):
         host = urlsplit(spec.go_metrics).hostname
@@ -621,7 +621,7 @@ def _probe(parent: _Table, key: str, known: frozenset[str]) -> ProbeSpec | None:
         interval=t.get("interval", _positive_duration, defaults["interval"]),
         timeout=t.get("timeout", _positive_duration, defaults["timeout"]),
         within=t.get("within", _positive_duration, ProbeSpec.within),
-        failures=t.get("failures", _one_or_more, ProbeSpec.failures),
+        failures=t.get("failures", _positive_integer, ProbeSpec.failures),
     )
     return spec if target is not None else None
 
@@ -715,7 +715,7 @@ def _parse(text: str, source: str, sha256: str) -> AppConfig:
 
 def loads(text: str, path: str | os.PathLike[str]) -> AppConfig:
     """Parse `text` as if read from `path` (used in messages and for relative paths)."""
-    return _parse(text, os.fspath(path), hashlib.sha256(text.encode()).hexdigest())
+    return _parse(text, os.fspath(path), fileops.sha256_bytes(text.encode()))
 
 
 def load(path: str | os.PathLike[str]) -> AppConfig:
@@ -729,7 +729,7 @@ def load(path: str | os.PathLike[str]) -> AppConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not valid UTF-8 (byte {exc.start})"]) from None
-    return _parse(text, source, hashlib.sha256(raw).hexdigest())
+    return _parse(text, source, fileops.sha256_bytes(raw))
 
 
 def check_file(path: str | os.PathLike[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Capture of a child's stdout and stderr.
 
-The hot path is ``_PipeProtocol.data_received``: the event loop hands over
+The hot path is ``PipeReader.data_received`` (``Stream.feed``): the event loop hands over
 chunks of up to 256 KiB, which go straight to an unbuffered file with one
 ``write`` each. Nothing is split into lines unless a terminal is attached, so
 a child flooding its output costs one syscall per chunk and gosup's memory
@@ -22,6 +22,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, BinaryIO
+
+from supervisor.core.lines import LineSplitter, Tail
 
 TAIL_BYTES = 64 * 1024
 _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
@@ -81,23 +83,20 @@ class TerminalEcho:
             f"\x1b[{code}m".encode() + label + b" |\x1b[0m " if colour else label + b" | "
         )
         self._out = out if out is not None else sys.stdout.buffer
-        self._partial = b""
+        self._lines = LineSplitter(TAIL_BYTES)  # a "line" with no end in sight: print it anyway
 
     def feed(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > TAIL_BYTES:  # a "line" with no end in sight: print it anyway
-            lines.append(self._partial)
-            self._partial = b""
+        self._write(self._lines.feed(data))
+
+    def flush(self) -> None:
+        self._write(self._lines.flush())
+
+    def _write(self, lines: list[bytes]) -> None:
         if lines:
             prefix = self._prefix
             with contextlib.suppress(OSError, ValueError):
                 self._out.write(b"".join(prefix + line + b"\n" for line in lines))
                 self._out.flush()
-
-    def flush(self) -> None:
-        if self._partial:
-            self.feed(b"\n")
 
 
 class Stream:
@@ -106,8 +105,7 @@ class Stream:
     def __init__(self, file: RotatingFile, echo: TerminalEcho | None, keep_tail: bool) -> None:
         self.file = file
         self.echo = echo
-        self.keep_tail = keep_tail
-        self.tail = bytearray()
+        self.tail = Tail(TAIL_BYTES) if keep_tail else None
         self.bytes_total = 0
         self._taps: list[Callable[[bytes], None]] = []
 
@@ -116,10 +114,8 @@ class Stream:
         self.bytes_total += len(data)
         if self.echo is not None:
             self.echo.feed(data)
-        if self.keep_tail:
-            self.tail += data
-            if len(self.tail) > 2 * TAIL_BYTES:
-                del self.tail[:-TAIL_BYTES]
+        if self.tail is not None:
+            self.tail.feed(data)
         for tap in self._taps:
             tap(data)
 
@@ -138,25 +134,32 @@ class Stream:
         self._taps.clear()
 
     def tail_text(self) -> str:
-        return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")
+        return self.tail.text() if self.tail is not None else ""
 
 
-class _PipeProtocol(asyncio.Protocol):
-    def __init__(self, stream: Stream, done: asyncio.Future[None]) -> None:
-        self.stream = stream
+class PipeReader(asyncio.Protocol):
+    """Hands each chunk a pipe delivers to ``feed``; at the end of the pipe it
+    calls ``at_end`` (if any) and resolves ``done``. Program output and build
+    output (service/builder.py) are read with it."""
+
+    def __init__(
+        self,
+        feed: Callable[[bytes], None],
+        done: asyncio.Future[None],
+        at_end: Callable[[], None] | None = None,
+    ) -> None:
+        self.data_received = feed  # type: ignore[method-assign,assignment]  # hot path: no extra call
         self.done = done
-
-    def data_received(self, data: bytes) -> None:
-        self.stream.feed(data)
+        self.at_end = at_end
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.stream.echo is not None:
-            self.stream.echo.flush()
+        if self.at_end is not None:
+            self.at_end()
         if not self.done.done():
             self.done.set_result(None)
 
 
-def _factory(protocol: _PipeProtocol) -> Callable[[], _PipeProtocol]:
+def _given(protocol: PipeReader) -> Callable[[], PipeReader]:
     return lambda: protocol
 
 
@@ -183,11 +186,13 @@ class OutputCapture:
     async def attach(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         """Start pumping a new child's pipes (the previous run's must be detached)."""
         loop = asyncio.get_running_loop()
-        self.stderr.tail.clear()
+        if self.stderr.tail is not None:
+            self.stderr.tail.clear()
         for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
             done: asyncio.Future[None] = loop.create_future()
-            protocol = _PipeProtocol(stream, done)
-            transport, _ = await loop.connect_read_pipe(_factory(protocol), pipe)
+            at_end = stream.echo.flush if stream.echo is not None else None
+            protocol = PipeReader(stream.feed, done, at_end)
+            transport, _ = await loop.connect_read_pipe(_given(protocol), pipe)
             self._transports.append(transport)
             self._done.append(done)
 

@@ -451,7 +451,7 @@ class Program:
         was_running = self.state is S.RUNNING
         self._transition(S.EXITED, "exited", **info)
         # A crashed program's helpers must not outlive it, even those that left its group.
-        spawn.sweep(leftovers + self.ctx.marked_escapees(self.name))
+        spawn.kill_tree(leftovers + self.ctx.marked_escapees(self.name))
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy and was_running)
@@ -564,7 +564,7 @@ class Program:
         if self.child is not None:
             self._killed = True
             self.child.signal_group(signal.SIGKILL)
-            spawn.sweep(self._snapshot + self.child.tree())
+            spawn.kill_tree(self._snapshot + self.child.tree())
 
     def _kill_pending(self) -> bool:
         return any(isinstance(m, Kill) for m in self._inbox)
@@ -591,7 +591,7 @@ class Program:
             )
         if survivors:
             self._killed = True
-            spawn.sweep(survivors)
+            spawn.kill_tree(survivors)
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
         self._snapshot = []
         if self._failed_stop is not None:

@@ -1,6 +1,13 @@
 """The OS side of a child: exec in a new session, signals to its process group,
 privilege drop, and a stop that leaves no descendant behind.
 
+``start_child`` is the one way gosup starts any child: a program, a dev-mode
+build, a config validator. Each gets its own session (and so its own process
+group, signalled and killed as one), the parent-death signal (if gosup dies,
+even by SIGKILL, the kernel kills the child too), and an environment built
+from ``base_environment()`` plus gosup's marks, by which the next gosup finds
+whatever its descendants left behind (service/orphans.py).
+
 Why not ``asyncio.create_subprocess_exec``: its child watchers either start a
 thread per child or are deprecated, and they reap with ``waitpid(-1)`` in some
 configurations, which would steal exit statuses we need. We use
@@ -17,19 +24,19 @@ import ctypes
 import fcntl
 import functools
 import grp
-import hashlib
 import os
 import pwd
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import psutil
 
+from supervisor import fileops
 from supervisor.config import ProgramSpec
 
 PR_SET_PDEATHSIG = 1
@@ -76,17 +83,26 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     return Identity(pw.pw_uid, gid, groups, pw.pw_name, pw.pw_dir)
 
 
-def resolve_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> str:
-    """Find the binary the way a shell would, relative paths against ``directory``."""
+def locate_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> str | None:
+    """Where ``argv0`` is, looked up the way a shell would: a name with '/' against
+    ``directory`` (whether it exists or not), a bare name on ``env``'s PATH (None
+    when it is not there).
+
+    ``env`` is the child's environment (``child_environment``), so the PATH is
+    the program's: its ``environment``'s PATH, else gosup's.
+    """
     if "/" in argv0:
-        path = str(directory / argv0)
-        if not os.path.exists(path):
-            raise SpawnError(f"binary {argv0!r} not found (looked for {path})")
-    else:
-        found = shutil.which(argv0, path=env.get("PATH", os.defpath))
-        if found is None:
-            raise SpawnError(f"binary {argv0!r} not found on PATH")
-        path = found
+        return os.path.abspath(directory / argv0)
+    return shutil.which(argv0, path=env.get("PATH", os.defpath))
+
+
+def resolve_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> str:
+    """``locate_executable``, insisting on an executable file (SpawnError if not)."""
+    path = locate_executable(argv0, directory, env)
+    if path is None:
+        raise SpawnError(f"binary {argv0!r} not found on PATH")
+    if not os.path.exists(path):
+        raise SpawnError(f"binary {argv0!r} not found (looked for {path})")
     if os.path.isdir(path):
         raise SpawnError(f"binary {argv0!r} is a directory ({path})")
     if not os.access(path, os.X_OK):
@@ -112,10 +128,7 @@ def binary_sha256(path: str) -> str:
     key = _sha_key(path)
     digest = _sha_cache.get(key)
     if digest is None:
-        # file_digest reads into one reused buffer: hashing in worker threads
-        # with fresh 1 MiB chunks left ~4 MiB of freed memory in each thread's arena.
-        with open(path, "rb") as f:
-            digest = _sha_cache[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = _sha_cache[key] = fileops.sha256_file(path)
     return digest
 
 
@@ -126,6 +139,11 @@ PROGRAM_VAR = "GOSUP_PROGRAM"
 # gosup's own business, never a child's: systemd's notify socket and watchdog
 # (like sd_notify's unset_environment), and the marks of a gosup that runs us.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", STATE_DIR_VAR, PROGRAM_VAR)
+
+
+def marks(state_dir: Path, program: str) -> dict[str, str]:
+    """The marks of a child of ``program`` under the gosup of ``state_dir``."""
+    return {STATE_DIR_VAR: str(state_dir.resolve()), PROGRAM_VAR: program}
 
 
 def base_environment() -> dict[str, str]:
@@ -139,7 +157,8 @@ def base_environment() -> dict[str, str]:
 def child_environment(
     spec: ProgramSpec, identity: Identity | None, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """gosup's environment, then the program's, then HOME/USER of a dropped identity."""
+    """gosup's environment, then the program's, then HOME/USER of a dropped identity,
+    then ``extra`` (gosup's marks, the Go runtime settings) where the program set nothing."""
     env = base_environment()
     env.update(spec.environment)
     if identity is not None:
@@ -224,20 +243,17 @@ class Child:
 
     def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to the child's process group; False if it is gone."""
-        if self.exited.done():
-            return False
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        return self._send(os.killpg, sig)
 
     def send_signal(self, sig: int) -> bool:
         """Send ``sig`` to the main process only; False if it is gone."""
+        return self._send(os.kill, sig)
+
+    def _send(self, kill: Callable[[int, int], None], sig: int) -> bool:
         if self.exited.done():
             return False
         try:
-            os.kill(self.pid, sig)
+            kill(self.pid, sig)
         except ProcessLookupError:
             return False
         return True
@@ -305,17 +321,52 @@ def spawn(
     identity: Identity | None,
     pass_fds: tuple[int, ...] = (),
 ) -> Child:
-    """Start the program in a new session; raise SpawnError naming what is wrong."""
+    """Start the program; raise SpawnError naming what is wrong."""
+    popen = start_child(
+        [executable, *spec.command[1:]],
+        spec.directory,
+        env,
+        identity=identity,
+        pass_fds=pass_fds,
+    )
+    _widen_pipes(popen)
+    return Child(popen, executable)
+
+
+def start_child(
+    command: Sequence[str],
+    directory: Path,
+    env: Mapping[str, str],
+    *,
+    stderr: int = subprocess.PIPE,
+    identity: Identity | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` the way gosup starts every child; SpawnError if it cannot.
+
+    ``command[0]`` is resolved first (``resolve_executable``, on ``env``'s
+    PATH), so that a missing binary is a SpawnError, not an exit code of the
+    setpriv wrapper. The child gets its own session, the parent-death signal,
+    stdin from /dev/null, stdout as a pipe and ``stderr`` as asked (a pipe, or
+    STDOUT for one stream in order), and runs as ``identity`` when gosup is
+    root. ``env`` should come from ``child_environment`` (``base_environment``
+    plus the program's variables and gosup's marks).
+
+    The parent-death signal belongs to the thread that starts the child: a
+    caller in a worker thread must keep that thread until the child is gone
+    (``asyncio.to_thread`` callers that wait for the child in the same call do).
+    """
+    executable = resolve_executable(command[0], directory, env)
     drop = identity is not None and os.geteuid() == 0
-    argv, preexec = _death_signal_argv([executable, *spec.command[1:]])
+    argv, preexec = _death_signal_argv([executable, *command[1:]])
     try:
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             argv,
-            cwd=spec.directory,
+            cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             start_new_session=True,
             preexec_fn=preexec,
             pass_fds=pass_fds,
@@ -327,8 +378,6 @@ def spawn(
         raise SpawnError(f"cannot execute {executable}: {exc.strerror or exc}") from exc
     except subprocess.SubprocessError as exc:
         raise SpawnError(f"cannot start {executable}: {exc}") from exc
-    _widen_pipes(popen)
-    return Child(popen, executable)
 
 
 PIPE_SIZE = 1 << 20  # bytes a child may write ahead of us before it blocks
@@ -344,8 +393,11 @@ def _widen_pipes(popen: subprocess.Popen[bytes]) -> None:
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def sweep(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
-    """Signal every process of a snapshot that still runs (and its children).
+def kill_tree(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
+    """Signal every process of a snapshot that still runs, and its children.
+
+    What is left of a program's tree at a stop or a crash, and leftovers that
+    outlived their SIGTERM, all end here.
 
     ``psutil.Process`` remembers each process's start time, so a pid reused
     since the snapshot is never hit. Returns how many were signalled.

@@ -1,4 +1,4 @@
-"""The file side of staged config: verify, validate, swap, roll back (stdlib only).
+"""The file side of staged config: verify, swap, roll back (stdlib and ``digest`` only).
 
 Nothing here knows about programs or the event loop: each function takes
 paths, does its work synchronously (callers run it in a thread) and returns
@@ -15,27 +15,24 @@ or raises. The guarantees live in one place:
   renamed into place, so they are never torn either.
 * A live path that is a symlink stays a symlink: the file it points to,
   resolved at swap time, is what gets replaced.
+
+Running a validator on a claimed file is ``validator.py``'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
-import selectors
 import shutil
-import signal
 import stat
-import subprocess
-import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor import fileops
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-OUTPUT_TAIL = 2000  # characters of a failed validator's output kept in the history
 
 
 def sidecar_of(staging: Path) -> Path:
@@ -62,14 +59,6 @@ def failed_of(live: Path) -> Path:
 # -- hashes and sidecars ----------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sha256_regular(path: Path) -> str | None:
     """The hash of a regular file at ``path``; None for anything else. A staged
     symlink would make the live file a link to wherever it points (and the
@@ -83,16 +72,13 @@ def sha256_regular(path: Path) -> str | None:
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        digest = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return fileops.sha256_stream(f)
 
 
 def sha256_or_none(path: Path) -> str | None:
     """The file's hash, or None when it does not exist (yet)."""
     try:
-        return sha256_file(path)
+        return fileops.sha256_file(path)
     except (FileNotFoundError, IsADirectoryError):
         return None
 
@@ -194,7 +180,7 @@ def recover(staging: Path) -> bool:
 
 def set_aside(work: Path, dest: Path) -> None:
     os.replace(work, dest)
-    fsync_dir(dest.parent)
+    fileops.fsync_dir(dest.parent)
 
 
 # -- the swap -------------------------------------------------------------------------
@@ -203,14 +189,6 @@ def set_aside(work: Path, dest: Path) -> None:
 def live_target(live: Path) -> Path:
     """The file that really gets replaced: a symlink's final target, else the path."""
     return Path(os.path.realpath(live)) if live.is_symlink() else live
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -271,7 +249,7 @@ def install(work: Path, live: Path) -> None:
         _copy_into_place(work, target)  # staging on another filesystem
         work.unlink()
     for directory in {target.parent, prev.parent, work.parent}:
-        fsync_dir(directory)
+        fileops.fsync_dir(directory)
 
 
 def restore(live: Path) -> None:
@@ -285,75 +263,4 @@ def restore(live: Path) -> None:
         _link_into_place(target, failed)
     _link_into_place(prev, target)
     for directory in {target.parent, prev.parent}:
-        fsync_dir(directory)
-
-
-# -- validation ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    exit_code: int | None  # None: it could not run, or was killed at the timeout
-    output_tail: str
-
-
-def validate(
-    argv: Sequence[str], file: Path, cwd: Path, env: Mapping[str, str], timeout: float
-) -> Verdict:
-    """Run the validator with ``{file}`` replaced; ok when it exits 0 within ``timeout``.
-
-    It runs in its own session so that a validator that hangs is killed with
-    everything it started (a shell wrapper's children included).
-    """
-    args = [arg.replace("{file}", str(file)) for arg in argv]
-    try:
-        proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        return Verdict(False, None, f"cannot run validator {args[0]!r}: {exc}")
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    with proc.stdout:
-        out, timed_out = _read_tail(proc.stdout.fileno(), deadline)
-    try:
-        # Its output may end before it does (it closed stdout): the deadline still holds.
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    if timed_out:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        text = _tail(out) + f"\n(validator killed: no answer within {timeout:g}s)"
-        return Verdict(False, None, text.lstrip("\n"))
-    return Verdict(proc.returncode == 0, proc.returncode, _tail(out))
-
-
-def _read_tail(fd: int, deadline: float) -> tuple[bytes, bool]:
-    """Read ``fd`` to its end or the deadline, keeping only the last bytes: a
-    validator may print without limit, and only a tail goes to the history.
-    Returns (tail, whether the deadline passed first)."""
-    keep = OUTPUT_TAIL * 4  # enough bytes for OUTPUT_TAIL characters of UTF-8
-    tail = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return tail, False
-            tail = (tail + chunk)[-keep:]
-    return tail, True
-
-
-def _tail(out: bytes) -> str:
-    return out.decode(errors="replace")[-OUTPUT_TAIL:]
+        fileops.fsync_dir(directory)

@@ -3,7 +3,8 @@
 One ``ConfigSync`` attachment per program with ``config_files``; inside it
 one controller per file (``StagedFile``, or ``LiveFile`` for ``staging =
 false``), each with its own worker task, so a file is handled one version at
-a time and in order. The file operations themselves are in ``configswap``.
+a time and in order. The file operations themselves are in ``configswap``,
+the validator's run in ``validator``.
 
 Watching (the observers themselves are in ``watching``). watchdog observes
 the *directories* (a file watch would lose the file at the first rename onto
@@ -30,6 +31,7 @@ import asyncio
 import contextlib
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,11 @@ from loguru import logger
 from watchdog import events as wd
 
 from supervisor.config import ConfigFileSpec, OnChange
+from supervisor.core import spawn
 from supervisor.core.program import CommandError, Program, Restart, SendSignal
 from supervisor.core.states import ProcessState
 from supervisor.files import configswap as swap
-from supervisor.files import watching
+from supervisor.files import validator, watching
 from supervisor.history import History
 
 S = ProcessState
@@ -68,9 +71,16 @@ class ConfigSync:
 
     holds_autostart = False  # the program starts as usual (an Attachment)
 
-    def __init__(self, history: History, program: Program, polling: bool | None = None) -> None:
+    def __init__(
+        self,
+        history: History,
+        program: Program,
+        marks: Mapping[str, str],
+        polling: bool | None = None,
+    ) -> None:
         self.history = history
         self.program = program
+        self.marks = marks  # gosup's marks for the program's validators (spawn.marks)
         self.state_changed = asyncio.Event()
         self.files: list[StagedFile | LiveFile] = [
             StagedFile(self, spec) if spec.staging is not None else LiveFile(self, spec)
@@ -233,12 +243,14 @@ class _Controller:
             return None
         return probation
 
-    async def validate(self, file: Path) -> swap.Verdict:
+    async def validate(self, file: Path) -> validator.Verdict:
         program = self.sync.program.spec
         assert self.spec.validate is not None
-        env = {**os.environ, **program.environment}
+        env = spawn.child_environment(program, None, self.sync.marks)
         argv, timeout = self.spec.validate, self.spec.validate_timeout
-        return await asyncio.to_thread(swap.validate, argv, file, program.directory, env, timeout)
+        return await asyncio.to_thread(
+            validator.validate, argv, file, program.directory, env, timeout
+        )
 
 
 class StagedFile(_Controller):
@@ -255,9 +267,16 @@ class StagedFile(_Controller):
         # The worker thread swapping files and the rollback in the state listener
         # (on the loop) must never interleave their renames.
         self._files_lock = threading.Lock()
+        self._sidecar_timers: set[asyncio.TimerHandle] = set()
 
     def watch_dirs(self) -> set[Path]:
         return {self.watched_staging.parent}
+
+    async def close(self) -> None:
+        for timer in self._sidecar_timers:
+            timer.cancel()
+        self._sidecar_timers.clear()
+        await super().close()
 
     async def start(self) -> None:
         name = self.sync.program.name
@@ -338,10 +357,12 @@ class StagedFile(_Controller):
         to show up, then the sidecar is consumed so it cannot vouch for anything later."""
 
         def drop() -> None:
+            self._sidecar_timers.discard(timer)
             if not self.staging.exists() and not swap.work_of(self.staging).exists():
                 swap.consume_sidecar(self.sidecar, sidecar.text)
 
-        asyncio.get_running_loop().call_later(SIDECAR_GRACE, drop)
+        timer = asyncio.get_running_loop().call_later(SIDECAR_GRACE, drop)
+        self._sidecar_timers.add(timer)
 
     async def _install(self, work: Path, sha: str, sidecar: swap.Sidecar) -> None:
         previous = self.live_sha

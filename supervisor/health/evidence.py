@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from supervisor.config import LimitsSpec
+from supervisor.core.lines import Head
 from supervisor.core.states import ProcessState
 from supervisor.health.gohttp import ScrapeError, http_get
 from supervisor.history import History
@@ -174,23 +175,18 @@ class SigquitCapture:
         self, program: str, path: Path, max_size: int, on_saved: Callable[[Path], None]
     ) -> None:
         self.program, self.path, self.max_size, self.on_saved = program, path, max_size, on_saved
-        self.data = bytearray()
-        self.truncated = False
-
-    def feed(self, data: bytes) -> None:
-        room = self.max_size - len(self.data)
-        self.data += data[: max(room, 0)]
-        self.truncated |= len(data) > room
+        self.head = Head(max_size)
+        self.feed = self.head.feed
 
     def run_ended(self, ended: asyncio.Future[int | None]) -> None:
         if ended.cancelled() or ended.result() != signal.SIGQUIT:
             return
-        traces = goroutine_traces(bytes(self.data))
+        traces = goroutine_traces(bytes(self.head.data))
         if not traces.strip():
             logger.warning("{}: SIGQUIT produced no goroutine dump", self.program)
             return
         try:
-            path = write_dump(self.path, traces, self.max_size, self.truncated)
+            path = write_dump(self.path, traces, self.max_size, self.head.truncated)
         except OSError as exc:
             logger.warning("{}: cannot save the SIGQUIT dump: {}", self.program, exc)
             return

@@ -7,9 +7,9 @@ start, not a feature that silently is not there.
 Order matters and is spelled out:
 
 - services start in this order and close in reverse: the control socket
-  first (it refuses a second gosup before anything else is touched), the
-  leftover sweep last (it needs the config, and nothing may start a program
-  before it has run);
+  first (its lock refuses a second gosup before anything else is touched),
+  clearing a previous gosup's leftovers last (it needs the config, and
+  nothing may start a program before it has run);
 - a child's extra environment comes from the providers in this order, a
   later one winning: the Go runtime settings, then gosup's marks.
 """
@@ -76,7 +76,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
         if not program.spec.config_files:
             return None
-        return ConfigSync(sup.history, program)
+        return ConfigSync(sup.history, program, leftovers.marks(program.spec))
 
     def probes(sup: Supervisor, program: Program) -> Attachment | None:
         return probing.build_for(sup.history, program, dumps)

@@ -4,18 +4,18 @@ reach the loop, and running the build command without ever blocking it.
 Sources: ``[build] watch`` globs under ``[build] directory``, minus
 ``ignore``, minus ``DEFAULT_IGNORE`` (VCS data, vendored code, editors'
 temporary files), minus gosup's own files and the binary the build writes.
-Globs use '/' and match like .gitignore lines: a glob without '/' matches a
-name at any depth ("*.go", "vendor"), one with '/' matches from the build
-directory ("cmd/**/*.go"), '**' spans directories, and a glob that matches a
-directory covers everything below it.
+Globs are .gitignore lines, matched by ``pathspec``: a glob without '/'
+matches a name at any depth ("*.go", "vendor"), one with '/' matches from the
+build directory ("cmd/**/*.go"), '**' spans directories, and a glob that
+matches a directory covers everything below it.
 
 Watching (the observers themselves are in ``watching``): the source filter
 runs in watchdog's thread, so only a path worth a rebuild reaches the loop;
 the debounce (``settle``) is the loop's.
 
-Running: a build is a child like any other as far as the OS is concerned, so
-it gets the same treatment as a program (see spawn.py for why asyncio's
-subprocess machinery is avoided): ``subprocess.Popen`` in a new session, its
+Running: a build is a child like any other, started by ``spawn.start_child``
+as a program is (see spawn.py for why asyncio's subprocess machinery is
+avoided): its own session, the parent-death signal and gosup's marks, its
 exit learnt through a pidfd on the event loop, its output read by a pipe
 protocol, and only ``Popen`` ever reaps it. Cancelling ``run`` (a newer
 change arrived, or gosup is stopping) SIGKILLs the build's whole process
@@ -29,15 +29,15 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import pathspec
 from loguru import logger
 from watchdog.events import (
     FileClosedEvent,
@@ -50,6 +50,8 @@ from watchdog.events import (
 
 from supervisor.config import BuildSpec, ProgramSpec
 from supervisor.core import spawn
+from supervisor.core.lines import LineSplitter, Tail
+from supervisor.core.output import PipeReader
 from supervisor.files import watching
 
 # Never sources: VCS data, vendored code, and editors' temporary files (vim's
@@ -67,55 +69,29 @@ _CHANGE_EVENTS: list[type[FileSystemEvent]] = [
 TAIL_LINES = 40  # what a failed build keeps of its output for the history and the log
 TAIL_CHARS = 4000
 _KEEP_BYTES = 64 * 1024
+MAX_LINE = 64 * 1024  # a longer "line" of build output is logged in pieces
 EOF_GRACE = 1.0  # how long output may trail the exit (a leftover holding the pipe)
 
 
 # -- sources -----------------------------------------------------------------------
 
 
-def glob_regex(glob: str) -> re.Pattern[str]:
-    """The regex of one '/'-separated glob: '*' and '?' stay within a name, '**' spans."""
-    text = glob.strip().removeprefix("./").strip("/")
-    out, i = [], 0
-    while i < len(text):
-        if text.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif text.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif text[i] in "*?":
-            out.append("[^/]*" if text[i] == "*" else "[^/]")
-            i += 1
-        elif text[i] == "[" and "]" in text[i + 2 :]:
-            end = text.index("]", i + 2)
-            body = text[i + 1 : end].replace("\\", "\\\\")
-            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(text[i]))
-            i += 1
-    return re.compile("".join(out))
-
-
 class Globs:
     """A list of globs matched like .gitignore lines (see the module docstring)."""
 
     def __init__(self, globs: Iterable[str]) -> None:
-        globs = [g for g in globs if g.strip().strip("/")]
-        self._names = [glob_regex(g) for g in globs if "/" not in g.strip().strip("/")]
-        self._paths = [glob_regex(g) for g in globs if "/" in g.strip().strip("/")]
+        self._spec = pathspec.GitIgnoreSpec.from_lines(_gitignore_line(g) for g in globs)
 
     def match(self, rel: str) -> bool:
         """Does ``rel`` (relative, '/'-separated) or one of its directories match?"""
-        parts = rel.split("/")
-        for depth in range(1, len(parts) + 1):
-            name, prefix = parts[depth - 1], "/".join(parts[:depth])
-            if any(r.fullmatch(name) for r in self._names):
-                return True
-            if any(r.fullmatch(prefix) for r in self._paths):
-                return True
-        return False
+        return self._spec.match_file(rel)
+
+
+def _gitignore_line(glob: str) -> str:
+    """A glob as a .gitignore line: surrounding blanks and a leading "./" dropped;
+    a leading '#' is a name here, not a comment."""
+    line = glob.strip().removeprefix("./")
+    return "\\" + line if line.startswith("#") else line
 
 
 class SourceFilter:
@@ -203,20 +179,17 @@ class LogLines:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._partial = b""
+        self._lines = LineSplitter(MAX_LINE)
 
     def feed(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > 64 * 1024:
-            lines.append(self._partial)
-            self._partial = b""
-        for line in lines:
-            logger.info("{} build | {}", self.name, line.decode("utf-8", "replace").rstrip())
+        self._log(self._lines.feed(data))
 
     def flush(self) -> None:
-        if self._partial:
-            self.feed(b"\n")
+        self._log(self._lines.flush())
+
+    def _log(self, lines: list[bytes]) -> None:
+        for line in lines:
+            logger.info("{} build | {}", self.name, line.decode("utf-8", "replace").rstrip())
 
 
 # -- running ------------------------------------------------------------------------
@@ -238,14 +211,15 @@ class BuildResult:
     output_tail: str
 
 
-def build_environment(program: ProgramSpec) -> dict[str, str]:
-    """gosup's environment with the program's ``environment`` over it.
+def build_environment(program: ProgramSpec, marks: Mapping[str, str]) -> dict[str, str]:
+    """gosup's environment with the program's ``environment`` over it, and gosup's
+    ``marks`` (``spawn.marks``: what the build leaves behind is found again).
 
     The same variables the program sees (GOFLAGS, GOPRIVATE, CGO_ENABLED ...),
     minus what gosup derives for running it (GOMEMLIMIT is for the service,
     not for the compiler).
     """
-    return spawn.child_environment(program, None)
+    return spawn.child_environment(program, None, marks)
 
 
 class BuildOutput:
@@ -253,13 +227,11 @@ class BuildOutput:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self._kept = bytearray()
+        self._kept = Tail(_KEEP_BYTES)
 
     def feed(self, data: bytes) -> None:
         self.sink.feed(data)
-        self._kept += data
-        if len(self._kept) > 2 * _KEEP_BYTES:
-            del self._kept[:-_KEEP_BYTES]
+        self._kept.feed(data)
 
     def flush(self) -> None:
         self.sink.flush()
@@ -269,21 +241,8 @@ class BuildOutput:
         self.feed(text.encode() + b"\n")
 
     def tail(self) -> str:
-        text = bytes(self._kept).decode("utf-8", "replace").rstrip()
+        text = self._kept.text().rstrip()
         return "\n".join(text.splitlines()[-TAIL_LINES:])[-TAIL_CHARS:]
-
-
-class _Pipe(asyncio.Protocol):
-    def __init__(self, output: BuildOutput, eof: asyncio.Future[None]) -> None:
-        self.output = output
-        self.eof = eof
-
-    def data_received(self, data: bytes) -> None:
-        self.output.feed(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.eof.done():
-            self.eof.set_result(None)
 
 
 async def run(
@@ -306,7 +265,7 @@ async def run(
     assert pipe is not None
     transport: asyncio.BaseTransport | None = None
     try:
-        transport, _ = await loop.connect_read_pipe(lambda: _Pipe(output, eof), pipe)
+        transport, _ = await loop.connect_read_pipe(lambda: PipeReader(output.feed, eof), pipe)
         # asyncio.wait, not await: cancelling us must not cancel `exited`,
         # which the kill below still needs to see resolved.
         await asyncio.wait([child.exited])
@@ -329,20 +288,9 @@ async def run(
 def _start(spec: BuildSpec, env: dict[str, str]) -> spawn.Child:
     if not spec.directory.is_dir():
         raise spawn.SpawnError(f"build directory {str(spec.directory)!r} does not exist")
-    executable = spawn.resolve_executable(spec.command[0], spec.directory, env)
-    try:
-        popen = subprocess.Popen(
-            [executable, *spec.command[1:]],
-            cwd=spec.directory,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,  # one stream: the compiler's errors in order with the rest
-            start_new_session=True,  # its own process group, killed as one
-        )
-    except OSError as exc:
-        raise spawn.SpawnError(f"cannot execute {executable}: {exc.strerror or exc}") from exc
-    return spawn.Child(popen, executable)
+    # One stream: the compiler's errors in order with the rest.
+    popen = spawn.start_child(spec.command, spec.directory, env, stderr=subprocess.STDOUT)
+    return spawn.Child(popen, spec.command[0])
 
 
 def _kill_group(pgid: int) -> None:

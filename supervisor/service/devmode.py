@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shlex
-import shutil
 import stat
 import sys
 import time
@@ -35,7 +33,9 @@ from pathlib import Path
 
 from loguru import logger
 
+from supervisor import fileops
 from supervisor.config import BuildSpec, ConfigError
+from supervisor.core import spawn
 from supervisor.core.output import TerminalEcho
 from supervisor.core.program import CommandError, Message, Program, Restart, Start
 from supervisor.core.states import ProcessState
@@ -57,12 +57,11 @@ def _sink(name: str, echo_width: int | None) -> builder.Sink:
     return TerminalEcho(name, echo_width, colour=sys.stdout.isatty())
 
 
-def _binary(program: Program) -> Path | None:
-    """The file the program runs, which the build writes (never a source)."""
-    argv0 = program.spec.command[0]
-    if "/" in argv0:
-        return Path(os.path.abspath(program.spec.directory / argv0))
-    found = shutil.which(argv0, path=program.spec.environment.get("PATH", os.environ.get("PATH")))
+def _binary(program: Program, env: dict[str, str]) -> Path | None:
+    """The file the program runs, which the build writes (never a source); found
+    as a start finds it, though it may not exist before the first build."""
+    spec = program.spec
+    found = spawn.locate_executable(spec.command[0], spec.directory, env)
     return Path(found) if found else None
 
 
@@ -86,14 +85,15 @@ class DevBuild:
         self.program = program
         self.spec = spec
         self.history = sup.history
-        self.env = builder.build_environment(program.spec)
+        marks = spawn.marks(sup.config.supervisor.state_dir, program.name)
+        self.env = builder.build_environment(program.spec, marks)
         self.sink = _sink(program.name, sup.ctx.echo_width)
         own = sup.config.supervisor
         never = (own.state_dir, own.log_dir, sup.config.path, *_own_output())
         self.watcher = builder.Watcher(
             spec.directory,
             recursive=True,
-            wanted=builder.SourceFilter(spec, never, _binary(program)),
+            wanted=builder.SourceFilter(spec, never, _binary(program, self.env)),
             notify=self._on_change,
         )
         self._autostart_pending = program.spec.autostart
@@ -290,10 +290,10 @@ class ConfigWatch:
 
     async def _apply(self) -> None:
         try:
-            digest: str | None = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            sha: str | None = fileops.sha256_file(self.path)
         except OSError:
-            digest = None  # reload() says what is wrong with it
-        if digest == self.sup.config.sha256:
+            sha = None  # reload() says what is wrong with it
+        if sha == self.sup.config.sha256:
             logger.debug("{} saved without a change", self.path.name)
             return
         logger.info("{} saved: applying it", self.path.name)

@@ -1,6 +1,7 @@
-"""Nothing gosup started may outlive it, and nothing may run twice.
+"""Nothing gosup started may outlive it.
 
-Three parts, one concern:
+Three parts, one concern (that only one gosup runs per state_dir is the
+flock of ``control.ControlServer``, taken before this service starts):
 
 **Pid records.** ``<state_dir>/pids.json`` holds gosup's own pid and, for
 every program whose child runs, its pid, start time, process group and
@@ -8,11 +9,12 @@ session. A history listener keeps it current from the ``started``,
 ``exited`` and ``stopped`` records, so it is written exactly when the
 history says a child came or went. A clean exit removes the file.
 
-**The sweep at start.** A gosup killed with SIGKILL cannot stop anything.
-Its direct children die with it (``PR_SET_PDEATHSIG``), but their own
-children do not: a Go program's helpers in the same process group, and
-helpers that called ``setsid`` and left it. Every child therefore carries
-``GOSUP_STATE_DIR`` (and ``GOSUP_PROGRAM``) in its environment, which its
+**Clearing leftovers at start.** A gosup killed with SIGKILL cannot stop
+anything. Its direct children (programs, builds, validators) die with it
+(``PR_SET_PDEATHSIG``), but their own children do not: a Go program's
+helpers in the same process group, helpers that called ``setsid`` and left
+it, a build's compiler. Every child therefore carries ``GOSUP_STATE_DIR``
+(and ``GOSUP_PROGRAM``) in its environment (``spawn.marks``), which its
 descendants inherit. Before any program starts, the next gosup of the same
 state_dir stops whatever the previous one left: the recorded pids (checked
 against their start time, so a reused pid is never hit), the rest of their
@@ -23,13 +25,13 @@ program found this way gets a ``stopped`` record with
 
 **PID 1.** As a container's entrypoint, gosup inherits every orphan of the
 container and must reap them, or zombies pile up. It must not reap its own
-children, though: ``Popen`` (and asyncio's child watchers, for validators
-and builds) need those exit statuses. So the reaper never calls
+children, though: ``Popen`` (programs, builds and validators are all
+``Popen`` children) needs those exit statuses. So the reaper never calls
 ``waitpid(-1)``: it looks at gosup's zombie children once a second and only
 reaps one that is not a program's current child, that was already a
 zombie at the previous look, and that no live ``Popen`` object still has
-to wait for (``communicate`` waits only after reading the output to EOF,
-which a helper the child left behind can hold off for long).
+to wait for (a validator's is waited for only after its output reached EOF
+or its deadline, which a helper the child left behind can hold off).
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ from loguru import logger
 
 from supervisor.config import ProgramSpec
 from supervisor.core import spawn
-from supervisor.service import daemon
 
 if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
@@ -61,10 +62,6 @@ PIDS_FILE = "pids.json"
 LEFTOVER_GRACE_MAX = 10.0  # seconds a leftover gets to stop after SIGTERM, at most
 REAP_INTERVAL = 1.0
 CREATE_TIME_SLACK = 0.01  # psutil start times are exact to a clock tick
-
-
-class AlreadyRunning(daemon.StartupError):
-    """Another live gosup owns this state_dir (refusing beats running twice)."""
 
 
 # -- pid records ------------------------------------------------------------------
@@ -134,8 +131,8 @@ class PidFile:
 
         The file is updated just after the event, not inside it: the listener
         runs on the restart path (exited -> started), and a restart must not
-        wait for a file rewrite. If gosup dies in between, the sweep at the
-        next start checks each recorded pid's start time, so a stale entry is
+        wait for a file rewrite. If gosup dies in between, clearing leftovers at
+        the next start checks each recorded pid's start time, so a stale entry is
         harmless, and a missing new child is still found by its environment tag.
         """
         event, name, pid = rec.get("event"), rec.get("program"), rec.get("pid")
@@ -173,7 +170,7 @@ class PidFile:
         self.path.unlink(missing_ok=True)
 
 
-# -- the sweep ------------------------------------------------------------------------
+# -- leftovers and escapees -------------------------------------------------------------
 
 
 def _environ(proc: psutil.Process) -> dict[str, str]:
@@ -277,7 +274,7 @@ async def stop_leftovers(procs: list[psutil.Process], grace: float) -> bool:
     survivors = await spawn.wait_gone(procs, grace, loop.time)
     if not survivors:
         return False
-    spawn.sweep(survivors)
+    spawn.kill_tree(survivors)
     survivors = await spawn.wait_gone(survivors, 5.0, loop.time)
     if survivors:
         logger.error("leftovers survived SIGKILL: pids {}", [p.pid for p in survivors])
@@ -330,10 +327,10 @@ class Reaper:
 
 
 def _awaited() -> set[int]:
-    """Children a live ``Popen`` has yet to wait for. ``communicate`` reads the
-    output to EOF before it waits: a validator that exited while a helper it
-    left still holds the pipe stays a zombie for as long as that helper runs,
-    and reaping it would make Popen see ECHILD and report exit code 0."""
+    """Children a live ``Popen`` has yet to wait for. A validator's output is
+    read to EOF (or its deadline) before it is waited for: one that exited
+    while a helper it left still holds the pipe stays a zombie meanwhile, and
+    reaping it would make Popen see ECHILD and report exit code 0."""
     return {
         obj.pid
         for obj in gc.get_objects()
@@ -345,7 +342,7 @@ def _awaited() -> set[int]:
 
 
 class OrphanService:
-    """Sweeps a previous gosup's leftovers, keeps pids.json, reaps as PID 1."""
+    """Clears a previous gosup's leftovers, keeps pids.json, reaps as PID 1."""
 
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -354,7 +351,7 @@ class OrphanService:
         self.reaper: Reaper | None = None
 
     async def start(self) -> None:
-        await self.sweep()
+        await self.clear_leftovers()
         self.pids.write()
         self.sup.history.add_listener(self.pids.on_record)
         if os.getpid() == 1:
@@ -375,19 +372,19 @@ class OrphanService:
 
     def marks(self, spec: ProgramSpec) -> dict[str, str]:
         """An environment provider: our state_dir and the program's name."""
-        return {STATE_DIR_VAR: str(self.state_dir), PROGRAM_VAR: spec.name}
+        return spawn.marks(self.state_dir, spec.name)
 
     def escapees(self, name: str) -> list[psutil.Process]:
         """Processes of ``name``'s past runs found by their marks."""
         return marked(self.state_dir, name)
 
-    async def sweep(self) -> None:
-        """Stop what a previous gosup of this state_dir left running."""
-        prev, records = PidFile.read(self.pids.path)
-        if prev is not None and prev.pid != os.getpid() and prev.process() is not None:
-            raise AlreadyRunning(
-                f"another gosup (pid {prev.pid}) is running with state_dir {self.state_dir}"
-            )
+    async def clear_leftovers(self) -> None:
+        """Stop what a previous gosup of this state_dir left running.
+
+        The previous gosup is gone: the control socket's lock, taken before
+        this service starts, refused to start beside a live one.
+        """
+        _, records = PidFile.read(self.pids.path)
         born = self.pids.me.create_time if self.pids.me else psutil.Process().create_time()
         leftovers = await asyncio.to_thread(find_leftovers, self.state_dir, records, born)
         grace = self._grace()
