@@ -267,7 +267,11 @@ def test_hanging_validator_is_killed_with_its_children(
 def test_a_validator_dies_with_a_sigkilled_gosup(
     gosup_factory: Callable[..., Gosup], goapp: Path, no_leftover_processes: str
 ) -> None:
-    g = gosup_factory(app_toml(goapp, validate='["sleep", "3141"]', validate_timeout='"60s"'))
+    g = gosup_factory(
+        app_toml(
+            goapp, validate='["sh", "-c", "exec sleep 3141", "{file}"]', validate_timeout='"60s"'
+        )
+    )
     live = running(g)
     stage(g, V1)
     found = wait_for(
