@@ -92,6 +92,11 @@ class ProgramCollector(Collector):
         yield restarts
         yield from self._figures(programs)
         yield self._config_changes(programs)
+        yield CounterMetricFamily(
+            "gosup_history_write_errors_total",
+            "Records the history file could not take (disk full, I/O error).",
+            value=float(self.sup.history.write_errors),
+        )
 
     def _figures(self, programs: list[Any]) -> Iterator[Metric]:
         for key, text in FIGURES.items():
