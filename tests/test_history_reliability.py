@@ -6,6 +6,7 @@ real 2 MiB tmpfs for the full disk (root only)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,38 @@ def _cli_usage(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str],
     assert usage, done.stderr
     _, rss, rchar = usage[-1].split()
     return done, int(rss), int(rchar)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:  # between two renames of a rotation
+        return None
+
+
+def _follower(g: Gosup) -> tuple[subprocess.Popen[bytes], Path]:
+    """``gosup history -f --json -n 0`` printing into a file."""
+    out = g.dir / f"follow-{time.monotonic_ns()}.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "history", "-f", "--json", "-n", "0"],
+            cwd=g.dir,
+            stdout=f,
+            stderr=subprocess.DEVNULL,
+        )
+    return proc, out
+
+
+def _stop_follower(proc: subprocess.Popen[bytes], out: Path) -> list[dict[str, Any]]:
+    """Wait until the follower printed gosup's last record, then end it."""
+    try:
+        wait_for(
+            lambda: b'"supervisor_stopped"' in out.read_bytes(), 20, "the follower to catch up"
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    return [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
 
 
 def _big_history(path: Path, size: int, program: str = "busy") -> int:
@@ -227,20 +261,14 @@ def test_rotation_keeps_backups_and_history_reads_across_them(
         '[supervisor]\nhistory_max_size = "4KiB"\nhistory_backups = 2\n' + _crash_loop(goapp)
     )
     g.start()
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "history", "-f", "--json", "-n", "0"],
-        cwd=g.dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    follower, followed_file = _follower(g)
     try:
         path = g.state_dir / "history.jsonl"
         wait_for(lambda: hist.backup_path(path, 2).exists(), 60, "two rotations")
         # Rotate once more, so the follower crosses a rotation it did not start on.
-        first_backup = os.stat(hist.backup_path(path, 1)).st_ino
+        first_backup = _inode(hist.backup_path(path, 1))
         wait_for(
-            lambda: os.stat(hist.backup_path(path, 1)).st_ino != first_backup, 60, "a rotation"
+            lambda: _inode(hist.backup_path(path, 1)) not in (first_backup, None), 60, "a rotation"
         )
         assert g.cli("stop", "flaky").returncode == 0  # the files hold still now
         assert not hist.backup_path(path, 3).exists()
@@ -254,9 +282,7 @@ def test_rotation_keeps_backups_and_history_reads_across_them(
         assert len(shown) == 40
     finally:
         assert g.stop() == 0
-        follower.send_signal(signal.SIGINT)
-        out, _ = follower.communicate(timeout=20)
-    followed = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        followed = _stop_follower(follower, followed_file)
     # -f printed every record written after it started, across the rotations.
     assert followed[-1]["event"] == "supervisor_stopped"
     tss = [r["ts"] for r in followed]
@@ -270,13 +296,7 @@ def test_a_history_renamed_or_deleted_under_gosup_is_reopened(
     g = gosup_factory(_crash_loop(goapp)).start()
     path = g.state_dir / "history.jsonl"
     g.wait_event("exited", "flaky")
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "history", "-f", "--json", "-n", "0"],
-        cwd=g.dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    follower, followed_file = _follower(g)
     try:
         rotated = g.state_dir / "history.jsonl.old"
         os.rename(path, rotated)  # logrotate without copytruncate
@@ -288,9 +308,7 @@ def test_a_history_renamed_or_deleted_under_gosup_is_reopened(
         wait_for(lambda: path.exists() and len(_records(path)) >= 2, 20, "the history again")
     finally:
         assert g.stop() == 0
-        follower.send_signal(signal.SIGINT)
-        out, _ = follower.communicate(timeout=20)
-    followed = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        followed = _stop_follower(follower, followed_file)
     # The follower kept printing through the rename and the deletion.
     assert followed[-1]["event"] == "supervisor_stopped"
     assert len(followed) >= 6
@@ -433,6 +451,8 @@ def test_history_requests_leave_the_default_executor_free(tmp_path: Path) -> Non
 
     async def main() -> tuple[int, list[Any]]:
         loop = asyncio.get_running_loop()
+        # The default pool of a 2-core machine (min(32, cpus + 4) threads).
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(6))
         requests = [
             loop.create_task(
                 control.handle_history(sup, control.Request("history", {"program": "api"}))

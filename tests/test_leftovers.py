@@ -194,3 +194,45 @@ def test_every_programs_leftovers_are_stopped_at_once(
             second.wait_event("running", name, count=2, timeout=30)
     finally:
         assert second.stop(signal.SIGTERM) == 0
+
+
+def test_a_crash_sweeps_only_our_own_marked_helpers(
+    gosup_factory: Any, goapp: Path, as_stranger: Callable[..., psutil.Process]
+) -> None:
+    """After a crash gosup kills the helpers a run left (found by their marks):
+    a decoy of another user carrying the same marks is not one of them."""
+    g = gosup_factory(_api(goapp, "1s", "api", "-mode", "exit", "-code", "1", "-after", "1s"))
+    g.start()
+    g.running_pid("api")
+    decoy = as_stranger(*_decoy(g.state_dir, "api"))
+    g.wait_event("exited", "api", count=2, timeout=30)
+    assert decoy.is_running() and decoy.status() != psutil.STATUS_ZOMBIE
+    assert g.stop() == 0
+
+
+_SQUAT = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(bytes.fromhex(sys.argv[1]))
+s.listen(1)
+os.set_inheritable(s.fileno(), True)
+os.execvp("sleep", ["sleep", "1000"])
+"""
+
+
+def test_a_squatted_instance_name_does_not_keep_gosup_from_starting(
+    gosup_factory: Any, goapp: Path, as_stranger: Callable[..., psutil.Process]
+) -> None:
+    """Abstract socket names have no permissions: another user may bind the
+    name of our state_dir first. gosup asks who holds it and starts anyway."""
+    from supervisor.service.control import instance_name
+
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3 for the squatter")
+    g = gosup_factory(_api(goapp, "1s"))
+    g.state_dir.mkdir(mode=0o700)
+    squatter = as_stranger("/usr/bin/python3", "-c", _SQUAT, instance_name(g.state_dir).hex())
+    g.start()
+    g.running_pid("api")
+    assert f"held by pid {squatter.pid} of uid {squatter.uids().real}" in g.log()
+    assert g.stop() == 0
