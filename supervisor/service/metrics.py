@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 # Reasons are always exported (as 0 until they happen): increase() cannot see
 # the first restart of a series that appears with the value 1.
-RESTART_REASONS = ("crash", "leak", "config", "build", "operator")
+RESTART_REASONS = ("crash", "leak", "unhealthy", "not_ready", "config", "build", "operator")
+PROBES = ("ready", "live")  # gosup_probe_failures_total{probe}: probe_failed records
 CONFIG_RESULTS = {
     "config_applied": "applied",
     "config_rejected": "rejected",
@@ -64,16 +65,24 @@ class ProgramCollector(Collector):
         self.sup = sup
         # (program, result) -> count; kept for programs a reload removed too.
         self.config_changes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.probe_failures: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def on_record(self, rec: dict[str, object]) -> None:
-        """History listener: count config_applied / rejected / rolled_back."""
+        """History listener: count config_applied / rejected / rolled_back, probe_failed."""
         result = CONFIG_RESULTS.get(str(rec.get("event")))
         if result is not None:
             self.config_changes[(str(rec.get("program", "")), result)] += 1
+        if rec.get("event") == "probe_failed":
+            self.probe_failures[(str(rec.get("program", "")), str(rec.get("probe")))] += 1
 
     def collect(self) -> Iterator[Metric]:
         programs = list(self.sup.programs.values())
         up = GaugeMetricFamily("gosup_program_up", "1 while RUNNING.", labels=["program"])
+        ready = GaugeMetricFamily(
+            "gosup_program_ready",
+            "1 while RUNNING: started and, with a [ready] probe, passing it.",
+            labels=["program"],
+        )
         state = GaugeMetricFamily("gosup_program_state", STATE_HELP, labels=["program"])
         restarts = CounterMetricFamily(
             "gosup_program_restarts_total",
@@ -83,19 +92,34 @@ class ProgramCollector(Collector):
         for p in programs:
             current: ProcessState = p.state
             up.add_metric([p.name], 1.0 if current in RUNNING_STATES else 0.0)
+            ready.add_metric([p.name], 1.0 if current in RUNNING_STATES else 0.0)
             state.add_metric([p.name], float(STATE_NUMBERS[current]))
             counts = p.restarts
             for reason in sorted(set(RESTART_REASONS) | set(counts)):
                 restarts.add_metric([p.name, reason], float(counts.get(reason, 0)))
         yield up
+        yield ready
         yield state
         yield restarts
         yield from self._figures(programs)
         yield self._config_changes(programs)
+        yield self._probe_failures(programs)
         yield CounterMetricFamily(
             "gosup_history_write_errors_total",
             "Records the history file could not take (disk full, I/O error).",
             value=float(self.sup.history.write_errors),
+        )
+
+    def _probe_failures(self, programs: list[Any]) -> Metric:
+        present = [
+            (p.name, probe) for p in programs for probe in PROBES if getattr(p.spec, probe, None)
+        ]
+        return _counter(
+            "gosup_probe_failures_total",
+            "Probe verdicts against a program (probe_failed): not ready in time, not live.",
+            ["program", "probe"],
+            self.probe_failures,
+            present,
         )
 
     def _figures(self, programs: list[Any]) -> Iterator[Metric]:
@@ -108,19 +132,19 @@ class ProgramCollector(Collector):
             yield family
 
     def _config_changes(self, programs: list[Any]) -> Metric:
-        family = CounterMetricFamily(
+        present = [
+            (p.name, result)
+            for p in programs
+            if p.spec.config_files
+            for result in CONFIG_RESULTS.values()
+        ]
+        return _counter(
             "gosup_config_changes_total",
             "Staged config files applied, rejected and rolled back.",
-            labels=["program", "result"],
+            ["program", "result"],
+            self.config_changes,
+            present,
         )
-        counts = collections.Counter(self.config_changes)
-        for p in programs:
-            if p.spec.config_files:
-                for result in CONFIG_RESULTS.values():
-                    counts[(p.name, result)] += 0  # present from the start
-        for (program, result), n in sorted(counts.items()):
-            family.add_metric([program, result], float(n))
-        return family
 
 
 def _figure(figures: dict[str, Any], key: str) -> float | None:
@@ -226,3 +250,22 @@ def make_service(sup: Supervisor) -> MetricsServer | None:
     """The daemon service factory: only when ``metrics_listen`` is set."""
     listen = sup.config.supervisor.metrics_listen
     return MetricsServer(sup, listen) if listen else None
+
+
+def _counter(
+    name: str,
+    text: str,
+    labels: list[str],
+    counts: Mapping[tuple[str, str], int],
+    present: list[tuple[str, str]],
+) -> Metric:
+    """A counter family from ``counts``; the label sets in ``present`` are shown
+    from the start at 0 (a rate() over a series that appears late misses its
+    first increase)."""
+    family = CounterMetricFamily(name, text, labels=labels)
+    totals = collections.Counter(counts)
+    for key in present:
+        totals[key] += 0
+    for key, n in sorted(totals.items()):
+        family.add_metric(list(key), float(n))
+    return family
