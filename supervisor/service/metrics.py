@@ -104,6 +104,11 @@ class ProgramCollector(Collector):
         yield from self._figures(programs)
         yield self._config_changes(programs)
         yield self._probe_failures(programs)
+        yield CounterMetricFamily(
+            "gosup_history_write_errors_total",
+            "Records the history file could not take (disk full, I/O error).",
+            value=float(self.sup.history.write_errors),
+        )
 
     def _probe_failures(self, programs: list[Any]) -> Metric:
         present = [
