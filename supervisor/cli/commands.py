@@ -225,7 +225,12 @@ def _add_stage_parser(sub: Subparsers) -> None:
         "1 rejected, 2 usage error.",
     )
     p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
-    p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
+    p.add_argument(
+        "live_path",
+        metavar="LIVE_PATH",
+        help="the live config file it replaces; a relative path is relative to the "
+        "config file's directory, like every path in app.toml",
+    )
     p.add_argument(
         "-c",
         "--config",

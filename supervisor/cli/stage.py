@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,17 @@ class Target:
 
 
 def _copy_hashing(src: Path, dest: Path) -> str:
-    """Copy ``src`` to ``dest`` (fsynced) and return its SHA-256."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
+    """Copy ``src`` to ``dest`` (fsynced, with ``src``'s mode) and return its SHA-256.
+
+    ``dest`` is made 0600 and gets the mode once it is whole: nobody can open
+    it meanwhile, and a binary keeps its execute bits (gosup gives it the live
+    file's mode when it installs it, this one when there is no live file yet).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(src, "rb") as fin, open(os.open(dest, flags, 0o600), "wb") as fout:
         sha = fileops.sha256_stream(fin, copy_to=fout.write)
         fout.flush()
+        os.fchmod(fout.fileno(), stat.S_IMODE(os.fstat(fin.fileno()).st_mode) & 0o777)
         os.fsync(fout.fileno())
     return sha
 
@@ -74,14 +82,19 @@ def stage_file(new_file: Path, staging: Path) -> str:
 
 
 def find_target(live_arg: str, config_arg: str | None) -> Target:
-    """The staging path for LIVE_PATH, from the gosup config's ``config_files``."""
-    live = Path(os.path.abspath(live_arg))
+    """The staging path for LIVE_PATH, from the gosup config's ``config_files``.
+
+    A relative LIVE_PATH is relative to the config file's directory, as every
+    path in the config is (without a config: to the current directory).
+    """
     path = Path(config_arg or cli.DEFAULT_CONFIG)
     if not path.exists():
         if config_arg is not None:
             raise cli.CLIError(f"{path}: no such config file", cli.EXIT_USAGE)
         # No config here: the protocol still works, with the default staging path.
+        live = Path(os.path.abspath(live_arg))
         return Target(live, Path(f"{live}.new"), None)
+    live = Path(os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), live_arg)))
     config = cli.load_config(str(path))
     known: list[str] = []
     for program in config.programs:
