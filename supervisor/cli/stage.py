@@ -169,14 +169,17 @@ def wait_outcome(
 
 
 def describe_rejection(rec: dict[str, Any]) -> str:
-    lines = [f"rejected: {rec.get('reason')}"]
+    """What to tell the deployer; the validator's words and errors escaped."""
+    lines = [f"rejected: {cli.escape(rec.get('reason'))}"]
+    if rec.get("error"):
+        lines.append(f"  {cli.escape(rec['error'])}")
     if rec.get("reason") == "checksum_mismatch":
-        lines.append(f"  expected sha256 {rec.get('expected')}")
-        lines.append(f"  actual   sha256 {rec.get('actual')}")
+        lines.append(f"  expected sha256 {cli.escape(rec.get('expected'))}")
+        lines.append(f"  actual   sha256 {cli.escape(rec.get('actual'))}")
     tail = str(rec.get("output_tail") or "").strip()
     if tail:
         lines.append("  validator said:")
-        lines += [f"    {line}" for line in tail.splitlines()[-10:]]
+        lines += [f"    {cli.escape(line)}" for line in tail.splitlines()[-10:]]
     return "\n".join(lines)
 
 
@@ -200,7 +203,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise cli.CLIError(f"cannot stage {new_file} at {target.staging}: {exc}") from None
     if target.state_dir is None or history_file is None:
-        print(f"staged at {target.staging} (sha256 {sha}); no gosup config here to follow")
+        print(cli.escape(f"staged at {target.staging} (sha256 {sha}); no gosup config to follow"))
         return cli.EXIT_OK
     if not gosup_running(target.state_dir):
         print(f"staged (sha256 {sha}); gosup is not running: it applies the file at start")
