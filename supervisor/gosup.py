@@ -45,6 +45,11 @@ class Daemon:
 
         return privilege_errors(config)
 
+    def preflight(self, config: AppConfig) -> tuple[list[str], list[str]]:
+        from supervisor.service import preflight
+
+        return preflight.findings(config)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``gosup ARGS``: the exit code."""

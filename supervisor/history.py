@@ -33,6 +33,8 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "stopped",
         "limit_exceeded",
         "evidence_saved",
+        "evidence_failed",
+        "probe_failed",
         "restart_requested",
         "config_applied",
         "config_rejected",

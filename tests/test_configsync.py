@@ -253,7 +253,7 @@ def test_validator_refuses_a_bad_file(gosup_factory: Callable[..., Gosup], goapp
 def test_hanging_validator_is_killed_with_its_children(
     gosup_factory: Callable[..., Gosup], goapp: Path
 ) -> None:
-    hang = '["sh", "-c", "sleep 60; echo never"]'
+    hang = '["sh", "-c", "sleep 60; echo never", "sh", "{file}"]'
     g = gosup_factory(app_toml(goapp, validate=hang, validate_timeout='"300ms"'))
     live = running(g)
     stage(g, V1)
@@ -267,7 +267,11 @@ def test_hanging_validator_is_killed_with_its_children(
 def test_a_validator_dies_with_a_sigkilled_gosup(
     gosup_factory: Callable[..., Gosup], goapp: Path, no_leftover_processes: str
 ) -> None:
-    g = gosup_factory(app_toml(goapp, validate='["sleep", "3141"]', validate_timeout='"60s"'))
+    g = gosup_factory(
+        app_toml(
+            goapp, validate='["sh", "-c", "exec sleep 3141", "{file}"]', validate_timeout='"60s"'
+        )
+    )
     live = running(g)
     stage(g, V1)
     found = wait_for(

@@ -252,14 +252,47 @@ def test_operator_restart_is_not_a_failure(tmp_path: Path) -> None:
         h.program.post(Start())
         await h.started(1)
         await h.advance(1.0)
-        reply = asyncio.ensure_future(h.program.request(Restart(reason="leak")))
+        reply = asyncio.ensure_future(h.program.request(Restart(reason="operator")))
         await h.started(2)
         await h.advance(1.0)
         assert "running" in await h.answer(reply, "the restart")
         assert h.program.failures == 0
         assert not h.records("backoff")
-        assert h.records("restart_requested")[0]["reason"] == "leak"
-        assert h.program.restarts["leak"] == 1
+        assert h.records("restart_requested")[0]["reason"] == "operator"
+        assert h.program.restarts["operator"] == 1
+
+    run(tmp_path, body, start_seconds=1.0)
+
+
+@pytest.mark.parametrize("reason", ["leak", "unhealthy"])
+def test_a_leak_restart_after_a_healthy_run_is_not_a_failure(tmp_path: Path, reason: str) -> None:
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.started(1)
+        await h.advance(61.0)  # past backoff.reset_after (60s)
+        reply = asyncio.ensure_future(h.program.request(Restart(reason=reason)))
+        await h.started(2)
+        await h.advance(1.0)
+        assert "running" in await h.answer(reply, "the restart")
+        assert h.program.failures == 0 and not h.records("backoff")
+
+    run(tmp_path, body, start_seconds=1.0)
+
+
+@pytest.mark.parametrize("reason", ["leak", "unhealthy"])
+def test_a_leak_restart_within_reset_after_is_a_failed_run(tmp_path: Path, reason: str) -> None:
+    """DESIGN §3: a limit below the idle baseline must end in FATAL, not loop."""
+
+    async def body(h: Harness) -> None:
+        h.program.post(Start())
+        await h.started(1)
+        await h.advance(1.0)
+        reply = asyncio.ensure_future(h.program.request(Restart(reason=reason)))
+        assert "a failed run" in await h.answer(reply, "the restart")
+        assert h.program.state is S.BACKOFF and h.program.failures == 1
+        assert h.records("exited")[-1]["reason"] == reason
+        assert h.records("backoff")[0]["attempt"] == 1
+        assert h.program.restarts[reason] == 1 and not h.program.restarts["crash"]
 
     run(tmp_path, body, start_seconds=1.0)
 

@@ -62,7 +62,9 @@ def test_unreadable_live_file_does_not_stop_gosup(gosup_factory: Factory, goapp:
 def test_validator_flood_does_not_balloon_gosup(gosup_factory: Factory, goapp: Path) -> None:
     """A validator printing hundreds of MB: gosup kept all of it in memory
     (communicate()) only to keep the last 2000 characters."""
-    flood = '["sh", "-c", "head -c 400000000 /dev/zero; echo; echo bad config; exit 1"]'
+    flood = (
+        '["sh", "-c", "head -c 400000000 /dev/zero; echo; echo bad config; exit 1", "sh", "{file}"]'
+    )
     g = gosup_factory(app_toml(goapp, validate=flood))
     make_live(g.dir)
     started(g)
@@ -160,7 +162,7 @@ def test_reload_during_startup_waits_for_it(gosup_factory: Factory, goapp: Path)
     validation of a version staged while it was down): the reload removed a
     program not added yet (KeyError, "internal error") and startup then added
     it with the old spec."""
-    slow = '["sh", "-c", "sleep 3"]'
+    slow = '["sh", "-c", "sleep 3", "sh", "{file}"]'
     g = gosup_factory(app_toml(goapp, validate=slow) + prog(goapp, "b", "-version", "old"))
     make_live(g.dir)
     stage(g, V1)  # validated at start, before api's autostart

@@ -155,29 +155,18 @@ def _program(name: str, binary: Path, *args: str, extra: str = "") -> str:
 def test_ready_status_watchdog_reload_and_stopping(
     gosup_factory: Any, goapp: Path, listener: NotifyListener
 ) -> None:
-    config = (
-        _program("api", goapp)
-        + _program("once", goapp, "-mode", "exit", "-after", "100ms", extra='restart = "never"')
-        + _program(
-            "broken",
-            goapp,
-            "-mode",
-            "exit",
-            "-code",
-            "1",
-            extra='[programs.broken.backoff]\ninitial = "100ms"\ngive_up_after = 2',
-        )
+    config = _program("api", goapp) + _program(
+        "once", goapp, "-mode", "exit", "-after", "100ms", extra='restart = "never"'
     )
     g = gosup_factory(config)
     g.start(extra_env={"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "400000"})
 
-    # READY=1 only once api runs, once has exited for good and broken gave up.
+    # READY=1 only once api runs and once has exited for good (with success).
     ready = listener.wait("READY=1")
     assert g.history("api", "running")
     assert g.history("once", "exited")
-    assert g.history("broken", "fatal")
     status = [line for line in listener.lines()[: ready + 1] if line.startswith("STATUS=")]
-    assert status[-1] == "STATUS=1 running, 1 exited, 1 fatal"
+    assert status[-1] == "STATUS=1 running, 1 exited"
 
     # The child never sees gosup's notify socket.
     environ = Path(f"/proc/{g.running_pid('api')}/environ").read_bytes().split(b"\0")
@@ -201,7 +190,31 @@ def test_ready_status_watchdog_reload_and_stopping(
     assert g.stop() == 0
     stopping = listener.index("STOPPING=1")
     assert stopping is not None and stopping > reloading
-    assert listener.lines()[-1] == "STATUS=stopping: 4 stopped"
+    assert listener.lines()[-1] == "STATUS=stopping: 3 stopped"
+
+
+def test_no_ready_while_a_program_is_fatal_and_status_says_why(
+    gosup_factory: Any, goapp: Path, listener: NotifyListener
+) -> None:
+    """A program that cannot start must fail `systemctl start`, not pass it."""
+    config = _program("api", goapp) + _program(
+        "broken",
+        goapp,
+        "-fail-start",
+        "listen tcp :80: bind: permission denied",
+        extra='[programs.broken.backoff]\ninitial = "100ms"\ngive_up_after = 2',
+    )
+    g = gosup_factory(config).start(extra_env={"NOTIFY_SOCKET": listener.address})
+    g.wait_event("fatal", "broken")
+    g.running_pid("api")
+    want = (
+        "STATUS=1 running, 1 fatal; waiting for broken: fatal "
+        "(exit code 1: listen tcp :80: bind: permission denied)"
+    )
+    listener.wait(want)
+    assert "READY=1" not in listener.lines()
+    assert g.stop() == 0
+    assert "READY=1" not in listener.lines()
 
 
 def _pings(listener: NotifyListener) -> int:

@@ -74,6 +74,10 @@ class Daemon(Protocol):
         """The user/group switches gosup, run as this user, could not make."""
         ...
 
+    def preflight(self, config: configmod.AppConfig) -> tuple[list[str], list[str]]:
+        """(errors, warnings) a start would run into: missing or unexecutable binaries."""
+        ...
+
 
 def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
     config = load_config(args.config)
@@ -93,6 +97,13 @@ def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
     config = configmod.load(args.config)
     for note in daemon.privilege_errors(config):  # `check` may run as another user than gosup
         print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
+    errors, warnings = daemon.preflight(config)
+    for note in warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return EXIT_USAGE
     print(f"{args.config}: ok ({len(config.programs)} programs)")
     return EXIT_OK
 

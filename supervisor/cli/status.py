@@ -132,9 +132,13 @@ def format_exit(info: object) -> str:
         text = str(info["signal"])
     else:
         text = f"exit {info.get('exit_code')}"
-    crash = info.get("crash")
+    if info.get("reason"):
+        text = f"{info['reason']} ({text})"
+    crash, tail = info.get("crash"), info.get("output_tail")
     if isinstance(crash, dict):
         text += f" ({crash.get('kind')}: {crash.get('message')})"
+    elif isinstance(tail, str) and tail.strip():  # the failed run's last words say why
+        text += f": {tail.strip().splitlines()[-1]}"
     return _clip(text)
 
 

@@ -35,6 +35,14 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from supervisor import fileops
+from supervisor.config.probespec import (
+    LIVE_DEFAULTS,
+    READY_DEFAULTS,
+    MetricCheck,
+    ProbeKind,
+    ProbeSpec,
+    parse_metric_check,
+)
 from supervisor.config.units import parse_duration, parse_signal, parse_size
 from supervisor.protocol import DEFAULT_STATE_DIR
 
@@ -47,7 +55,10 @@ __all__ = [
     "Evidence",
     "LimitsSpec",
     "LogSpec",
+    "MetricCheck",
     "OnChange",
+    "ProbeKind",
+    "ProbeSpec",
     "ProgramSpec",
     "RestartPolicy",
     "SupervisorSpec",
@@ -171,6 +182,8 @@ class ProgramSpec:
     limits: LimitsSpec | None = None
     config_files: tuple[ConfigFileSpec, ...] = ()
     build: BuildSpec | None = None
+    ready: ProbeSpec | None = None  # RUNNING (and READY=1) only once this passes
+    live: ProbeSpec | None = None  # probed while RUNNING; failing -> restart (unhealthy)
 
 
 @dataclass(frozen=True)
@@ -208,6 +221,9 @@ _LOG_KEYS = _keys(LogSpec)
 _LIMITS_KEYS = _keys(LimitsSpec)
 _CONFIG_FILE_KEYS = _keys(ConfigFileSpec)
 _BUILD_KEYS = _keys(BuildSpec)
+_PROBE_TARGETS = frozenset(kind.value for kind in ProbeKind)
+_READY_KEYS = _PROBE_TARGETS | {"interval", "timeout", "within"}
+_LIVE_KEYS = _PROBE_TARGETS | {"interval", "timeout", "failures"}
 
 
 # --- converters: one raw TOML value in, a typed value out, or ValueError ----
@@ -281,6 +297,15 @@ def _argv(value: object) -> tuple[str, ...]:
     if any("\0" in item for item in value):
         raise ValueError("must not contain NUL characters")
     return tuple(value)
+
+
+def _validator(value: object) -> tuple[str, ...]:
+    argv = _argv(value)
+    if not any("{file}" in arg for arg in argv):
+        # Without it the validator checks something else than the staged file
+        # (a "{path}" typo): every deploy would then be judged on a wrong file.
+        raise ValueError("must name the staged file as {file} in one of its arguments")
+    return argv
 
 
 def _exit_codes(value: object) -> frozenset[int]:
@@ -527,7 +552,7 @@ def _config_file(t: _Table, base: str) -> tuple[ConfigFileSpec, bool]:
     spec = ConfigFileSpec(
         path=path,
         staging=staging,
-        validate=t.get("validate", _argv, None),
+        validate=t.get("validate", _validator, None),
         validate_timeout=t.get("validate_timeout", _positive_duration, 30.0),
         on_change=t.get("on_change", _choice(OnChange), OnChange.RELOAD),
         probation=t.get("probation", _duration, 30.0),
@@ -561,12 +586,60 @@ def _build(t: _Table | None, base: str, directory: Path) -> BuildSpec | None:
     )
 
 
+def _tcp_address(value: object) -> str:
+    return _listen_address(value)
+
+
+def _metric_check(value: object) -> MetricCheck:
+    return parse_metric_check(_string(value))
+
+
+_PROBE_CONVERTERS: dict[ProbeKind, Converter[str | tuple[str, ...] | MetricCheck]] = {
+    ProbeKind.HTTP: _metrics_url,
+    ProbeKind.TCP: _tcp_address,
+    ProbeKind.EXEC: _argv,
+    ProbeKind.METRIC: _metric_check,
+}
+
+
+def _probe(parent: _Table, key: str, known: frozenset[str]) -> ProbeSpec | None:
+    """``[ready]`` / ``[live]``: exactly one target key, then its timings."""
+    t = parent.table(key, known)
+    if t is None:
+        return None
+    defaults = READY_DEFAULTS if key == "ready" else LIVE_DEFAULTS
+    kinds = [kind for kind in ProbeKind if kind.value in t]
+    if len(kinds) != 1:
+        found = ", ".join(k.value for k in kinds) or "none"
+        parent.error(key, f"needs exactly one target: http, tcp, exec or metric (found: {found})")
+        return None
+    kind = kinds[0]
+    target = t.get(kind.value, _PROBE_CONVERTERS[kind], None)
+    spec = ProbeSpec(
+        kind=kind,
+        target=target if target is not None else "",
+        interval=t.get("interval", _positive_duration, defaults["interval"]),
+        timeout=t.get("timeout", _positive_duration, defaults["timeout"]),
+        within=t.get("within", _positive_duration, ProbeSpec.within),
+        failures=t.get("failures", _positive_integer, ProbeSpec.failures),
+    )
+    return spec if target is not None else None
+
+
+def _probes_need_metrics(t: _Table, spec: ProgramSpec) -> None:
+    """A metric probe reads the program's go_metrics: without it, it could never pass."""
+    go_metrics = spec.limits.go_metrics if spec.limits else None
+    for key, probe in (("ready", spec.ready), ("live", spec.live)):
+        if probe is not None and probe.kind is ProbeKind.METRIC and go_metrics is None:
+            t.error(key, "a metric probe reads go_metrics: set [limits] go_metrics")
+
+
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _program(name: str, t: _Table, base: str, seen: dict[Path, str]) -> ProgramSpec:
     directory = t.get("directory", _path(base), Path(base))
-    return ProgramSpec(
+    spec = ProgramSpec(
         name=name,
         command=t.require("command", _argv, ()),
         directory=directory,
@@ -586,7 +659,11 @@ def _program(name: str, t: _Table, base: str, seen: dict[Path, str]) -> ProgramS
         limits=_limits(t.table("limits", _LIMITS_KEYS)),
         config_files=_config_files(t, base, seen),
         build=_build(t.table("build", _BUILD_KEYS), base, directory),
+        ready=_probe(t, "ready", _READY_KEYS),
+        live=_probe(t, "live", _LIVE_KEYS),
     )
+    _probes_need_metrics(t, spec)
+    return spec
 
 
 def _programs(table: _Table | None, base: str) -> tuple[ProgramSpec, ...]:

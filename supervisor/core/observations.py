@@ -29,6 +29,10 @@ class Observations:
     # the latest start was given.
     limit_exceeded: dict[str, Any] | None = None
     go_env: dict[str, str] = field(default_factory=dict)
+    # The liveness probe: failures in a row in this run, and the last verdict
+    # (probe_failed: {"probe", "error"}) kept across runs.
+    live_failures: int = 0
+    probe_failed: dict[str, Any] | None = None
 
     def sampled(self, now: float) -> None:
         self.sampled_at = now
@@ -41,6 +45,7 @@ class Observations:
         self.over_limit = {}
         self.sustain = None
         self.sampled_at = None
+        self.live_failures = 0
 
     def status(self, now: float) -> dict[str, Any]:
         """The fields ``gosup status`` shows, absent while unknown."""
@@ -56,4 +61,8 @@ class Observations:
             out[AGE] = round(now - self.sampled_at, 3)
         if self.limit_exceeded is not None:
             out["limit_exceeded"] = dict(self.limit_exceeded)
+        if self.live_failures:
+            out["live_failures"] = self.live_failures
+        if self.probe_failed is not None:
+            out["probe_failed"] = dict(self.probe_failed)
         return out

@@ -1,6 +1,6 @@
 """Capture of a child's stdout and stderr.
 
-The hot path is ``_PipeProtocol.data_received``: the event loop hands over
+The hot path is ``PipeReader.data_received`` (``Stream.feed``): the event loop hands over
 chunks of up to 256 KiB, which go straight to an unbuffered file with one
 ``write`` each. Nothing is split into lines unless a terminal is attached, so
 a child flooding its output costs one syscall per chunk and gosup's memory
@@ -137,22 +137,29 @@ class Stream:
         return self.tail.text() if self.tail is not None else ""
 
 
-class _PipeProtocol(asyncio.Protocol):
-    def __init__(self, stream: Stream, done: asyncio.Future[None]) -> None:
-        self.stream = stream
-        self.done = done
+class PipeReader(asyncio.Protocol):
+    """Hands each chunk a pipe delivers to ``feed``; at the end of the pipe it
+    calls ``at_end`` (if any) and resolves ``done``. Program output and build
+    output (service/builder.py) are read with it."""
 
-    def data_received(self, data: bytes) -> None:
-        self.stream.feed(data)
+    def __init__(
+        self,
+        feed: Callable[[bytes], None],
+        done: asyncio.Future[None],
+        at_end: Callable[[], None] | None = None,
+    ) -> None:
+        self.data_received = feed  # type: ignore[method-assign,assignment]  # hot path: no extra call
+        self.done = done
+        self.at_end = at_end
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.stream.echo is not None:
-            self.stream.echo.flush()
+        if self.at_end is not None:
+            self.at_end()
         if not self.done.done():
             self.done.set_result(None)
 
 
-def _factory(protocol: _PipeProtocol) -> Callable[[], _PipeProtocol]:
+def _given(protocol: PipeReader) -> Callable[[], PipeReader]:
     return lambda: protocol
 
 
@@ -183,8 +190,9 @@ class OutputCapture:
             self.stderr.tail.clear()
         for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
             done: asyncio.Future[None] = loop.create_future()
-            protocol = _PipeProtocol(stream, done)
-            transport, _ = await loop.connect_read_pipe(_factory(protocol), pipe)
+            at_end = stream.echo.flush if stream.echo is not None else None
+            protocol = PipeReader(stream.feed, done, at_end)
+            transport, _ = await loop.connect_read_pipe(_given(protocol), pipe)
             self._transports.append(transport)
             self._done.append(done)
 

@@ -8,8 +8,14 @@ the messages in order. Only that task spawns, signals or kills the child, so
 the queue, never a race between tasks.
 
 Time is ``ctx.clock`` (monotonic). The only timer is ``_deadline``: what
-happens when it passes depends on the state (STARTING: now RUNNING; BACKOFF:
-start again; STOPPING: SIGKILL).
+happens when it passes depends on the state (STARTING: now RUNNING, or not
+ready; BACKOFF: start again; STOPPING: SIGKILL).
+
+A program with a ``[ready]`` probe leaves STARTING only on the prober's word
+(``Ready``, or ``NotReady`` after ``within``); the deadline is then a
+backstop a little after ``within``. A run that gosup stops because it failed
+(not ready, or a leak/unhealthy restart that recurs within
+``backoff.reset_after``) ends STOPPING -> EXITED and backs off like a crash.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ from supervisor.history import History
 
 S = ProcessState
 DRAIN_TIMEOUT = 0.5  # how long a crash's last words may take to arrive after the exit
+OUTPUT_TAIL_BYTES = 2048  # an exit record's output_tail: the last lines of stderr, at most this
+READY_GRACE = 1.0  # the readiness backstop fires this long after within + timeout
+# Restarts gosup asks for itself that count as a failed run when they recur
+# within backoff.reset_after of the start (a limit below the idle baseline).
+FAILING_RESTARTS = frozenset({"leak", "unhealthy"})
 
 
 class CommandError(Exception):
@@ -116,6 +127,21 @@ class Kill(Message):
 
 
 @dataclass
+class Ready(Message):
+    """The readiness probe passed for run ``pid``: STARTING -> RUNNING."""
+
+    pid: int
+
+
+@dataclass
+class NotReady(Message):
+    """Run ``pid`` did not get ready within ``ready.within``: a failed start."""
+
+    pid: int
+    error: str
+
+
+@dataclass
 class _Exited(Message):
     child: spawn.Child
     code: int
@@ -146,6 +172,9 @@ class Program:
         self._waiters: list[tuple[frozenset[ProcessState], asyncio.Future[str]]] = []
         self._start_after_stop: Start | None = None
         self._stop_reason = ""
+        # A stop of a run that failed (not_ready, a recurring leak/unhealthy
+        # restart): its reason, and the request to answer once it has stopped.
+        self._failed_stop: tuple[str, Message | None] | None = None
         self._stop_deadline = 0.0
         self._oom_kills_at_start = 0
         self._snapshot: list[psutil.Process] = []
@@ -274,6 +303,10 @@ class Program:
             self._on_signal(msg)
         elif isinstance(msg, Kill):
             self._on_kill(msg)
+        elif isinstance(msg, Ready):
+            self._on_ready(msg)
+        elif isinstance(msg, NotReady):
+            self._on_not_ready(msg)
 
     def _reply(self, msg: Message, text: str) -> None:
         if msg.reply is not None and not msg.reply.done():
@@ -363,15 +396,39 @@ class Program:
         await self.output.attach(child.stdout, child.stderr)
         child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
         logger.info("{}: started pid {}", self.name, child.pid)
-        self._deadline = self.ctx.clock() + spec.start_seconds
+        if spec.ready is None:
+            self._deadline = self.ctx.clock() + spec.start_seconds
+        else:  # the prober decides; this is only its backstop
+            ready = spec.ready
+            self._deadline = self.ctx.clock() + ready.within + ready.timeout + READY_GRACE
 
     async def _on_deadline(self) -> None:
-        if self.state is S.STARTING:  # STARTING -> RUNNING: stayed up start_seconds
+        if self.state is S.STARTING and self.spec.ready is not None:
+            within = self.spec.ready.within
+            self._not_ready(f"no verdict from the readiness probe within {within:g}s")
+        elif self.state is S.STARTING:  # STARTING -> RUNNING: stayed up start_seconds
             self._transition(S.RUNNING, "running", pid=self.pid)
         elif self.state is S.BACKOFF:  # BACKOFF -> STARTING: the delay is over
             await self._spawn()
         elif self.state is S.STOPPING:  # STOPPING: stop_timeout passed, no more asking
             self._kill_tree()
+
+    def _on_ready(self, msg: Ready) -> None:
+        if self.state is S.STARTING and msg.pid == self.pid:  # STARTING -> RUNNING: ready
+            self._deadline = None
+            self._transition(S.RUNNING, "running", pid=self.pid)
+        self._reply(msg, self._describe())
+
+    def _on_not_ready(self, msg: NotReady) -> None:
+        if self.state is S.STARTING and msg.pid == self.pid:
+            self._not_ready(msg.error)
+        self._reply(msg, self._describe())
+
+    def _not_ready(self, error: str) -> None:
+        """A failed start: stop the child, then EXITED (reason not_ready) and back off."""
+        logger.warning("{}: not ready: {}", self.name, error)
+        self._failed_stop = ("not_ready", None)
+        self._begin_stop("not_ready")
 
     # -- exits -------------------------------------------------------------------
 
@@ -420,7 +477,14 @@ class Program:
                 crash = gopanic.oom_crash()
         if crash is not None:
             info["crash"] = crash.to_dict()
+        elif self._failed_run(code) and (tail := output_tail(self.output.stderr.tail_text())):
+            info["output_tail"] = tail  # a failed run's reason is most likely in its last words
         return info
+
+    def _failed_run(self, code: int) -> bool:
+        if self._failed_stop_reason() == "not_ready":
+            return True
+        return self.state is not S.STOPPING and code not in self.spec.success_exit_codes
 
     def _should_restart(self, code: int) -> bool:
         policy = self.spec.restart
@@ -430,21 +494,26 @@ class Program:
             return False
         return code not in self.spec.success_exit_codes
 
-    def _after_failed_run(self, *, healthy: bool) -> None:
-        """EXITED -> STARTING / BACKOFF / FATAL, by the backoff policy."""
+    def _after_failed_run(self, *, healthy: bool, reason: str | None = "crash") -> None:
+        """EXITED -> STARTING / BACKOFF / FATAL, by the backoff policy.
+
+        ``reason`` is what the restart counts as (None: counted already, when
+        it was requested); a reason other than a crash is named in ``fatal``."""
         if healthy:
             self.failures = 0
-            self.restarts["crash"] += 1
+            self.restarts[reason or "crash"] += 1
             self._deadline = self.ctx.clock()  # EXITED -> BACKOFF, delay 0 (starts at once)
             self._transition(S.BACKOFF, "backoff", attempt=1, delay_s=0.0)
             return
         self.failures += 1
         decision = self.policy.decide(self.failures)
         if decision.give_up:
-            self._transition(S.FATAL, "fatal", attempts=self.failures)
+            why = {} if reason == "crash" else {"reason": self._stop_reason_name(reason)}
+            self._transition(S.FATAL, "fatal", attempts=self.failures, **why)
             logger.error("{}: gave up after {} failed runs", self.name, self.failures)
             return
-        self.restarts["crash"] += 1
+        if reason is not None:
+            self.restarts[reason] += 1
         self._deadline = self.ctx.clock() + decision.delay
         self._transition(
             S.BACKOFF, "backoff", attempt=self.failures, delay_s=round(decision.delay, 3)
@@ -453,6 +522,10 @@ class Program:
     # -- stopping ----------------------------------------------------------------
 
     def _on_stop(self, msg: Stop) -> None:
+        if self.state is S.STOPPING and self._failed_stop is not None:
+            self._cancel_failed_stop(msg.reason)  # ends STOPPED, no backoff
+            self._wait_for(msg, frozenset({S.STOPPED}))
+            return
         if self.state is S.STOPPING:
             if not msg.join:
                 raise CommandError(f"{self.name} is already stopping")
@@ -521,6 +594,9 @@ class Program:
             spawn.kill_tree(survivors)
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
         self._snapshot = []
+        if self._failed_stop is not None:
+            await self._end_failed_run(child, info)
+            return
         self._record("exited", **info)
         self._transition(
             S.STOPPED, "stopped", pid=child.pid, reason=self._stop_reason, killed=self._killed
@@ -531,6 +607,36 @@ class Program:
         if pending is not None:
             self._wait_for(pending, frozenset({S.RUNNING}))
             await self._spawn()
+
+    async def _end_failed_run(self, child: spawn.Child, info: dict[str, Any]) -> None:
+        """STOPPING -> EXITED: gosup stopped a run that failed; back off like a crash."""
+        assert self._failed_stop is not None
+        reason, request = self._failed_stop
+        self._failed_stop = None
+        self._start_after_stop = None
+        info["reason"] = reason
+        self.last_exit = info
+        self._transition(S.EXITED, "exited", **info)
+        await self._run_ended(child, self._stop_signal)  # its evidence comes before the backoff
+        logger.warning("{}: failed run ({}): backing off", self.name, reason)
+        # not_ready counts as a restart of its own; a leak/unhealthy one was counted when asked
+        self._after_failed_run(healthy=False, reason=reason if reason == "not_ready" else None)
+        if request is not None:
+            self._reply(request, f"{self._describe()} (a failed run: {reason})")
+
+    def _stop_reason_name(self, reason: str | None) -> str:
+        return reason or (self.last_exit or {}).get("reason") or "crash"
+
+    def _failed_stop_reason(self) -> str | None:
+        return self._failed_stop[0] if self._failed_stop is not None else None
+
+    def _cancel_failed_stop(self, why: str) -> None:
+        """An operator's (or the shutdown's) stop wins over a failed run's backoff."""
+        if self._failed_stop is not None:
+            _, request = self._failed_stop
+            self._failed_stop = None
+            if request is not None and request.reply is not None and not request.reply.done():
+                request.reply.set_exception(CommandError(f"{self.name}: restart cancelled ({why})"))
 
     async def _run_ended(self, child: spawn.Child, stop_signal: int | None) -> None:
         """Resolve the `exited` futures of this run, and let their callbacks run
@@ -552,6 +658,14 @@ class Program:
             raise CommandError(f"{self.name}: pid {msg.pid} is gone already; nothing to restart")
         self._record("restart_requested", reason=msg.reason)
         self.restarts[msg.reason] += 1
+        uptime = self.uptime()
+        recurring = uptime is not None and not self.policy.run_was_healthy(uptime)
+        if self.state in (S.STARTING, S.RUNNING) and msg.reason in FAILING_RESTARTS and recurring:
+            # Back within reset_after of the start: the limit (or the probe) fails
+            # this program at its baseline; back off towards FATAL, never loop.
+            self._failed_stop = (msg.reason, msg)
+            self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
+            return
         if self.state in (S.STARTING, S.RUNNING):
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
@@ -588,7 +702,21 @@ def _exit_summary(info: dict[str, Any]) -> str:
     if info.get("error"):
         return str(info["error"])
     how = f"signal {info['signal']}" if info.get("signal") else f"exit code {info.get('exit_code')}"
+    if info.get("reason"):
+        how = f"{info['reason']} ({how})"
     crash = info.get("crash")
     if crash:
         how += f" ({crash['kind']}: {crash['message']})"
+    elif info.get("output_tail"):
+        how += f": {info['output_tail'].splitlines()[-1]}"
     return how
+
+
+def output_tail(text: str, limit: int = OUTPUT_TAIL_BYTES) -> str:
+    """The last whole lines of ``text`` within ``limit`` bytes (UTF-8), trailing blanks cut."""
+    data = text.rstrip().encode()
+    if len(data) > limit:
+        data = data[-limit:]
+        cut = data.find(b"\n")
+        data = data[cut + 1 :] if 0 <= cut < len(data) - 1 else data
+    return data.decode("utf-8", "ignore")

@@ -42,7 +42,9 @@ TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     # BACKOFF -> STOPPED: stop requested while waiting
     S.BACKOFF: frozenset({S.STARTING, S.STOPPED}),
     # STOPPING -> STOPPED: the child is gone (and its whole tree)
-    S.STOPPING: frozenset({S.STOPPED}),
+    # STOPPING -> EXITED: gosup stopped a run that failed (not ready within
+    #   ready.within; a leak or unhealthy restart within backoff.reset_after)
+    S.STOPPING: frozenset({S.STOPPED, S.EXITED}),
     # FATAL -> STARTING: only an operator's start leaves FATAL
     # FATAL -> STOPPED: an operator's stop (or the program removed by a reload)
     S.FATAL: frozenset({S.STARTING, S.STOPPED}),

@@ -5,12 +5,19 @@ Dumps are written under ``<state_dir>/dumps/`` as
 They come three ways: fetched over pprof (a leak with ``evidence = "pprof"``,
 or ``gosup dump``), or captured from stderr when the Go runtime answers a
 SIGQUIT (a leak with ``evidence = "sigquit"``; see `SigquitCapture`).
-Every saved dump is an ``evidence_saved`` record in the history.
+Every saved dump is an ``evidence_saved`` record in the history, but only
+once it was read back and found to hold goroutine stacks: a program that
+traps SIGQUIT (caddy does) answers it with a log line, a pprof endpoint
+behind a proxy may answer a login page, and recording those as evidence
+would tell the operator the hang is documented when it is not. They are
+``evidence_failed`` with a glimpse of what came, like a dump that could not
+be fetched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -23,6 +30,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from supervisor.config import LimitsSpec
+from supervisor.core.lines import Head
 from supervisor.core.states import ProcessState
 from supervisor.health.gohttp import ScrapeError, http_get
 from supervisor.history import History
@@ -36,6 +44,14 @@ HEAP_PROFILE_PATH = "/debug/pprof/heap"
 DUMP_TIMEOUT = 10.0  # a goroutine dump of a big program takes a while to write
 TRUNCATED_NOTE = b"\n\n[gosup: dump truncated at dump_max_size]\n"
 DUMPABLE_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
+
+# What the Go runtime writes for every goroutine, in a SIGQUIT dump and in
+# pprof's debug=2 text: "goroutine 1 [running]:", or with GOTRACEBACK=system
+# "goroutine 0 gp=0xb2e700 m=0 mp=0xb2f8e0 [idle]:" (debug=1 starts "goroutine profile:").
+_STACKS = re.compile(rb"^goroutine (\d+ [^\n]*\[[^\n]*\]:|profile: total )", re.MULTILINE)
+GOROUTINE_KINDS = frozenset({"pprof", "sigquit"})  # the kinds that must hold stacks
+GLIMPSE = 160  # bytes of a non-dump quoted in evidence_failed
+DUMP_KEEP = 10  # a program without [limits]: LimitsSpec's dump_keep default
 
 _DUMP_NAME = re.compile(r"^(?P<program>.+)-(?P<stamp>\d{8}T\d{6}\.\d{3}Z(?:\.\d+)?)-[a-z_]+\.")
 
@@ -98,6 +114,24 @@ def _stamp_order(stem: str) -> tuple[str, int]:
     return (match[1], int(match[2] or 1)) if match else ("", 0)
 
 
+def holds_stacks(data: bytes) -> bool:
+    return _STACKS.search(data) is not None
+
+
+def verdict(path: Path, kind: str) -> str | None:
+    """None when ``path`` is evidence of ``kind``; else what was received instead."""
+    if kind not in GOROUTINE_KINDS:
+        return None  # a heap profile is binary: its size is the check
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read it back: {exc.strerror or exc}"
+    if holds_stacks(data):
+        return None
+    glimpse = data.strip()[:GLIMPSE].decode("utf-8", "replace")
+    return f"no goroutine stacks in the {len(data)} bytes received: {glimpse!r}"
+
+
 # -- over pprof --------------------------------------------------------------------
 
 
@@ -141,23 +175,18 @@ class SigquitCapture:
         self, program: str, path: Path, max_size: int, on_saved: Callable[[Path], None]
     ) -> None:
         self.program, self.path, self.max_size, self.on_saved = program, path, max_size, on_saved
-        self.data = bytearray()
-        self.truncated = False
-
-    def feed(self, data: bytes) -> None:
-        room = self.max_size - len(self.data)
-        self.data += data[: max(room, 0)]
-        self.truncated |= len(data) > room
+        self.head = Head(max_size)
+        self.feed = self.head.feed
 
     def run_ended(self, ended: asyncio.Future[int | None]) -> None:
         if ended.cancelled() or ended.result() != signal.SIGQUIT:
             return
-        traces = goroutine_traces(bytes(self.data))
+        traces = goroutine_traces(bytes(self.head.data))
         if not traces.strip():
             logger.warning("{}: SIGQUIT produced no goroutine dump", self.program)
             return
         try:
-            path = write_dump(self.path, traces, self.max_size, self.truncated)
+            path = write_dump(self.path, traces, self.max_size, self.head.truncated)
         except OSError as exc:
             logger.warning("{}: cannot save the SIGQUIT dump: {}", self.program, exc)
             return
@@ -182,9 +211,27 @@ class Dumps:
         self, program: Program, limits: LimitsSpec, path: Path, kind: str, **extra: Any
     ) -> None:
         """Record a saved dump (``evidence_saved``) and prune the oldest."""
-        self.history.record("evidence_saved", program.name, path=str(path), kind=kind, **extra)
-        logger.info("{}: {} evidence saved to {}", program.name, kind, path)
-        prune_dumps(self.dir, program.name, limits.dump_keep)
+        self.record(program.name, path, kind, limits.dump_keep, **extra)
+
+    def record(self, program: str, path: Path, kind: str, keep: int, **extra: Any) -> bool:
+        """``evidence_saved`` for a real dump (True), then prune to ``keep``; else
+        ``evidence_failed`` and the file goes (a non-dump must not push a real
+        one out of dump_keep)."""
+        error = verdict(path, kind)
+        if error is not None:
+            self.failed(program, kind, error)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return False
+        self.history.record("evidence_saved", program, path=str(path), kind=kind, **extra)
+        logger.info("{}: {} evidence saved to {}", program, kind, path)
+        prune_dumps(self.dir, program, keep)
+        return True
+
+    def failed(self, program: str, kind: str, error: str) -> None:
+        """``evidence_failed``: no dump of ``kind``, and why."""
+        self.history.record("evidence_failed", program, kind=kind, error=error)
+        logger.warning("{}: no {} evidence: {}", program, kind, error)
 
     async def pprof(self, program: Program, limits: LimitsSpec) -> None:
         """A goroutine dump and a heap profile over pprof, both at once: an
@@ -213,7 +260,7 @@ class Dumps:
         )
         for (_, kind, _), result in zip(wanted, fetched, strict=True):
             if isinstance(result, ScrapeError | OSError):
-                logger.warning("{}: no {} evidence: {}", program.name, kind, result)
+                self.failed(program.name, kind, str(result))
             elif isinstance(result, BaseException):
                 raise result
             else:

@@ -22,6 +22,7 @@ from typing import Any
 from supervisor.config import AppConfig
 from supervisor.core.program import Program
 from supervisor.files.configsync import ConfigSync
+from supervisor.health import probing
 from supervisor.health.evidence import Dumps
 from supervisor.health.goenv import GoEnv
 from supervisor.health.resources import ResourceSampler
@@ -77,5 +78,8 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
             return None
         return ConfigSync(sup.history, program, leftovers.marks(program.spec))
 
-    sup.attachment_factories = [config_sync, devmode.build_for]
+    def probes(sup: Supervisor, program: Program) -> Attachment | None:
+        return probing.build_for(sup.history, program, dumps)
+
+    sup.attachment_factories = [config_sync, probes, devmode.build_for]
     return sup

@@ -51,6 +51,7 @@ from watchdog.events import (
 from supervisor.config import BuildSpec, ProgramSpec
 from supervisor.core import spawn
 from supervisor.core.lines import LineSplitter, Tail
+from supervisor.core.output import PipeReader
 from supervisor.files import watching
 
 # Never sources: VCS data, vendored code, and editors' temporary files (vim's
@@ -244,19 +245,6 @@ class BuildOutput:
         return "\n".join(text.splitlines()[-TAIL_LINES:])[-TAIL_CHARS:]
 
 
-class _Pipe(asyncio.Protocol):
-    def __init__(self, output: BuildOutput, eof: asyncio.Future[None]) -> None:
-        self.output = output
-        self.eof = eof
-
-    def data_received(self, data: bytes) -> None:
-        self.output.feed(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.eof.done():
-            self.eof.set_result(None)
-
-
 async def run(
     spec: BuildSpec,
     env: dict[str, str],
@@ -277,7 +265,7 @@ async def run(
     assert pipe is not None
     transport: asyncio.BaseTransport | None = None
     try:
-        transport, _ = await loop.connect_read_pipe(lambda: _Pipe(output, eof), pipe)
+        transport, _ = await loop.connect_read_pipe(lambda: PipeReader(output.feed, eof), pipe)
         # asyncio.wait, not await: cancelling us must not cancel `exited`,
         # which the kill below still needs to see resolved.
         await asyncio.wait([child.exited])

@@ -204,21 +204,22 @@ async def handle_status(sup: Supervisor, req: Request) -> Any:
     }
 
 
-@_builtin("start")
-async def handle_start(sup: Supervisor, req: Request) -> Any:
-    _refuse_while_stopping(sup, req.cmd)
-    return await _each(sup, select(sup, req), lambda: Start(reason="operator"))
+def _program_command(
+    name: str, message: Callable[[], Message], refused_while_stopping: bool
+) -> None:
+    """``start``, ``stop``, ``restart``: one typed message to each named program."""
+
+    async def handle(sup: Supervisor, req: Request) -> Any:
+        if refused_while_stopping:
+            _refuse_while_stopping(sup, req.cmd)
+        return await _each(sup, select(sup, req), message)
+
+    BUILTIN[name] = handle
 
 
-@_builtin("stop")
-async def handle_stop(sup: Supervisor, req: Request) -> Any:
-    return await _each(sup, select(sup, req), lambda: Stop(reason="operator"))
-
-
-@_builtin("restart")
-async def handle_restart(sup: Supervisor, req: Request) -> Any:
-    _refuse_while_stopping(sup, req.cmd)
-    return await _each(sup, select(sup, req), lambda: Restart(reason="operator"))
+_program_command("start", lambda: Start(reason="operator"), refused_while_stopping=True)
+_program_command("stop", lambda: Stop(reason="operator"), refused_while_stopping=False)
+_program_command("restart", lambda: Restart(reason="operator"), refused_while_stopping=True)
 
 
 @_builtin("signal")

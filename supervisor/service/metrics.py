@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 # Reasons are always exported (as 0 until they happen): increase() cannot see
 # the first restart of a series that appears with the value 1.
-RESTART_REASONS = ("crash", "leak", "config", "build", "operator")
+RESTART_REASONS = ("crash", "leak", "unhealthy", "not_ready", "config", "build", "operator")
+PROBES = ("ready", "live")  # gosup_probe_failures_total{probe}: probe_failed records
 CONFIG_RESULTS = {
     "config_applied": "applied",
     "config_rejected": "rejected",
@@ -64,16 +65,24 @@ class ProgramCollector(Collector):
         self.sup = sup
         # (program, result) -> count; kept for programs a reload removed too.
         self.config_changes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.probe_failures: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def on_record(self, rec: dict[str, object]) -> None:
-        """History listener: count config_applied / rejected / rolled_back."""
+        """History listener: count config_applied / rejected / rolled_back, probe_failed."""
         result = CONFIG_RESULTS.get(str(rec.get("event")))
         if result is not None:
             self.config_changes[(str(rec.get("program", "")), result)] += 1
+        if rec.get("event") == "probe_failed":
+            self.probe_failures[(str(rec.get("program", "")), str(rec.get("probe")))] += 1
 
     def collect(self) -> Iterator[Metric]:
         programs = list(self.sup.programs.values())
         up = GaugeMetricFamily("gosup_program_up", "1 while RUNNING.", labels=["program"])
+        ready = GaugeMetricFamily(
+            "gosup_program_ready",
+            "1 while RUNNING: started and, with a [ready] probe, passing it.",
+            labels=["program"],
+        )
         state = GaugeMetricFamily("gosup_program_state", STATE_HELP, labels=["program"])
         restarts = CounterMetricFamily(
             "gosup_program_restarts_total",
@@ -83,15 +92,33 @@ class ProgramCollector(Collector):
         for p in programs:
             current: ProcessState = p.state
             up.add_metric([p.name], 1.0 if current in RUNNING_STATES else 0.0)
+            ready.add_metric([p.name], 1.0 if current in RUNNING_STATES else 0.0)
             state.add_metric([p.name], float(STATE_NUMBERS[current]))
             counts = p.restarts
             for reason in sorted(set(RESTART_REASONS) | set(counts)):
                 restarts.add_metric([p.name, reason], float(counts.get(reason, 0)))
         yield up
+        yield ready
         yield state
         yield restarts
         yield from self._figures(programs)
         yield self._config_changes(programs)
+        yield self._probe_failures(programs)
+
+    def _probe_failures(self, programs: list[Any]) -> Metric:
+        family = CounterMetricFamily(
+            "gosup_probe_failures_total",
+            "Probe verdicts against a program (probe_failed): not ready in time, not live.",
+            labels=["program", "probe"],
+        )
+        counts = collections.Counter(self.probe_failures)
+        for p in programs:
+            for probe in PROBES:
+                if getattr(p.spec, probe, None) is not None:
+                    counts[(p.name, probe)] += 0  # present from the start
+        for (program, probe), n in sorted(counts.items()):
+            family.add_metric([program, probe], float(n))
+        return family
 
     def _figures(self, programs: list[Any]) -> Iterator[Metric]:
         for key, text in FIGURES.items():

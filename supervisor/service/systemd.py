@@ -7,11 +7,15 @@ in a terminal, a container and under systemd.
 
 What is sent, and when (``Type=notify`` in ``systemd/gosup.service``):
 
-- ``READY=1`` once every autostart program is RUNNING or has given up
-  (FATAL, or EXITED for good). It is evaluated one loop iteration after a
-  state change, because a crash moves a program through EXITED and on to
-  BACKOFF within one handler: only the settled state counts.
-- ``STATUS=4 running, 1 backoff`` whenever the counts change.
+- ``READY=1`` once every autostart program is RUNNING (ready, when it has a
+  ``[ready]`` probe) or has exited for good with a success code; never while
+  one is FATAL, so ``systemctl start`` fails rather than report a broken
+  service as started. It is evaluated one loop iteration after a state
+  change, because a crash moves a program through EXITED and on to BACKOFF
+  within one handler: only the settled state counts.
+- ``STATUS=4 running, 1 backoff`` whenever it changes; until READY=1 it also
+  names the program that holds it up and why (``; waiting for api: fatal
+  (exit code 1: bind: permission denied)``).
 - ``WATCHDOG=1`` every ``WATCHDOG_USEC / 2``, from a ``loop.call_later``
   chain and never from a thread: if the event loop wedges, the pings stop
   and systemd kills gosup (``WatchdogSec=``), which is the whole point.
@@ -45,8 +49,6 @@ if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
 
 S = ProcessState
-# An autostart program in one of these states no longer holds up READY=1.
-READY_STATES = frozenset({S.RUNNING, S.FATAL, S.EXITED})
 # Pings no closer than this: a WATCHDOG_USEC of a few microseconds (a typo, or
 # garbage) would otherwise turn the call_later chain into a busy loop.
 WATCHDOG_MIN_INTERVAL = 0.01
@@ -176,33 +178,63 @@ class SystemdService:
     def _check(self) -> None:
         self._check_pending = False
         status = status_line([p.state for p in self.sup.programs.values()])
+        waiting = None if self.ready else self._blocker()
         if self.sup.shutting_down:
             status = f"stopping: {status}"
+        elif waiting is not None:
+            status = f"{status}; waiting for {waiting}"
         lines = []
         if status != self._last_status:
             self._last_status = status
             lines.append(f"STATUS={status}")
-        if not self.ready and not self.sup.shutting_down and self._all_settled():
+        if not self.ready and not self.sup.shutting_down and waiting is None:
             self.ready = True
             lines.append("READY=1")
             logger.info("ready: {}", status)
         if lines:
             self.notifier.send(*lines)
 
-    def _all_settled(self) -> bool:
-        """Every autostart program of the current config exists and has settled."""
+    def _blocker(self) -> str | None:
+        """The first autostart program of the current config that is not up, and why."""
         for spec in self.sup.config.programs:
             if not spec.autostart:
                 continue
             program = self.sup.programs.get(spec.name)
-            if program is None or program.spec != spec or program.state not in READY_STATES:
-                return False
-        return True
+            if program is None or program.spec != spec:
+                return f"{spec.name}: not added yet"
+            if not _up(program):
+                return f"{spec.name}: {program.state.value.lower()}{_why(program)}"
+        return None
 
     def _send_stopping(self) -> None:
         if not self.stopping_sent:
             self.stopping_sent = True
             self.notifier.send("STOPPING=1", "STATUS=stopping")
+
+
+def _up(program: Program) -> bool:
+    """RUNNING, or done for good with a success code (a one-shot job)."""
+    if program.state is S.RUNNING:
+        return True
+    last = program.last_exit or {}
+    done = program.state is S.EXITED and not last.get("reason")
+    return done and last.get("exit_code") in program.spec.success_exit_codes
+
+
+def _why(program: Program) -> str:
+    """`` (exit code 1: bind: permission denied)`` from the last exit, if any."""
+    last = program.last_exit
+    if program.state in (S.STARTING, S.RUNNING) or not last:
+        return ""
+    if last.get("error"):
+        return f" ({last['error']})"
+    how = f"signal {last['signal']}" if last.get("signal") else f"exit code {last.get('exit_code')}"
+    if last.get("reason"):
+        how = f"{last['reason']}, {how}"
+    crash, tail = last.get("crash"), last.get("output_tail")
+    said = crash.get("message") if isinstance(crash, dict) else None
+    said = said or (tail.splitlines()[-1] if isinstance(tail, str) and tail else None)
+    return f" ({how}: {said[:200]})" if said else f" ({how})"
 
 
 def make_service(sup: Supervisor) -> SystemdService | None:

@@ -1,0 +1,231 @@
+"""A program's readiness and liveness probes: decide, then tell the Program.
+
+One task per program with a ``[ready]`` or ``[live]`` section follows its
+runs. While a run is STARTING the readiness probe is tried every
+``interval``: the first pass is ``Ready(pid)``; still failing ``within``
+after the start is ``probe_failed`` (probe ready) and ``NotReady(pid)``, a
+failed start the Program backs off from. While RUNNING the liveness probe is
+tried every ``interval``; ``failures`` failures in a row (a Go server whose
+handlers hang, its process alive) are ``probe_failed`` (probe live), then
+evidence, then ``Restart(reason="unhealthy", pid)``, carried out by the
+Program's own task like a leak restart.
+
+Evidence for a hung program: a pprof goroutine dump is tried first when the
+program has ``go_metrics`` and ``evidence = "pprof"`` (the default), but a
+server whose handlers hang often cannot serve pprof either, so when that
+fails the restart stops the child with SIGQUIT and its stderr is kept as the
+dump: the Go runtime writes every goroutine's stack, showing where it hung.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+from loguru import logger
+
+from supervisor.config import Evidence, LimitsSpec, ProbeSpec
+from supervisor.core.program import CommandError, NotReady, Program, Ready, Restart
+from supervisor.core.states import ProcessState
+from supervisor.health import evidence
+from supervisor.health.evidence import Dumps, SigquitCapture
+from supervisor.health.gohttp import ScrapeError
+from supervisor.health.probes import Prober
+from supervisor.history import History
+
+S = ProcessState
+PPROF_TIMEOUT = 3.0  # a hung server rarely answers pprof: do not hold the restart long
+SPAWN_POLL = 0.02  # STARTING without a pid yet: the spawn is under way
+
+
+class ProbeWatch:
+    """The attachment that probes one program (service/app.py wires it)."""
+
+    holds_autostart = False
+
+    def __init__(self, history: History, program: Program, dumps: Dumps) -> None:
+        self.history = history
+        self.program = program
+        self.dumps = dumps
+        spec = program.spec
+        self.ready = Prober(spec.ready, spec) if spec.ready else None
+        self.live = Prober(spec.live, spec) if spec.live else None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.program.state_listeners.append(self._on_state)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"probes:{self.program.name}"
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.program.state_listeners.remove(self._on_state)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for prober in (self.ready, self.live):
+            if prober is not None:
+                await prober.aclose()
+
+    def _on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
+        self._changed.set()
+
+    # -- following the runs ----------------------------------------------------
+
+    async def _run(self) -> None:
+        program = self.program
+        while True:
+            self._changed.clear()
+            pid = program.pid
+            try:
+                if program.state is S.STARTING and self.ready and pid is not None:
+                    await self._readiness(pid, self.ready)
+                elif program.state is S.RUNNING and self.live and pid is not None:
+                    await self._liveness(pid, self.live)
+                elif program.state is S.STARTING and self.ready:
+                    # STARTING is entered before the child exists (the spawn is
+                    # awaited): look again shortly, no state change will say so.
+                    await self._pause(SPAWN_POLL)
+                else:
+                    await self._changed.wait()
+            except Exception as exc:  # a bug: log it, keep probing the next run
+                logger.opt(exception=exc).error("{}: probe internal error", program.name)
+                await self._changed.wait()
+
+    def _same_run(self, pid: int, state: ProcessState) -> bool:
+        return self.program.pid == pid and self.program.state is state
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the program's state changes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._changed.wait()
+
+    async def _readiness(self, pid: int, prober: Prober) -> None:
+        program, spec = self.program, prober.probe
+        clock = program.ctx.clock
+        began = program.started_at or clock()
+        failures = 0
+        while self._same_run(pid, S.STARTING):
+            tried_at = clock()
+            error = await prober.run()
+            if not self._same_run(pid, S.STARTING):
+                return
+            if error is None:
+                await program.request(Ready(pid=pid))
+                return
+            failures += 1
+            if clock() - began >= spec.within:
+                self._failed("ready", spec, error, failures)
+                await program.request(NotReady(pid=pid, error=error))
+                return
+            await self._pause(tried_at + spec.interval - clock())
+
+    async def _liveness(self, pid: int, prober: Prober) -> None:
+        program, spec = self.program, prober.probe
+        clock = program.ctx.clock
+        failures = 0
+        await self._pause(spec.interval)  # it just got ready: first look one interval on
+        while self._same_run(pid, S.RUNNING):
+            tried_at = clock()
+            error = await prober.run()
+            if not self._same_run(pid, S.RUNNING):
+                return
+            if error is None:
+                failures = 0
+            else:
+                failures += 1
+            program.observations.live_failures = failures
+            if failures >= spec.failures:
+                assert error is not None
+                program.observations.live_failures = 0
+                self._failed("live", spec, error, failures)
+                await self._restart_unhealthy(pid)
+                return
+            await self._pause(tried_at + spec.interval - clock())
+
+    def _failed(self, probe: str, spec: ProbeSpec, error: str, failures: int) -> None:
+        name = self.program.name
+        target = spec.describe()
+        self.history.record(
+            "probe_failed", name, probe=probe, target=target, error=error, failures=failures
+        )
+        self.program.observations.probe_failed = {"probe": probe, "error": error}
+        logger.warning("{}: {} probe failed {} times: {}", name, probe, failures, error)
+
+    # -- an unhealthy program ------------------------------------------------------
+
+    async def _restart_unhealthy(self, pid: int) -> None:
+        """probe_failed -> evidence -> Restart(unhealthy), SIGQUIT when pprof gave nothing."""
+        program = self.program
+        limits = program.spec.limits
+        kind = limits.evidence if limits else Evidence.SIGQUIT
+        use_sigquit = kind is Evidence.SIGQUIT
+        if kind is Evidence.PPROF:
+            use_sigquit = not await self._pprof_dump()
+        if program.pid != pid:
+            return  # it went by itself meanwhile: the Program handles that exit
+        try:
+            if use_sigquit:
+                await self._restart_with_sigquit(pid)
+            else:
+                await program.request(Restart(reason="unhealthy", pid=pid))
+        except CommandError as exc:
+            logger.warning("{}: unhealthy restart: {}", program.name, exc)
+
+    def _dump_settings(self) -> tuple[int, int]:
+        limits = self.program.spec.limits or LimitsSpec()
+        return limits.dump_max_size, limits.dump_keep
+
+    def _keep(self, path: Path, kind: str) -> bool:
+        """Record the dump as evidence when it is one (else evidence_failed)."""
+        keep = self._dump_settings()[1]
+        return self.dumps.record(self.program.name, path, kind, keep, reason="unhealthy")
+
+    def _keep_sigquit(self, path: Path) -> None:
+        self._keep(path, "sigquit")
+
+    async def _pprof_dump(self) -> bool:
+        limits = self.program.spec.limits
+        if limits is None or limits.go_metrics is None:
+            return False
+        name = self.program.name
+        url = evidence.pprof_url(limits.go_metrics, evidence.GOROUTINE_DUMP_PATH)
+        path = self.dumps.path(name, "goroutines.txt")
+        try:
+            await evidence.fetch_dump(url, path, limits.dump_max_size, PPROF_TIMEOUT)
+        except (ScrapeError, OSError) as exc:
+            self.dumps.failed(name, "pprof", f"{exc}; a SIGQUIT dump instead")
+            return False
+        return self._keep(path, "pprof")
+
+    async def _restart_with_sigquit(self, pid: int) -> None:
+        """SIGQUIT as the stop signal of the restart; the run's stderr is the dump."""
+        program = self.program
+        capture = SigquitCapture(
+            program.name,
+            self.dumps.path(program.name, "sigquit.txt"),
+            self._dump_settings()[0],
+            self._keep_sigquit,
+        )
+        untap = program.tap_stderr(capture.feed)
+        ended = program.exited(pid)
+        ended.add_done_callback(capture.run_ended)
+        try:
+            await program.request(Restart(reason="unhealthy", stop_signal=signal.SIGQUIT, pid=pid))
+        finally:
+            untap()
+            ended.cancel()  # refused: no SIGQUIT went out, whatever ends that run is no dump
+
+
+def build_for(history: History, program: Program, dumps: Dumps) -> ProbeWatch | None:
+    """The attachment for ``program``, or None when it has no probes."""
+    spec = program.spec
+    if spec.ready is None and spec.live is None:
+        return None
+    return ProbeWatch(history, program, dumps)
