@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -125,7 +125,6 @@ class Follower:
     partial: bytes = b""
     mtime: int = 0  # ns
     end: int = 0  # where following starts (the tail was read up to here)
-    _pending: list[bytes] = field(default_factory=list)
 
     def open(self, at_end: bool) -> bool:
         try:
