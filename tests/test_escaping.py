@@ -6,8 +6,8 @@ test_logs_cli.py.
 
 Against a real `gosup run` and the goapp fixture: `-fail-start TEXT` prints
 TEXT to stderr and exits 1; shaped like a Go panic, TEXT's message becomes
-the crash message of the history and of `gosup status`, and as a validator's
-words it is in `gosup stage`'s verdict.
+the crash message of the history and of `gosup status`. A validator (sh)
+that prints it puts it in `gosup stage`'s verdict.
 """
 
 from __future__ import annotations
@@ -29,6 +29,14 @@ Factory = Callable[..., Gosup]
 EVIL = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eevil"
 SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eevil"
 RAW = ("\x1b", "\x07", "\x9b", "\u202e")
+
+
+# A validator that says EVIL on stderr and refuses {file}.
+VALIDATOR = ["/bin/sh", "-c", 'printf "%s\\n" "$1" >&2; exit 1', "sh", EVIL, "{file}"]
+
+
+def toml_str_list(items: list[str]) -> str:
+    return "[" + ", ".join(map(toml_str, items)) + "]"
 
 
 def toml_str(text: str) -> str:
@@ -84,7 +92,7 @@ def test_stage_shows_the_validators_words_escaped(gosup_factory: Factory, goapp:
         'start_seconds = "200ms"\n'
         "[[programs.api.config_files]]\n"
         'path = "config/app.conf"\n'
-        f'validate = ["{goapp}", "-fail-start", {toml_str(EVIL)}]\n'
+        f"validate = {toml_str_list(VALIDATOR)}\n"
     )
     g = gosup_factory(text)
     make_live(g.dir, V0)
