@@ -51,9 +51,11 @@ def logs(g: Gosup, *args: str) -> subprocess.CompletedProcess[str]:
     return g.cli("logs", "api", *args, timeout=60)
 
 
-def wrote_all(g: Gosup) -> bool:
-    err = g.log_dir / "api.stderr.log"
-    return err.exists() and err.read_text().endswith("done\n")
+def wrote_all(g: Gosup, count: int = 500) -> bool:
+    """Both files hold the last lines (gosup drains the two pipes independently)."""
+    ends = {"stdout": f"out {count - 1}\n", "stderr": "done\n"}
+    files = {s: g.log_dir / f"api.{s}.log" for s in ends}
+    return all(f.exists() and f.read_text().endswith(ends[s]) for s, f in files.items())
 
 
 def numbers(lines: list[str], prefix: str) -> list[int]:
@@ -61,10 +63,13 @@ def numbers(lines: list[str], prefix: str) -> list[int]:
 
 
 def test_the_last_lines_of_both_streams_across_rotations(gosup_factory: Factory) -> None:
-    g = gosup_factory(writer_toml(500))
+    g = gosup_factory(writer_toml(500, delay=0.0005))
     g.start()
     wait_for(lambda: wrote_all(g), 30, "the program's output")
-    assert (g.log_dir / "api.stdout.log.2").exists()  # the tail below spans rotations
+    # Rotated at 1 KiB (~127 lines; a chunk read at once may overshoot into the
+    # new file), so the last 450 lines always span the current file and .1 at least.
+    assert (g.log_dir / "api.stdout.log.1").exists()
+    assert len((g.log_dir / "api.stdout.log").read_bytes().splitlines()) < 450
 
     r = logs(g, "-n", "5")
     assert r.returncode == 0, r.stderr
@@ -77,14 +82,38 @@ def test_the_last_lines_of_both_streams_across_rotations(gosup_factory: Factory)
     )
     assert lines == (out + err if first == "out" else err + out)
 
-    r = logs(g, "--stdout", "-n", "300")
-    assert r.stdout.splitlines() == [f"out {i}" for i in range(200, 500)]  # unmarked, in order
+    r = logs(g, "--stdout", "-n", "450")
+    assert r.stdout.splitlines() == [f"out {i}" for i in range(50, 500)]  # unmarked, in order
     r = logs(g, "--stderr", "-n", "2")
     assert r.stdout == "err 499\ndone\n"
 
     g.stop()  # the files are read directly: no gosup needed
     r = logs(g, "--stdout", "-n", "3")
     assert r.returncode == 0 and r.stdout == "out 497\nout 498\nout 499\n"
+
+
+def test_a_line_split_by_a_rotation_is_shown_whole(tmp_path: Path) -> None:
+    """gosup rotates between two chunks of a pipe, and a chunk may end mid-line
+    (seen with a Python writer: `out 318` closed one file, its newline began
+    the next). Before, the tail showed the two halves as two lines. Files cut
+    at random places, line-aligned or not, read back as the lines written."""
+    import random
+
+    from supervisor.cli import logs as logs_cli
+
+    rng = random.Random(17)
+    lines = [f"out {i}".encode() for i in range(300)]
+    blob = b"".join(line + b"\n" for line in lines)
+    for trial in range(200):
+        cuts = sorted(rng.sample(range(1, len(blob)), rng.randrange(0, 6)))
+        parts = [blob[a:b] for a, b in zip([0, *cuts], [*cuts, len(blob)], strict=True)]
+        current = tmp_path / f"t{trial}.stdout.log"
+        for k, part in enumerate(reversed(parts)):
+            (current if k == 0 else logs_cli.rotated(current, k)).write_bytes(part)
+        n = rng.randrange(0, 320)
+        with open(current, "rb") as f:
+            got = logs_cli.tail((f, current.stat().st_size), current, n)
+        assert got == (lines[-n:] if n else []), (trial, n, [len(p) for p in parts])
 
 
 def test_usage_errors(gosup_factory: Factory) -> None:

@@ -73,9 +73,10 @@ def rotated(path: Path, n: int) -> Path:
 
 def _lines_before(f: BinaryIO, end: int, n: int) -> tuple[list[bytes], bool]:
     """The last ``n`` lines of ``f`` before offset ``end`` (a last line without
-    its newline counts), and whether the start of the file was reached before
-    ``n`` were found. Reads BLOCK bytes at a time from the end, and never more
-    than about ``n`` * LINE_MAX."""
+    its newline counts), and whether the first of them is where the file
+    starts (so a line split by a rotation may begin in the file before).
+    Reads BLOCK bytes at a time from the end, and never more than about
+    ``n`` * LINE_MAX."""
     if n <= 0 or end <= 0:
         return [], end <= 0
     data = b""
@@ -89,27 +90,36 @@ def _lines_before(f: BinaryIO, end: int, n: int) -> tuple[list[bytes], bool]:
     lines = data[:-1].split(b"\n") if data.endswith(b"\n") else data.split(b"\n")
     if pos > 0:  # the first piece is the end of a line that started earlier
         lines = lines[1:] if len(lines) > n else [lines[0][-LINE_MAX:], *lines[1:]]
-    return lines[-n:], pos == 0
+    return lines[-n:], pos == 0 and len(lines) <= n
 
 
 def tail(current: tuple[BinaryIO, int] | None, path: Path, n: int) -> list[bytes]:
     """The last ``n`` lines of a stream: from the current file (open, read up to
     the given end), then from ``.1``, ``.2`` ... while more are needed."""
     lines: list[bytes] = []
+    at_start = True  # lines[0] (if any) is where the newer file starts
     if current is not None:
-        lines, reached_start = _lines_before(*current, n)
-        if not reached_start:
-            return lines
+        lines, at_start = _lines_before(*current, n)
     k = 1
-    while len(lines) < n:
+    while at_start:
         try:
             with open(rotated(path, k), "rb") as f:
-                older, _ = _lines_before(f, os.fstat(f.fileno()).st_size, n - len(lines))
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(size - 1, 0))
+                # A rotation can split a line (its writer's chunk ended mid-line):
+                # then the older file's last piece begins the newer file's first line.
+                split = size > 0 and f.read(1) != b"\n" and bool(lines)
+                want = n - len(lines) + split
+                if want <= 0:
+                    break
+                older, at_start = _lines_before(f, size, want)
         except FileNotFoundError:
             break
+        if split and older:
+            lines[0] = older.pop() + lines[0]
         lines = older + lines
         k += 1
-    return lines
+    return lines[-n:] if n else []
 
 
 # -- following ----------------------------------------------------------------------------
@@ -156,9 +166,7 @@ class Follower:
         lines = self._drain()
         assert self.f is not None
         if replaced:
-            if self.partial:
-                lines.append(self.partial)
-                self.partial = b""
+            # A line the rotation split goes on in the next file: the partial is kept.
             lines += self._missed()
             self.close()
             if st is not None and self.open(at_end=False):
@@ -185,14 +193,17 @@ class Follower:
         lines: list[bytes] = []
         for path in reversed(newer):
             with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-                data = f.read()
-                lines += (data[:-1] if data.endswith(b"\n") else data).split(b"\n") if data else []
+                lines += self._lines_of(f)
         return lines
 
     def _drain(self) -> list[bytes]:
         assert self.f is not None
+        return self._lines_of(self.f)
+
+    def _lines_of(self, f: BinaryIO) -> list[bytes]:
+        """The lines completed by what is left to read in ``f`` (after ``partial``)."""
         lines: list[bytes] = []
-        while chunk := self.f.read(1 << 20):
+        while chunk := f.read(1 << 20):
             *done, self.partial = (self.partial + chunk).split(b"\n")
             lines += done
             if len(self.partial) > LINE_MAX:  # a line with no end in sight: show it anyway
