@@ -36,6 +36,7 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "evidence_failed",
         "probe_failed",
         "restart_requested",
+        "restart_failed",
         "config_applied",
         "config_rejected",
         "config_rolled_back",

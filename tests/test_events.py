@@ -56,7 +56,8 @@ def test_now_rfc3339() -> None:
 def test_event_names_cover_design() -> None:
     assert {"started", "exited", "backoff", "fatal", "config_rolled_back"} <= hist.EVENT_NAMES
     assert {"probe_failed", "evidence_failed"} <= hist.EVENT_NAMES
-    assert len(hist.EVENT_NAMES) == 22
+    assert "restart_failed" in hist.EVENT_NAMES
+    assert len(hist.EVENT_NAMES) == 23
 
 
 def test_record_writes_one_parsable_line(path: Path, history: History) -> None:
