@@ -207,7 +207,7 @@ def test_no_socket_reaches_processes_that_did_not_ask(
     assert socket_fds(plain) == {}, "a program without sockets has none"
     probe = probe_out.read_text()
     assert "socket:" not in probe, probe
-    staged = g.cli("stage", str(_staged(g.dir, "version 2\n")), "api.conf")
+    staged = g.cli("stage", str(_staged(g.dir, "version 2\n")), "api.conf", "--no-wait")
     assert staged.returncode == 0, staged
     wait_for(validator_out.exists, 15, "the validator ran")
     validator = validator_out.read_text()
