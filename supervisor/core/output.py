@@ -20,6 +20,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -163,6 +164,23 @@ def _given(protocol: PipeReader) -> Callable[[], PipeReader]:
     return lambda: protocol
 
 
+@dataclass
+class RunPipes:
+    """One run's pipes set apart from the program's current run (an overlap
+    restart: the old process keeps writing while its replacement starts)."""
+
+    transports: list[asyncio.BaseTransport]
+    done: list[asyncio.Future[None]]
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for both pipes to reach EOF, then close them."""
+        if self.done:
+            await asyncio.wait(self.done, timeout=timeout)
+        for transport in self.transports:
+            transport.close()
+        self.transports, self.done = [], []
+
+
 class OutputCapture:
     """A program's log files, attached to each new child's pipes in turn."""
 
@@ -202,6 +220,19 @@ class OutputCapture:
         if self._done:
             await asyncio.wait(self._done, timeout=timeout)
         self.detach()
+
+    def hand_over(self) -> RunPipes:
+        """Set the current run's pipes apart (they keep feeding the log files),
+        so that the next run can attach while this one still runs."""
+        pipes = RunPipes(self._transports, self._done)
+        self._transports, self._done = [], []
+        return pipes
+
+    def adopt(self, pipes: RunPipes) -> None:
+        """Make pipes set apart the current run's again (its replacement failed)."""
+        self._transports += pipes.transports
+        self._done += pipes.done
+        pipes.transports, pipes.done = [], []
 
     def detach(self) -> None:
         for transport in self._transports:

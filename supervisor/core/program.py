@@ -34,11 +34,12 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from supervisor.config import ProgramSpec, RestartPolicy
+from supervisor.config import ProgramSpec, RestartMode, RestartPolicy
 from supervisor.core import cgroup, gopanic, spawn
 from supervisor.core.backoff import BackoffPolicy
 from supervisor.core.observations import Observations
 from supervisor.core.output import OutputCapture
+from supervisor.core.overlap import OldRun, Retiring
 from supervisor.core.states import SIGNALLABLE_STATES, ProcessState, check_transition
 from supervisor.history import History
 
@@ -147,6 +148,13 @@ class _Exited(Message):
     code: int
 
 
+@dataclass
+class _RetireTimeout(Message):
+    """stop_timeout passed for a process stopped beside the current run."""
+
+    child: spawn.Child
+
+
 class Program:
     def __init__(self, spec: ProgramSpec, ctx: Context) -> None:
         self.spec = spec
@@ -187,6 +195,10 @@ class Program:
         self._task: asyncio.Task[None] | None = None
         self._stop_signal: int | None = None  # what the stop under way was begun with
         self._run_end: list[tuple[int, asyncio.Future[int | None]]] = []
+        # An overlap restart (core/overlap.py): the run being replaced while
+        # its replacement starts, and processes being stopped beside the current run.
+        self._old: OldRun | None = None
+        self._retiring: list[Retiring] = []
 
     # -- the outside world's side --------------------------------------------
 
@@ -254,10 +266,15 @@ class Program:
 
     def status(self) -> dict[str, Any]:
         uptime = self.uptime()
+        overlap = {}
+        if self._old is not None:  # the old process serves; its replacement starts
+            overlap = {"pid": self._old.child.pid, "replacement_pid": self.pid}
         return {
             "name": self.name,
             "state": self.state.value,
             "pid": self.pid,
+            "replacement_pid": None,
+            **overlap,
             "uptime_s": round(uptime, 3) if uptime is not None else None,
             "restarts": sum(self.restarts.values()),
             "failures": self.failures,
@@ -317,6 +334,8 @@ class Program:
             self._on_ready(msg)
         elif isinstance(msg, NotReady):
             self._on_not_ready(msg)
+        elif isinstance(msg, _RetireTimeout):
+            self._on_retire_timeout(msg)
 
     def _reply(self, msg: Message, text: str) -> None:
         if msg.reply is not None and not msg.reply.done():
@@ -384,6 +403,9 @@ class Program:
             child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
         except (spawn.SpawnError, OSError) as exc:
             logger.error("{}: cannot start: {}", self.name, exc)
+            if self._old is not None:
+                self._overlap_failed("spawn_failed", str(exc), None)
+                return
             self.last_exit = {"pid": None, "exit_code": None, "signal": None, "error": str(exc)}
             self._transition(
                 S.EXITED,
@@ -417,7 +439,7 @@ class Program:
             within = self.spec.ready.within
             self._not_ready(f"no verdict from the readiness probe within {within:g}s")
         elif self.state is S.STARTING:  # STARTING -> RUNNING: stayed up start_seconds
-            self._transition(S.RUNNING, "running", pid=self.pid)
+            self._became_running()
         elif self.state is S.BACKOFF:  # BACKOFF -> STARTING: the delay is over
             await self._spawn()
         elif self.state is S.STOPPING:  # STOPPING: stop_timeout passed, no more asking
@@ -426,7 +448,7 @@ class Program:
     def _on_ready(self, msg: Ready) -> None:
         if self.state is S.STARTING and msg.pid == self.pid:  # STARTING -> RUNNING: ready
             self._deadline = None
-            self._transition(S.RUNNING, "running", pid=self.pid)
+            self._became_running()
         self._reply(msg, self._describe())
 
     def _on_not_ready(self, msg: NotReady) -> None:
@@ -434,17 +456,31 @@ class Program:
             self._not_ready(msg.error)
         self._reply(msg, self._describe())
 
+    def _became_running(self) -> None:
+        """STARTING -> RUNNING; an overlap's replacement now takes over from the old run."""
+        self._transition(S.RUNNING, "running", pid=self.pid)
+        if self._old is not None:
+            self._take_over()
+
     def _not_ready(self, error: str) -> None:
         """A failed start: stop the child, then EXITED (reason not_ready) and back off."""
         logger.warning("{}: not ready: {}", self.name, error)
+        if self._old is not None:
+            self._overlap_failed("not_ready", error, self.child)
+            return
         self._failed_stop = ("not_ready", None)
         self._begin_stop("not_ready")
 
     # -- exits -------------------------------------------------------------------
 
     async def _on_exit(self, child: spawn.Child, code: int) -> None:
+        if await self._beside_exited(child, code):
+            return  # a process stopped (or replaced) beside the current run
         if child is not self.child:
             return  # a previous run, already accounted for
+        if self._old is not None and self.state is S.STARTING:
+            await self._replacement_crashed(child, code)
+            return
         uptime = self.ctx.clock() - (self.started_at or self.ctx.clock())
         await self.output.drain(DRAIN_TIMEOUT)
         leftovers = self._leftovers(child)
@@ -545,6 +581,7 @@ class Program:
     # -- stopping ----------------------------------------------------------------
 
     def _on_stop(self, msg: Stop) -> None:
+        self._retire_old(f"stop ({msg.reason})")  # a stop during an overlap stops both
         if self.state is S.STOPPING and self._failed_stop is not None:
             self._cancel_failed_stop(msg.reason)  # ends STOPPED, no backoff
             self._wait_for(msg, frozenset({S.STOPPED}))
@@ -593,6 +630,9 @@ class Program:
         return any(isinstance(m, Kill) for m in self._inbox)
 
     def _on_kill(self, msg: Kill) -> None:
+        self._retire_old("killed")
+        for retiring in self._retiring:
+            retiring.kill()
         if self.state in (S.STARTING, S.RUNNING):
             self._begin_stop("killed")
         if self.state is S.STOPPING:
@@ -617,6 +657,7 @@ class Program:
             spawn.kill_tree(survivors)
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
         self._snapshot = []
+        await self._retiring_gone()  # STOPPED means every process of the program is gone
         if self._failed_stop is not None:
             await self._end_failed_run(child, info)
             return
@@ -689,6 +730,9 @@ class Program:
             self._failed_stop = (msg.reason, msg)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
+        if self._overlaps(msg):
+            await self._begin_overlap(msg)
+            return
         if self.state in (S.STARTING, S.RUNNING):
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
@@ -710,6 +754,152 @@ class Program:
         if not child.send_signal(msg.signum):
             raise CommandError(f"{self.name} is not running")
         self._reply(msg, f"{name} sent to {self.name} (pid {child.pid})")
+
+    # -- overlap restarts (restart_mode = "overlap", core/overlap.py) ----------------
+
+    def _overlaps(self, msg: Restart) -> bool:
+        """A planned restart of a RUNNING program in overlap mode (not one under way)."""
+        return (
+            self.spec.restart_mode is RestartMode.OVERLAP
+            and self.state is S.RUNNING
+            and self._old is None
+            and self.child is not None
+        )
+
+    async def _begin_overlap(self, msg: Restart) -> None:
+        """RUNNING -> STARTING: the replacement starts; the old process keeps serving."""
+        old = self.child
+        assert old is not None
+        self._old = OldRun(
+            child=old,
+            pipes=self.output.hand_over(),
+            started_at=self.started_at,
+            reason=msg.reason,
+            stop_signal=msg.stop_signal or self.spec.stop_signal,
+            request=msg,
+        )
+        self.child = None
+        logger.info("{}: overlap restart ({}): starting a replacement", self.name, msg.reason)
+        await self._spawn()
+
+    def _take_over(self) -> None:
+        """The replacement is RUNNING: stop the old process beside it."""
+        old, self._old = self._old, None
+        assert old is not None
+        reason = f"restart ({old.reason})"
+        self._retire(
+            Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal, old.request)
+        )
+
+    def _overlap_failed(self, reason: str, error: str, replacement: spawn.Child | None) -> None:
+        """The replacement crashed, never got ready or could not start: STARTING ->
+        RUNNING with the old process, which never stopped serving; ``replacement``
+        (still running) is stopped beside it."""
+        old, self._old = self._old, None
+        assert old is not None
+        self._deadline = None
+        self._record(
+            "restart_failed",
+            reason=reason,
+            error=error,
+            pid=replacement.pid if replacement is not None else None,
+            restart=old.reason,
+        )
+        logger.warning("{}: overlap restart failed ({}): {}", self.name, reason, error)
+        new_pipes = self.output.hand_over()
+        self.output.adopt(old.pipes)
+        self.child, self.started_at = old.child, old.started_at
+        self._transition(S.RUNNING)  # STARTING -> RUNNING: the old run, never stopped
+        if replacement is not None:
+            stop_signal = self.spec.stop_signal
+            self._retire(
+                Retiring(replacement, new_pipes, self.ctx.clock(), "restart_failed", stop_signal)
+            )
+        self._refuse(
+            old.request,
+            f"restart failed ({reason}): {error}; pid {old.child.pid} keeps serving",
+        )
+
+    async def _replacement_crashed(self, child: spawn.Child, code: int) -> None:
+        """The replacement exited while STARTING: its exit, then the old run goes on."""
+        await self.output.drain(DRAIN_TIMEOUT)
+        info = self._exit_info(child, code, self.ctx.clock() - (self.started_at or 0.0))
+        self._record("exited", **info)
+        spawn.kill_tree(child.group_members())
+        self.child = None
+        self._overlap_failed("exited", _exit_summary(info), None)
+        await self._run_ended(child, None)
+
+    def _retire(self, retiring: Retiring) -> None:
+        self._record("stopping", pid=retiring.child.pid, reason=retiring.reason)
+        retiring.begin()  # its exit arrives as _Exited (the callback of _spawn)
+        self._retiring.append(retiring)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.spec.stop_timeout, self.post, _RetireTimeout(retiring.child))
+
+    def _retire_old(self, reason: str) -> None:
+        """A stop or kill during an overlap: the old process is stopped too."""
+        if self._old is None:
+            return
+        old, self._old = self._old, None
+        self._refuse(old.request, f"restart cancelled ({reason})")
+        self._retire(Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal))
+
+    def _refuse(self, request: Message | None, why: str) -> None:
+        if request is not None and request.reply is not None and not request.reply.done():
+            request.reply.set_exception(CommandError(f"{self.name}: {why}"))
+
+    def _on_retire_timeout(self, msg: _RetireTimeout) -> None:
+        for retiring in self._retiring:
+            if retiring.child is msg.child and not msg.child.exited.done():
+                retiring.kill()
+
+    async def _beside_exited(self, child: spawn.Child, code: int) -> bool:
+        """The exit of a process beside the current run: the old one of an overlap
+        (by itself, before the takeover), or one being retired."""
+        if self._old is not None and child is self._old.child:
+            # The old process died before its replacement was ready: record it;
+            # the replacement's start goes on, and the restart's answer is its outcome.
+            old, self._old = self._old, None
+            await old.pipes.drain(DRAIN_TIMEOUT)
+            retiring = Retiring(child, old.pipes, old.started_at, "", old.stop_signal)
+            self._record("exited", **retiring.exit_info(code, self.ctx.clock))
+            retiring.sweep()
+            if old.request is not None:
+                self._wait_for(old.request, frozenset({S.RUNNING}))
+            await self._run_ended(child, None)
+            return True
+        found = [r for r in self._retiring if r.child is child]
+        if not found:
+            return False
+        retiring = found[0]
+        self._retiring.remove(retiring)
+        await retiring.pipes.drain(DRAIN_TIMEOUT)
+        retiring.sweep()
+        info = retiring.exit_info(code, self.ctx.clock)
+        self._record("exited", **info)
+        self._record("stopped", pid=child.pid, reason=retiring.reason, killed=retiring.killed)
+        logger.info("{}: pid {} stopped ({})", self.name, child.pid, retiring.reason)
+        await self._run_ended(child, retiring.stop_signal)
+        if retiring.request is not None:
+            self._reply(retiring.request, f"{self._describe()} (replaced pid {child.pid})")
+        return True
+
+    async def _retiring_gone(self) -> None:
+        """Wait (within what is left of stop_timeout) for every retiring process, then kill."""
+        for retiring in list(self._retiring):
+            budget = max(self._stop_deadline - self.ctx.clock(), 0.0)
+            if not retiring.child.exited.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(budget):
+                        await asyncio.shield(retiring.child.exited)
+            if not retiring.child.exited.done():
+                retiring.kill()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(retiring.child.exited)
+            if retiring.child.exited.done():
+                await self._beside_exited(retiring.child, retiring.child.exited.result())
 
 
 _start_counter = 0

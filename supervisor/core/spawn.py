@@ -28,8 +28,10 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -137,8 +139,18 @@ def binary_sha256(path: str) -> str:
 STATE_DIR_VAR = "GOSUP_STATE_DIR"
 PROGRAM_VAR = "GOSUP_PROGRAM"
 # gosup's own business, never a child's: systemd's notify socket and watchdog
-# (like sd_notify's unset_environment), and the marks of a gosup that runs us.
-PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", STATE_DIR_VAR, PROGRAM_VAR)
+# (like sd_notify's unset_environment), sockets systemd passed to gosup, and
+# the marks of a gosup that runs us.
+PRIVATE_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    STATE_DIR_VAR,
+    PROGRAM_VAR,
+)
 
 
 def marks(state_dir: Path, program: str) -> dict[str, str]:
@@ -297,11 +309,17 @@ class Child:
             return []
 
 
-async def launch(spec: ProgramSpec, extra_env: Mapping[str, str]) -> tuple[Child, str]:
+async def launch(
+    spec: ProgramSpec,
+    extra_env: Mapping[str, str],
+    listeners: Sequence[socket.socket] = (),
+    fd_name: str = "",
+) -> tuple[Child, str]:
     """Resolve everything about the start, then spawn: (child, binary sha256).
 
-    Every problem (unknown user, missing directory or binary) is a SpawnError
-    raised before anything runs.
+    ``listeners`` become the child's fds 3.. (systemd's protocol, named
+    ``fd_name`` in LISTEN_FDNAMES). Every problem (unknown user, missing
+    directory or binary) is a SpawnError raised before anything runs.
     """
     if not spec.directory.is_dir():
         raise SpawnError(f"directory {str(spec.directory)!r} does not exist")
@@ -311,7 +329,7 @@ async def launch(spec: ProgramSpec, extra_env: Mapping[str, str]) -> tuple[Child
     digest = cached_sha256(executable)
     if digest is None:  # first start of this binary: hash it off the loop
         digest = await asyncio.to_thread(binary_sha256, executable)
-    return spawn(spec, executable, env, identity), digest
+    return spawn(spec, executable, env, identity, listeners, fd_name), digest
 
 
 def spawn(
@@ -319,18 +337,80 @@ def spawn(
     executable: str,
     env: Mapping[str, str],
     identity: Identity | None,
-    pass_fds: tuple[int, ...] = (),
+    listeners: Sequence[socket.socket] = (),
+    fd_name: str = "",
 ) -> Child:
     """Start the program; raise SpawnError naming what is wrong."""
-    popen = start_child(
-        [executable, *spec.command[1:]],
-        spec.directory,
-        env,
-        identity=identity,
-        pass_fds=pass_fds,
-    )
+    argv = [executable, *spec.command[1:]]
+    with _inheritable_copies(listeners) as fds:
+        if fds:
+            env = {**env, **listen_env(len(fds), fd_name or spec.name)}
+        popen = start_child(
+            argv, spec.directory, env, identity=identity, pass_fds=tuple(fds), listen_fds=fds
+        )
     _widen_pipes(popen)
     return Child(popen, executable)
+
+
+# -- inherited sockets (systemd's socket-activation protocol) ------------------
+#
+# The child must find the sockets at fds 3, 4, ... and LISTEN_PID must be its
+# own pid (go-systemd's activation package and the Go fixture ignore the
+# variables otherwise). systemd sets both between fork and exec. Popen can
+# neither move an fd to a given number nor put the child's pid in its
+# environment, so a wrapper that execs the program (the pid stays the same)
+# does it: bash (``exec 3<&17 17<&-``, ``LISTEN_PID=$$``), or where there is
+# no bash, gosup's Python with the same few lines (slower to start). dash
+# cannot: it only knows single-digit fds. The wrapper runs after setpriv, so
+# the parent-death signal holds for the wrapper and, across its exec, for
+# the program.
+
+_PY_WRAPPER = """\
+import os, sys
+n = int(sys.argv[1])
+for i, fd in enumerate(sys.argv[2 : 2 + n]):
+    os.dup2(int(fd), 3 + i)
+    os.close(int(fd))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2 + n], sys.argv[2 + n :])
+"""
+
+
+def listen_env(count: int, name: str) -> dict[str, str]:
+    """LISTEN_FDS and LISTEN_FDNAMES for ``count`` sockets (LISTEN_PID: the wrapper)."""
+    return {"LISTEN_FDS": str(count), "LISTEN_FDNAMES": ":".join([name] * count)}
+
+
+@functools.cache
+def _bash() -> str | None:
+    return shutil.which("bash")
+
+
+def listen_argv(argv: list[str], fds: Sequence[int]) -> list[str]:
+    """``argv`` behind the wrapper that moves ``fds`` to 3.. and sets LISTEN_PID.
+
+    Every fd in ``fds`` must be >= 3 + len(fds), so no move overwrites another."""
+    assert all(fd >= 3 + len(fds) for fd in fds)
+    bash = _bash()
+    if bash is None:
+        return [sys.executable, "-I", "-S", "-c", _PY_WRAPPER, str(len(fds)), *map(str, fds), *argv]
+    moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(fds))
+    script = f'exec {moves}; export LISTEN_PID=$$; exec "$@"'
+    return [bash, "-c", script, "gosup-listen", *argv]
+
+
+@contextlib.contextmanager
+def _inheritable_copies(listeners: Sequence[socket.socket]) -> Iterator[list[int]]:
+    """Close-on-exec copies of the sockets above the fds they will be moved to;
+    Popen makes them inheritable in the child only (``pass_fds``)."""
+    fds: list[int] = []
+    try:
+        for sock in listeners:
+            fds.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3 + len(listeners)))
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def start_child(
@@ -341,6 +421,7 @@ def start_child(
     stderr: int = subprocess.PIPE,
     identity: Identity | None = None,
     pass_fds: tuple[int, ...] = (),
+    listen_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` the way gosup starts every child; SpawnError if it cannot.
 
@@ -350,7 +431,8 @@ def start_child(
     stdin from /dev/null, stdout as a pipe and ``stderr`` as asked (a pipe, or
     STDOUT for one stream in order), and runs as ``identity`` when gosup is
     root. ``env`` should come from ``child_environment`` (``base_environment``
-    plus the program's variables and gosup's marks).
+    plus the program's variables and gosup's marks). ``listen_fds`` (also in
+    ``pass_fds``) become fds 3.. of the program, with LISTEN_PID its pid.
 
     The parent-death signal belongs to the thread that starts the child: a
     caller in a worker thread must keep that thread until the child is gone
@@ -358,7 +440,10 @@ def start_child(
     """
     executable = resolve_executable(command[0], directory, env)
     drop = identity is not None and os.geteuid() == 0
-    argv, preexec = _death_signal_argv([executable, *command[1:]])
+    argv = [executable, *command[1:]]
+    if listen_fds:
+        argv = listen_argv(argv, listen_fds)
+    argv, preexec = _death_signal_argv(argv)
     try:
         return subprocess.Popen(
             argv,
