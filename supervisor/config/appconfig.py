@@ -47,8 +47,8 @@ from supervisor.config.units import parse_duration, parse_signal, parse_size
 from supervisor.protocol import DEFAULT_STATE_DIR
 
 __all__ = [
-    "AppConfig",
     "CAPABILITIES",
+    "AppConfig",
     "BackoffSpec",
     "BuildSpec",
     "ConfigError",

@@ -25,9 +25,10 @@ program found this way gets a ``stopped`` record with
 
 **PID 1, and the subreaper.** As a container's entrypoint, gosup inherits
 every orphan of the container; as the child subreaper it is everywhere
-(``spawn.become_subreaper``), it inherits its programs' orphans. It must reap them, or zombies pile up. It must not reap its own
-children, though: ``Popen`` (programs, builds and validators are all
-``Popen`` children) needs those exit statuses. So the reaper never calls
+(``spawn.become_subreaper``), it inherits its programs' orphans. It must
+reap them, or zombies pile up. It must not reap its own children, though:
+``Popen`` (programs, builds and validators are all ``Popen`` children)
+needs those exit statuses. So the reaper never calls
 ``waitpid(-1)``: it looks at gosup's zombie children once a second and only
 reaps one that is not a program's current child, that was already a
 zombie at the previous look, and that no live ``Popen`` object still has
