@@ -186,6 +186,13 @@ def _add_history_parser(sub: Subparsers) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--program", metavar="NAME", help="only records of program NAME")
     p.add_argument("--json", action="store_true", help="raw JSON lines")
+    p.add_argument(
+        "--max-scan",
+        metavar="SIZE",
+        default="64MiB",
+        help="look back through at most SIZE of the history for the last N records "
+        "(default 64MiB; 0 = all of it); a note on stderr says when it stopped there",
+    )
     p.set_defaults(func=historyview.cmd_history)
 
 

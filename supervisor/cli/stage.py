@@ -8,9 +8,12 @@ rename the copy onto ``<staging>``. The rename is atomic (same directory),
 so gosup never sees half a file, and the sidecar is already there when the
 file lands.
 
-Then, when a gosup is running, the command reads the history for a few
-seconds (``supervisor.history.read_from``) to tell whether the version was
-applied or refused. Stdlib only: it is a client command.
+Then, when a gosup is running, the command follows the history for a few
+seconds (``supervisor.history.Tail``, from where the history ended before
+the file was staged, across a rotation) to tell whether the version was
+applied or refused. It never reads the whole history: with gosup down, only
+the last supervisor record is looked for, backwards and bounded. Stdlib
+only: it is a client command.
 """
 
 from __future__ import annotations
@@ -122,11 +125,9 @@ def gosup_running(state_dir: Path) -> bool:
             except OSError:
                 return False
             return True
-    last = None
-    for rec in history.read_from(state_dir / HISTORY_NAME, 0)[0]:
-        if str(rec.get("event", "")).startswith("supervisor_"):
-            last = rec["event"]
-    return last in ("supervisor_started", "supervisor_reloaded")
+    with history.Last(state_dir / HISTORY_NAME, 1, event_prefix="supervisor_") as last:
+        found = [rec.get("event") for rec in last]
+    return bool(found) and found[-1] in ("supervisor_started", "supervisor_reloaded")
 
 
 # -- waiting for the outcome ----------------------------------------------------------------
@@ -141,13 +142,12 @@ def _outcome(rec: dict[str, Any], target: Target, sha: str) -> bool:
 
 
 def wait_outcome(
-    path: Path, target: Target, sha: str, offset: int, seconds: float
+    tail: history.Tail, target: Target, sha: str, seconds: float
 ) -> dict[str, Any] | None:
     """The config_applied / config_rejected record of this version, if one comes in time."""
     deadline = time.monotonic() + seconds
     while True:
-        recs, offset = history.read_from(path, offset)
-        for rec in recs:
+        for rec in tail.read_new():
             if _outcome(rec, target, sha):
                 return rec
         if time.monotonic() >= deadline:
@@ -179,20 +179,29 @@ def cmd_stage(args: argparse.Namespace) -> int:
     target = find_target(args.live_path, args.config)
     if not target.staging.parent.is_dir():
         raise cli.CLIError(f"{target.staging.parent}: no such directory", cli.EXIT_USAGE)
-    history_file = target.state_dir / HISTORY_NAME if target.state_dir else None
-    # The offset is taken before staging: no outcome can be missed.
-    offset = _size(history_file) if history_file else 0
+    # The history's end is taken before staging: no outcome can be missed.
+    tail = history.Tail(target.state_dir / HISTORY_NAME) if target.state_dir else None
+    try:
+        return _stage_and_wait(args, new_file, target, tail)
+    finally:
+        if tail is not None:
+            tail.close()
+
+
+def _stage_and_wait(
+    args: argparse.Namespace, new_file: Path, target: Target, tail: history.Tail | None
+) -> int:
     try:
         sha = stage_file(new_file, target.staging)
     except OSError as exc:
         raise cli.CLIError(f"cannot stage {new_file} at {target.staging}: {exc}") from None
-    if target.state_dir is None or history_file is None:
+    if target.state_dir is None or tail is None:
         print(f"staged at {target.staging} (sha256 {sha}); no gosup config here to follow")
         return cli.EXIT_OK
     if not gosup_running(target.state_dir):
         print(f"staged (sha256 {sha}); gosup is not running: it applies the file at start")
         return cli.EXIT_OK
-    rec = wait_outcome(history_file, target, sha, offset, args.wait)
+    rec = wait_outcome(tail, target, sha, args.wait)
     if rec is None:
         print(f"staged; no gosup applied it within {args.wait:g}s (queued)")
         return cli.EXIT_OK
@@ -201,10 +210,3 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return cli.EXIT_OK
     print(describe_rejection(rec))
     return cli.EXIT_FAILED
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0

@@ -195,6 +195,8 @@ class SupervisorSpec:
     log_dir: Path
     metrics_listen: str | None = None
     shutdown_timeout: float = 30.0
+    history_max_size: int = 64 * 1024**2  # history.jsonl rotates here ...
+    history_backups: int = 5  # ... keeping this many older files
 
 
 @dataclass(frozen=True)
@@ -476,6 +478,10 @@ def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
         log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
         metrics_listen=t.get("metrics_listen", _listen_address, None),
         shutdown_timeout=t.get("shutdown_timeout", _positive_duration, 30.0),
+        history_max_size=t.get("history_max_size", _positive_size, SupervisorSpec.history_max_size),
+        history_backups=t.get(
+            "history_backups", _non_negative_integer, SupervisorSpec.history_backups
+        ),
     )
 
 
