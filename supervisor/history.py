@@ -53,6 +53,7 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "probe_failed",
         "restart_requested",
         "config_applied",
+        "config_confirmed",
         "config_rejected",
         "config_rolled_back",
         "signal_sent",

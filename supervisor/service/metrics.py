@@ -41,8 +41,17 @@ PROBES = ("ready", "live")  # gosup_probe_failures_total{probe}: probe_failed re
 CONFIG_RESULTS = {
     "config_applied": "applied",
     "config_rejected": "rejected",
-    "config_rolled_back": "rolled_back",
+    "config_confirmed": "confirmed",
 }
+# config_rolled_back counts as result="rolled_back_<reason>" (docs/config-files.md)
+ROLLBACK_REASONS = (
+    "reload_failed",
+    "unconfirmed",
+    "not_ready",
+    "unhealthy",
+    "exited",
+    "crash_loop",
+)
 STATE_HELP = "Program state: " + " ".join(f"{n}={s.value}" for s, n in STATE_NUMBERS.items())
 # Figures that the resource sampler keeps in program.observations.figures,
 # exported as gosup_program_<key> (absent until sampled).
@@ -70,6 +79,8 @@ class ProgramCollector(Collector):
     def on_record(self, rec: dict[str, object]) -> None:
         """History listener: count config_applied / rejected / rolled_back, probe_failed."""
         result = CONFIG_RESULTS.get(str(rec.get("event")))
+        if rec.get("event") == "config_rolled_back":
+            result = f"rolled_back_{rec.get('reason')}"
         if result is not None:
             self.config_changes[(str(rec.get("program", "")), result)] += 1
         if rec.get("event") == "probe_failed":
@@ -136,15 +147,19 @@ class ProgramCollector(Collector):
             (p.name, result)
             for p in programs
             if p.spec.config_files
-            for result in CONFIG_RESULTS.values()
+            for result in _config_results()
         ]
         return _counter(
             "gosup_config_changes_total",
-            "Staged config files applied, rejected and rolled back.",
+            "Config file versions applied, rejected, confirmed, rolled back (by reason).",
             ["program", "result"],
             self.config_changes,
             present,
         )
+
+
+def _config_results() -> list[str]:
+    return [*CONFIG_RESULTS.values(), *(f"rolled_back_{r}" for r in ROLLBACK_REASONS)]
 
 
 def _figure(figures: dict[str, Any], key: str) -> float | None:
