@@ -47,6 +47,7 @@ from supervisor.config.units import parse_duration, parse_signal, parse_size
 from supervisor.protocol import DEFAULT_STATE_DIR
 
 __all__ = [
+    "CAPABILITIES",
     "UNIX_SOCKET_MODE",
     "AppConfig",
     "BackoffSpec",
@@ -215,6 +216,8 @@ class ProgramSpec:
     live: ProbeSpec | None = None  # probed while RUNNING; failing -> restart (unhealthy)
     sockets: tuple[SocketSpec, ...] = ()  # bound by gosup, inherited as fds 3..
     restart_mode: RestartMode = RestartMode.STOP_FIRST
+    # kept as ambient capabilities after the user switch ("CAP_NET_BIND_SERVICE", ...)
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -746,6 +749,52 @@ def _probes_need_metrics(t: _Table, spec: ProgramSpec) -> None:
             t.error(key, "a metric probe reads go_metrics: set [limits] go_metrics")
 
 
+# The capabilities by number (linux/capability.h); the kernel may know fewer
+# (/proc/sys/kernel/cap_last_cap), and a name it does not know is an error.
+_CAPABILITY_NAMES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
+    "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON",
+    "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+
+def _kernel_capabilities() -> dict[str, int]:
+    """name -> number of every capability this kernel knows."""
+    last = len(_CAPABILITY_NAMES) - 1
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = min(int(f.read()), last)
+    except (OSError, ValueError):
+        pass
+    return {name: number for number, name in enumerate(_CAPABILITY_NAMES[: last + 1])}
+
+
+CAPABILITIES: Mapping[str, int] = types.MappingProxyType(_kernel_capabilities())
+
+
+def _capabilities(value: object) -> tuple[str, ...]:
+    names: list[str] = []
+    for item in _strings(value):
+        name = item.upper()
+        name = name if name.startswith("CAP_") else "CAP_" + name
+        if name not in CAPABILITIES:
+            close = difflib.get_close_matches(name, CAPABILITIES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"unknown capability {item!r}{hint}: this kernel knows "
+                f"{_CAPABILITY_NAMES[0]} .. {max(CAPABILITIES, key=CAPABILITIES.__getitem__)}"
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -778,6 +827,7 @@ def _program(
         live=_probe(t, "live", _LIVE_KEYS),
         sockets=_sockets(t, base, seen_sockets),
         restart_mode=t.get("restart_mode", _choice(RestartMode), RestartMode.STOP_FIRST),
+        capabilities=t.get("capabilities", _capabilities, ()),
     )
     _probes_need_metrics(t, spec)
     return spec

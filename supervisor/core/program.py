@@ -16,6 +16,15 @@ A program with a ``[ready]`` probe leaves STARTING only on the prober's word
 backstop a little after ``within``. A run that gosup stops because it failed
 (not ready, or a leak/unhealthy restart that recurs within
 ``backoff.reset_after``) ends STOPPING -> EXITED and backs off like a crash.
+
+Whatever fails inside the actor (a history write on a full disk, a log
+write, a listener, a bug), the program ends in a state it can leave: a
+record that cannot be written is logged (once per burst) and the transition
+happens all the same; a child's exit is watched before anything else is
+done with it; and after an unexpected error ``_settle`` brings the program
+back to a consistent state (a dead child's exit handled, no STARTING or
+RUNNING without a child), so ``restart``, ``stop`` and the shutdown are
+always answered.
 """
 
 from __future__ import annotations
@@ -199,6 +208,7 @@ class Program:
         # its replacement starts, and processes being stopped beside the current run.
         self._old: OldRun | None = None
         self._retiring: list[Retiring] = []
+        self._records_lost = 0  # history records that could not be written, this burst
 
     # -- the outside world's side --------------------------------------------
 
@@ -299,6 +309,25 @@ class Program:
                 logger.opt(exception=exc).error("{}: internal error handling {}", self.name, msg)
                 if msg is not None and msg.reply is not None and not msg.reply.done():
                     msg.reply.set_exception(CommandError(f"internal error: {exc}"))
+                self._settle()
+
+    def _settle(self) -> None:
+        """After an unexpected error: make sure the program can leave its state.
+
+        A child that is gone has its exit handled (again: a duplicate is
+        ignored); a state that needs a child but has none ends that run."""
+        try:
+            child = self.child
+            if child is not None and not child.alive():
+                child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+            elif child is None and self.state is S.STOPPING:  # STOPPING -> STOPPED: gone
+                self._deadline = None
+                self._transition(S.STOPPED)
+            elif child is None and self.state in (S.STARTING, S.RUNNING):
+                self._transition(S.EXITED)  # -> EXITED: the run is over, back off
+                self._after_failed_run(healthy=False)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot settle after an error", self.name)
 
     async def _next(self) -> Message | None:
         """The next message, or None when the deadline has passed."""
@@ -349,7 +378,20 @@ class Program:
     # -- transitions -------------------------------------------------------------
 
     def _record(self, event: str, **fields: Any) -> None:
-        self.ctx.history.record(event, self.name, **fields)
+        """Write a history record; one that cannot be written (a full disk) is
+        logged, once per burst, and supervision goes on."""
+        try:
+            self.ctx.history.record(event, self.name, **fields)
+        except Exception as exc:
+            if not self._records_lost:
+                logger.error("{}: cannot write the history ({}): records are lost", self.name, exc)
+            self._records_lost += 1
+            return
+        if self._records_lost:
+            logger.warning(
+                "{}: history written again ({} records lost)", self.name, self._records_lost
+            )
+            self._records_lost = 0
 
     def _transition(self, new: ProcessState, event: str | None = None, **fields: Any) -> None:
         """The one place the state changes: check the edge, write the record, then act."""
@@ -401,7 +443,7 @@ class Program:
         spec = self.spec
         try:
             child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
-        except (spawn.SpawnError, OSError) as exc:
+        except Exception as exc:  # SpawnError, OSError (EMFILE ...), ValueError from Popen
             logger.error("{}: cannot start: {}", self.name, exc)
             if self._old is not None:
                 self._overlap_failed("spawn_failed", str(exc), None)
@@ -418,15 +460,22 @@ class Program:
             )
             self._after_failed_run(healthy=False)
             return
+        # Its exit is watched before anything else can fail: never STARTING with a dead pid.
         self.child = child
+        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
         self.start_seq = _next_start_seq()
         self.started_at = self.ctx.clock()
         self.starts += 1
         self._killed = False
         self._oom_kills_at_start = cgroup.oom_kills()
         self._record("started", pid=child.pid, attempt=self.failures + 1, binary_sha256=digest)
-        await self.output.attach(child.stdout, child.stderr)
-        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+        try:
+            await self.output.attach(child.stdout, child.stderr)
+        except Exception as exc:  # out of fds, say: the run goes on, unlogged
+            logger.opt(exception=exc).error("{}: cannot capture the output", self.name)
+            for pipe in (child.stdout, child.stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close()
         logger.info("{}: started pid {}", self.name, child.pid)
         if spec.ready is None:
             self._deadline = self.ctx.clock() + spec.start_seconds
@@ -438,7 +487,7 @@ class Program:
         if self.state is S.STARTING and self.spec.ready is not None:
             within = self.spec.ready.within
             self._not_ready(f"no verdict from the readiness probe within {within:g}s")
-        elif self.state is S.STARTING:  # STARTING -> RUNNING: stayed up start_seconds
+        elif self.state is S.STARTING and self._child_alive():  # STARTING -> RUNNING: stayed up
             self._became_running()
         elif self.state is S.BACKOFF:  # BACKOFF -> STARTING: the delay is over
             await self._spawn()
@@ -446,10 +495,15 @@ class Program:
             self._kill_tree()
 
     def _on_ready(self, msg: Ready) -> None:
-        if self.state is S.STARTING and msg.pid == self.pid:  # STARTING -> RUNNING: ready
+        if self.state is S.STARTING and msg.pid == self.pid and self._child_alive():  # -> RUNNING
             self._deadline = None
             self._became_running()
         self._reply(msg, self._describe())
+
+    def _child_alive(self) -> bool:
+        """Whether the child runs: its exit may have happened (gosup stopped by
+        SIGSTOP, say) before the loop heard of it; then its exit is next."""
+        return self.child is not None and self.child.alive()
 
     def _on_not_ready(self, msg: NotReady) -> None:
         if self.state is S.STARTING and msg.pid == self.pid:
@@ -481,10 +535,23 @@ class Program:
         if self._old is not None and self.state is S.STARTING:
             await self._replacement_crashed(child, code)
             return
-        uptime = self.ctx.clock() - (self.started_at or self.ctx.clock())
-        await self.output.drain(DRAIN_TIMEOUT)
-        leftovers = self._leftovers(child)
-        info = self._exit_info(child, code, uptime)
+        # The run's end, not when gosup heard of it (gosup may have been stopped).
+        ended = self.ctx.clock() - child.ended_ago()
+        uptime = max(ended - (self.started_at or ended), 0.0)
+        try:
+            await self.output.drain(DRAIN_TIMEOUT)
+        except Exception as exc:  # the exit is handled all the same
+            logger.opt(exception=exc).error("{}: draining the output failed", self.name)
+        try:  # a scan of the process table: off the loop
+            leftovers = await asyncio.to_thread(self._leftovers, child)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot list what is left of the run", self.name)
+            leftovers = list(self._snapshot)
+        try:
+            info = self._exit_info(child, code, uptime)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot read the exit", self.name)
+            info = {"pid": child.pid, "exit_code": code if code >= 0 else None, "signal": None}
         self.last_exit = info
         self.child = None
         self._deadline = None
@@ -496,16 +563,26 @@ class Program:
         healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
         was_running = self.state is S.RUNNING
         self._transition(S.EXITED, "exited", **info)
-        # A crashed program's helpers must not outlive it, even those that left its group.
-        spawn.kill_tree(leftovers + self.ctx.marked_escapees(self.name))
+        # A crashed program's helpers must not outlive it, even those that left its
+        # group; finding them scans the process table: off the loop.
+        try:
+            await asyncio.to_thread(self._sweep, leftovers)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: sweeping the run's leftovers failed", self.name)
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy and was_running)
         await self._run_ended(child, None)
 
     def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
-        """What is left of the child's tree: its group, plus the snapshot taken at stop."""
-        return self._snapshot + child.group_members()
+        """What is left of the child's tree: its group, the snapshot taken at
+        stop, and the daemons it double-forked (re-parented to gosup)."""
+        return self._snapshot + child.group_members() + spawn.adopted(self.name)
+
+    def _sweep(self, leftovers: list[psutil.Process]) -> None:
+        """Kill what is left of a crashed run (in a thread: it scans /proc)."""
+        procs = leftovers + self.ctx.marked_escapees(self.name)
+        spawn.kill_tree(procs)
 
     def _exit_info(self, child: spawn.Child, code: int, uptime: float) -> dict[str, Any]:
         sig = -code if code < 0 else None
@@ -613,7 +690,7 @@ class Program:
         assert child is not None
         self._stop_reason = reason
         self._transition(S.STOPPING, "stopping", pid=child.pid, reason=reason)
-        self._snapshot = child.tree()
+        self._snapshot = child.tree() + spawn.adopted(self.name)
         sig = sig or self.spec.stop_signal
         self._stop_signal = sig
         child.signal_group(sig)
@@ -621,10 +698,13 @@ class Program:
         self._stop_deadline = self._deadline = self.ctx.clock() + self.spec.stop_timeout
 
     def _kill_tree(self) -> None:
-        if self.child is not None:
+        child = self.child
+        if child is not None:
             self._killed = True
-            self.child.signal_group(signal.SIGKILL)
-            spawn.kill_tree(self._snapshot + self.child.tree())
+            child.signal_group(signal.SIGKILL)
+            spawn.kill_tree(self._snapshot + child.tree())
+            if not child.alive():  # gone already: make sure its exit is handled
+                child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
 
     def _kill_pending(self) -> bool:
         return any(isinstance(m, Kill) for m in self._inbox)
@@ -656,6 +736,7 @@ class Program:
             self._killed = True
             spawn.kill_tree(survivors)
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
+        spawn.reap(leftovers)  # adopted daemons are gosup's children now: no zombies
         self._snapshot = []
         await self._retiring_gone()  # STOPPED means every process of the program is gone
         if self._failed_stop is not None:
@@ -730,6 +811,8 @@ class Program:
             self._failed_stop = (msg.reason, msg)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
+        if msg.reason in ("operator", "build"):  # a person acted: a fresh series (attempt 1)
+            self.failures = 0
         if self._overlaps(msg):
             await self._begin_overlap(msg)
             return
@@ -737,8 +820,6 @@ class Program:
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
-        if msg.reason in ("operator", "build"):  # a person acted: a fresh series
-            self.failures = 0
         self._deadline = None
         self._wait_for(msg, frozenset({S.RUNNING}))
         if self.state is not S.STOPPED:

@@ -22,7 +22,7 @@ from loguru import logger
 from supervisor import __version__
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
-from supervisor.core import sockets, spawn
+from supervisor.core import output, sockets, spawn
 from supervisor.core.program import CommandError, Context, Kill, Program, SendSignal, Start, Stop
 from supervisor.core.states import SIGNALLABLE_STATES
 from supervisor.history import History
@@ -51,6 +51,8 @@ def privilege_errors(config: AppConfig) -> list[str]:
             errors.append(f"{config.path}: programs.{spec.name}.user: {exc}")
         except spawn.SpawnError:
             pass
+        for why in spawn.capability_errors(spec.capabilities):
+            errors.append(f"{config.path}: programs.{spec.name}.capabilities: {why}")
     return errors
 
 
@@ -101,7 +103,7 @@ class Supervisor:
         self.dev = dev
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
-        sup.log_dir.mkdir(parents=True, exist_ok=True)
+        output.prepare_log_dir(sup.log_dir)  # 0750, whatever the umask
         self.history = History(
             sup.state_dir / HISTORY_NAME,
             on_listener_error=_listener_failed,
