@@ -3,7 +3,15 @@
 // It reads a key=value config file (reloaded on SIGHUP), says hello with the
 // configured greeting, exposes Go runtime metrics for gosup's leak detection
 // (/metrics, /debug/vars, /debug/pprof/), logs every request and a heartbeat,
-// and shuts down gracefully on SIGTERM or SIGINT.
+// and shuts down gracefully on SIGTERM or SIGINT (http.Server.Shutdown: the
+// requests in flight are finished).
+//
+// Zero-downtime restarts (docs/zero-downtime.md): under gosup with
+// `sockets = ["tcp://..."]` it serves on the listening socket it inherits as
+// fd 3 (systemd's LISTEN_FDS/LISTEN_PID protocol, read with the standard
+// library); run without gosup, it binds -listen itself. It starts serving
+// only once it is initialised, and /readyz says 200 from then on until
+// SIGTERM arrives (503 while it drains).
 package main
 
 import (
@@ -14,11 +22,13 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	_ "net/http/pprof" // /debug/pprof/ on http.DefaultServeMux
 	"os"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,7 +36,44 @@ import (
 	"time"
 )
 
-var requests atomic.Int64
+var (
+	requests atomic.Int64
+	serving  atomic.Bool // initialised and not draining: /readyz says 200
+)
+
+// listener is the socket gosup passed as fd 3 (LISTEN_PID names this process),
+// else one we bind ourselves. The LISTEN_* variables are removed either way,
+// so a process we start does not take them for its own.
+func listener(addr string) (net.Listener, error) {
+	fds, pid := os.Getenv("LISTEN_FDS"), os.Getenv("LISTEN_PID")
+	for _, k := range []string{"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"} {
+		_ = os.Unsetenv(k)
+	}
+	if n, err := strconv.Atoi(fds); err == nil && n >= 1 && pid == strconv.Itoa(os.Getpid()) {
+		f := os.NewFile(3, "listener")
+		defer f.Close() // FileListener made its own copy
+		ln, err := net.FileListener(f)
+		if err != nil {
+			return nil, fmt.Errorf("inherited fd 3: %w", err)
+		}
+		log.Printf("serving on the inherited socket %s (fd 3)", ln.Addr())
+		return ln, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	log.Printf("serving on %s (bound ourselves: no inherited socket)", ln.Addr())
+	return ln, nil
+}
+
+func readyz(w http.ResponseWriter, _ *http.Request) {
+	if !serving.Load() {
+		http.Error(w, "not serving", http.StatusServiceUnavailable)
+		return
+	}
+	fmt.Fprintln(w, "ready")
+}
 
 // config is the parsed key=value file; guarded by mu because SIGHUP swaps it.
 type config struct {
@@ -96,7 +143,7 @@ func logged(next http.Handler) http.Handler {
 }
 
 func main() {
-	listen := flag.String("listen", "127.0.0.1:8080", "HTTP listen address")
+	listen := flag.String("listen", "127.0.0.1:8080", "HTTP listen address when no socket is inherited (LISTEN_FDS)")
 	cfgPath := flag.String("config", "demo.conf", "key=value config file, reloaded on SIGHUP")
 	flag.Parse()
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
@@ -114,15 +161,23 @@ func main() {
 			http.NotFound(w, r)
 			return
 		}
-		fmt.Fprintln(w, cfg.get("greeting", "hello"))
+		fmt.Fprintf(w, "%s (pid %d)\n", cfg.get("greeting", "hello"), os.Getpid())
 	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", readyz)
 	mux.HandleFunc("/metrics", metrics)
-	srv := &http.Server{Addr: *listen, Handler: logged(mux), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: logged(mux), ReadHeaderTimeout: 10 * time.Second}
 
+	ln, err := listener(*listen)
+	if err != nil {
+		log.Fatalf("listen: %v", err)
+	}
+	// Everything is initialised: from here on any connection may be ours (on a
+	// shared socket the kernel gives each one to whichever process accepts).
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
-	log.Printf("demo listening on http://%s (pid %d)", *listen, os.Getpid())
+	serving.Store(true)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Printf("demo serving http://%s (pid %d)", ln.Addr(), os.Getpid())
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
@@ -142,6 +197,7 @@ func main() {
 				continue
 			}
 			log.Printf("%v received, shutting down", s)
+			serving.Store(false) // /readyz: 503 while the requests in flight finish
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			err := srv.Shutdown(ctx)
 			cancel()
