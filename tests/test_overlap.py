@@ -64,12 +64,10 @@ def test_operator_restarts_overlap_and_fail_no_request(
             pids.append(int(recs[-1]["pid"]))
             assert not pid_alive(pids[-2]), "the old process is gone when the restart returns"
             client.wait_answers(5)
-    # Nobody is refused. A request may rarely be cut off (RemoteDisconnected, about
-    # 1 in 3,000 here): the old goapp accepted it as its Shutdown began and exited
-    # without serving it; that is the Go program's side (docs/zero-downtime.md).
-    failed = {k: v for k, v in client.outcomes.items() if k != "ok"}
-    assert "refused" not in failed, client.outcomes
-    assert sum(failed.values()) <= 1, (client.outcomes, client.errors[:5])
+    # Nobody is refused and nothing is cut off: goapp stops accepting and lets
+    # the connections it accepted reach a handler before Shutdown (Shutdown
+    # alone dropped about 1 request in 6,000 here: docs/zero-downtime.md).
+    assert set(client.outcomes) == {"ok"}, (client.outcomes, client.errors[:5])
     assert client.pids >= set(pids[1:])
     # The history: the replacement started (and ran) before the old one was stopped.
     events = [(r["event"], r.get("pid")) for r in g.history("api")]

@@ -11,7 +11,9 @@
 // fd 3 (systemd's LISTEN_FDS/LISTEN_PID protocol, read with the standard
 // library); run without gosup, it binds -listen itself. It starts serving
 // only once it is initialised, and /readyz says 200 from then on until
-// SIGTERM arrives (503 while it drains).
+// SIGTERM arrives (503 while it drains). On SIGTERM it stops accepting first
+// and lets every connection it accepted hand its request to a handler before
+// it calls Shutdown (see drain below).
 package main
 
 import (
@@ -40,6 +42,61 @@ var (
 	requests atomic.Int64
 	serving  atomic.Bool // initialised and not draining: /readyz says 200
 )
+
+// accepted tracks the connections whose first request has not reached a
+// handler yet. http.Server.Shutdown drops (closes without an answer) a request
+// it reads after it began, so a connection accepted an instant before SIGTERM
+// would be cut off; drain waits for these before Shutdown.
+type accepted struct {
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+type connKey struct{}
+
+func (a *accepted) connState(c net.Conn, st http.ConnState) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	switch st {
+	case http.StateNew:
+		a.conns[c] = struct{}{}
+	case http.StateIdle, http.StateClosed, http.StateHijacked:
+		delete(a.conns, c)
+	}
+}
+
+// handled wraps the handler: a request that got here is one Shutdown waits for.
+func (a *accepted) handled(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+			a.mu.Lock()
+			delete(a.conns, c)
+			a.mu.Unlock()
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (a *accepted) waiting() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.conns)
+}
+
+// drain stops accepting (gosup's copy of an inherited socket keeps listening:
+// new connections wait for the replacement), waits for Serve to return and
+// for the accepted connections' requests to reach a handler (at most 1s),
+// then Shutdown finishes the requests in flight.
+func drain(srv *http.Server, ln net.Listener, served <-chan error, conns *accepted, timeout time.Duration) error {
+	_ = ln.Close()
+	<-served
+	for deadline := time.Now().Add(time.Second); conns.waiting() > 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return srv.Shutdown(ctx)
+}
 
 // listener is the socket gosup passed as fd 3 (LISTEN_PID names this process),
 // else one we bind ourselves. The LISTEN_* variables are removed either way,
@@ -161,12 +218,18 @@ func main() {
 			http.NotFound(w, r)
 			return
 		}
-		fmt.Fprintf(w, "%s (pid %d)\n", cfg.get("greeting", "hello"), os.Getpid())
+		fmt.Fprintf(w, "%s, pid %d\n", cfg.get("greeting", "hello"), os.Getpid())
 	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", readyz)
 	mux.HandleFunc("/metrics", metrics)
-	srv := &http.Server{Handler: logged(mux), ReadHeaderTimeout: 10 * time.Second}
+	conns := &accepted{conns: map[net.Conn]struct{}{}}
+	srv := &http.Server{
+		Handler:           conns.handled(logged(mux)),
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnState:         conns.connState,
+		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) },
+	}
 
 	ln, err := listener(*listen)
 	if err != nil {
@@ -198,9 +261,7 @@ func main() {
 			}
 			log.Printf("%v received, shutting down", s)
 			serving.Store(false) // /readyz: 503 while the requests in flight finish
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			err := srv.Shutdown(ctx)
-			cancel()
+			err := drain(srv, ln, errc, conns, 5*time.Second)
 			if err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Printf("shutdown: %v", err)
 				os.Exit(1)
