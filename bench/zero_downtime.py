@@ -1,0 +1,457 @@
+"""Zero-downtime restarts (issue 14): requests at a fixed rate while the
+supervisor restarts the Go HTTP fixture, per restart kind.
+
+An asyncio load generator (in a thread of its own) sends GET / at a fixed
+rate to goapp, half on a new connection per request, half on keep-alive
+connections from a pool. A keep-alive request whose reused connection was
+closed before any byte of the answer is retried once on a new connection,
+as HTTP clients do for idempotent requests (Go's Transport, urllib3): it
+counts as ``ka_retried``, not as failed. Latency is taken from the moment the
+request was due, so a stalled generator shows as latency, not as fewer
+requests. Meanwhile the supervisor restarts goapp, ``--restarts`` times per
+kind:
+
+- operator: the supervisor's restart command;
+- leak: goapp leaks heap (a marker file makes the next start add
+  ``-leak-heap``) until the supervisor's memory limit restarts it;
+- config: a new version of a config file with ``on_change = "restart"``
+  (``gosup stage``);
+- crash: SIGKILL to the child.
+
+Every request due between a restart's trigger and 0.5 s after the new child
+runs counts for that kind; the p99 of the requests outside every restart is
+the baseline, and the added p99 is a kind's p99 minus it. Side by side:
+gosup with ``sockets`` + ``restart_mode = "overlap"``, gosup without,
+supervisord, PM2, circus with its own shared socket (``use_sockets``). A
+kind a supervisor has no built-in way to make is a row with the reason.
+
+    python bench/zero_downtime.py [--quick] [--rate 1000] [--restarts 20]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import common
+import drivers
+from drivers import circus as circus_driver
+from drivers import gosup as gosup_driver
+
+NAME = "zero_downtime"
+KINDS = ("operator", "leak", "config", "crash")
+PLANNED = ("operator", "leak", "config")
+LEAK_PER_S = 40_000_000  # bytes/s once the marker is there
+LEAK_LIMIT = "120MiB"
+SETTLE_S = 0.5  # requests due this long after the new child runs still count for the restart
+TIMEOUT_S = 5.0  # a request without an answer by then is a failure ("timeout")
+POOL = 32  # keep-alive connections at most
+# sh picks the leak flag by a marker file and execs goapp (same pid: LISTEN_PID
+# still names it, and every supervisor sees goapp as its child).
+WRAPPER = f'if [ -e leak ]; then set -- "$@" -leak-heap {LEAK_PER_S}; fi; exec "$0" "$@"'
+# circus passes its socket's fd number as an argument: move it to fd 3 and set
+# systemd's variables, so goapp takes it exactly as it takes gosup's.
+CIRCUS_WRAPPER = 'fd=$1; shift; eval "exec 3<&$fd"; export LISTEN_FDS=1 LISTEN_PID=$$; ' + WRAPPER
+UNSUPPORTED = {
+    "leak": "no memory-limit restart built in (superlance memmon, circus' resource_watcher"
+    " plugin and pm2's max_memory_restart poll are add-ons or 30 s polls; not configured)",
+    "config": "no restart on a staged config file (the operator row is the equivalent)",
+}
+
+
+# -- the load generator ---------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    due: float  # time.monotonic() when the request was due
+    latency: float  # seconds from due to the answer (or the failure)
+    mode: str  # "new" | "keepalive"
+    outcome: str  # ok | refused | reset | closed | timeout | http NNN | error name
+
+
+@dataclass
+class Load:
+    port: int
+    rate: float
+    samples: list[Sample] = field(default_factory=list)
+    retried: list[float] = field(default_factory=list)  # due times of keep-alive retries
+    started: float = 0.0
+    stopped: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    async def _main(self) -> None:
+        pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        tasks: set[asyncio.Task[None]] = set()
+        self.started = time.monotonic()
+        n = 0
+        while not self._stop.is_set():
+            due = self.started + n / self.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            mode = "new" if n % 2 == 0 else "keepalive"
+            task = asyncio.create_task(self._one(due, mode, pool))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        self.stopped = time.monotonic()
+        if tasks:
+            await asyncio.wait(tasks, timeout=TIMEOUT_S + 1)
+        for _, w in pool:
+            w.close()
+
+    async def _one(self, due: float, mode: str, pool: list[Any]) -> None:
+        outcome = await self._attempt(mode, pool, due)
+        self.samples.append(Sample(due, time.monotonic() - due, mode, outcome))
+
+    async def _attempt(self, mode: str, pool: list[Any], due: float) -> str:
+        reused = mode == "keepalive" and bool(pool)
+        conn = pool.pop() if reused else None
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                try:
+                    return await self._exchange(conn, mode, pool)
+                except (ConnectionResetError, asyncio.IncompleteReadError, BrokenPipeError):
+                    if not reused:
+                        raise
+                    # the server closed an idle keep-alive connection as we used it:
+                    # retry once on a new connection, as HTTP clients do
+                    self.retried.append(due)
+                    return await self._exchange(None, mode, pool)
+        except ConnectionRefusedError:
+            return "refused"
+        except ConnectionResetError:
+            return "reset"
+        except (asyncio.IncompleteReadError, BrokenPipeError):
+            return "closed"
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            return type(exc).__name__
+
+    async def _exchange(self, conn: Any, mode: str, pool: list[Any]) -> str:
+        if conn is None:
+            conn = await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = conn
+        keep = False
+        try:
+            writer.write(self.REQUEST)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            await reader.readexactly(int(headers.get("content-length", "0")))
+            keep = mode == "keepalive" and headers.get("connection", "").lower() != "close"
+            return "ok" if status == 200 else f"http {status}"
+        finally:
+            if keep and len(pool) < POOL:
+                pool.append(conn)
+            else:
+                writer.close()
+
+
+# -- supervisors ----------------------------------------------------------------------------
+
+
+def goapp_argv(goapp: Path, port: int | None) -> tuple[str, ...]:
+    http = ("-http", f"127.0.0.1:{port}") if port is not None else ()
+    return ("/bin/sh", "-c", WRAPPER, str(goapp), "-name", "web", *http, "-shutdown-timeout", "5s")
+
+
+class GosupZD(gosup_driver.GosupDriver):
+    """gosup with a memory limit and a config file that restarts; optionally sockets + overlap."""
+
+    def __init__(self, wd: Path, progs: list[drivers.Program], port: int, overlap: bool):
+        super().__init__(wd, progs, drivers.Settings())
+        self.port, self.overlap = port, overlap
+        (wd / "web.conf").write_text("version 0\n")
+
+    def _program(self, name: str, argv: tuple[str, ...]) -> list[str]:
+        lines = super()._program(name, argv)
+        head = ['start_seconds = "300ms"']
+        if self.overlap:
+            head += [f'sockets = ["tcp://127.0.0.1:{self.port}"]', 'restart_mode = "overlap"']
+        lines[1:1] = head
+        lines += ["", f"[programs.{name}.backoff]", 'reset_after = "1s"']
+        lines += ["", f"[programs.{name}.limits]", 'interval = "250ms"', "sustain = 2"]
+        lines += [f'rss = "{LEAK_LIMIT}"', 'evidence = "none"']
+        lines += ["", f"[[programs.{name}.config_files]]", 'path = "web.conf"']
+        lines += ['on_change = "restart"', 'probation = "1s"']
+        return lines
+
+
+class CircusZD(circus_driver.CircusDriver):
+    """circus holding the socket itself ([socket:web], use_sockets)."""
+
+    def __init__(self, wd: Path, progs: list[drivers.Program], port: int):
+        super().__init__(wd, progs, drivers.Settings(fast_restart=True))
+        self.port = port
+
+    def write_config(self) -> None:
+        super().write_config()
+        path = self.dir / "circus.ini"
+        text = path.read_text()
+        text += f"\n[socket:web]\nhost = 127.0.0.1\nport = {self.port}\n"
+        path.write_text(text)
+
+    def _watcher(self, name: str, argv: tuple[str, ...]) -> list[str]:
+        lines = super()._watcher(name, argv)
+        lines.append("use_sockets = True")
+        return lines
+
+
+def make(label: str, wd: Path, goapp: Path, port: int) -> drivers.Driver:
+    if label == "gosup-overlap":
+        return GosupZD(wd, [drivers.Program("web", goapp_argv(goapp, None))], port, True)
+    if label == "gosup":
+        return GosupZD(wd, [drivers.Program("web", goapp_argv(goapp, port))], port, False)
+    if label == "circus":
+        argv = ("/bin/bash", "-c", CIRCUS_WRAPPER, str(goapp), "$(circus.sockets.web)")
+        argv += ("-name", "web", "-shutdown-timeout", "5s")
+        return CircusZD(wd, [drivers.Program("web", argv)], port)
+    prog = drivers.Program("web", goapp_argv(goapp, port))
+    return drivers.make(label, wd, [prog], drivers.Settings(fast_restart=True))
+
+
+def supported(label: str, kind: str) -> str | None:
+    """None when ``label`` can make a ``kind`` restart, else the reason it cannot."""
+    if label.startswith("gosup") or kind not in UNSUPPORTED:
+        return None
+    return UNSUPPORTED[kind]
+
+
+def ctl(d: drivers.Driver, *args: str) -> None:
+    cmd = d.ctl_command()  # type: ignore[attr-defined]
+    run = subprocess.run(
+        [*cmd, *args], cwd=d.dir, env=d.env(), capture_output=True, text=True, timeout=120
+    )
+    if run.returncode != 0:
+        raise common.BenchError(f"{' '.join(args)}: exit {run.returncode}: {run.stderr[-500:]}")
+
+
+def child(d: drivers.Driver) -> int | None:
+    return d.child_pids().get("web")
+
+
+def wait_replaced(d: drivers.Driver, old: int, timeout: float = 60.0) -> int:
+    """Wait until ``old`` is gone and another goapp runs; its pid."""
+
+    def replaced() -> int | None:
+        d.assert_alive()
+        pid = child(d)
+        return pid if pid is not None and pid != old and not drivers.pid_alive(old) else None
+
+    return common.wait_for(replaced, timeout, f"{d.name}: pid {old} replaced", poll=0.02)
+
+
+def restart(d: drivers.Driver, label: str, kind: str, n: int) -> tuple[float, float]:
+    """One restart of ``kind``; (trigger, done) in time.monotonic()."""
+    old = child(d)
+    assert old is not None
+    if kind == "leak":
+        # off the clock: a restart that starts a leaking goapp, then the marker goes
+        marker = d.dir / "leak"
+        marker.touch()
+        ctl(d, "restart", "web")
+        leaking = wait_replaced(d, old)
+        marker.unlink()
+        time.sleep(SETTLE_S + 0.2)
+        t0 = time.monotonic()  # the leak is under way; the supervisor acts on its own
+        return t0, _done(wait_replaced(d, leaking, timeout=120))
+    t0 = time.monotonic()
+    if kind == "operator":
+        ctl(d, "restart", "web")
+    elif kind == "crash":
+        os.kill(old, signal.SIGKILL)
+    elif kind == "config":
+        new = d.dir / f"web.conf.{n}"
+        new.write_text(f"version {n + 1}\n")
+        ctl(d, "stage", "--no-wait", str(new), "web.conf")
+    return t0, _done(wait_replaced(d, old))
+
+
+def _done(_pid: int) -> float:
+    return time.monotonic()
+
+
+def wait_serving(port: int, timeout: float) -> None:
+    def up() -> bool | None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return None
+
+    common.wait_for(up, timeout, f"127.0.0.1:{port} accepting")
+
+
+def measure(label: str, goapp: Path, restarts: int, rate: float, keep: bool) -> dict[str, Any]:
+    port = free_port()
+    windows: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
+    excluded: list[tuple[float, float]] = []  # off-the-clock restarts (the leak's setup)
+    with common.workdir(f"zd-{label}", keep=keep) as wd, make(label, wd, goapp, port) as d:
+        d.wait_children(1, timeout=60)
+        wait_serving(port, 30)
+        load = Load(port, rate)
+        load.start()
+        try:
+            time.sleep(2.0)  # baseline
+            for kind in KINDS:
+                if supported(label, kind):
+                    continue
+                for n in range(restarts):
+                    common.log(f"{label}: {kind} restart {n + 1}/{restarts}")
+                    begin = time.monotonic()
+                    t0, t1 = restart(d, label, kind, n)
+                    if t0 > begin:
+                        excluded.append((begin, t0))
+                    windows[kind].append((t0, t1 + SETTLE_S))
+                    time.sleep(SETTLE_S + 0.5)
+            time.sleep(1.0)
+        finally:
+            load.stop()
+    return summarise(label, load, windows, excluded)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def summarise(
+    label: str,
+    load: Load,
+    windows: dict[str, list[tuple[float, float]]],
+    excluded: list[tuple[float, float]],
+) -> dict[str, Any]:
+    def inside(t: float, spans: list[tuple[float, float]]) -> bool:
+        return any(a <= t <= b for a, b in spans)
+
+    every = [w for spans in windows.values() for w in spans] + excluded
+    base = [s.latency * 1000 for s in load.samples if not inside(s.due, every)]
+    base_p99 = common.percentile(base, 99) if base else None
+    duration = max(load.stopped - load.started, 1e-9)
+    out: dict[str, Any] = {
+        "requests": len(load.samples),
+        "rate_target": load.rate,
+        "rate_reached": round(len(load.samples) / duration, 1),
+        "baseline_p99_ms": None if base_p99 is None else round(base_p99, 2),
+        "baseline_failed": sum(
+            1 for s in load.samples if not inside(s.due, every) and s.outcome != "ok"
+        ),
+        "kinds": {},
+    }
+    for kind in KINDS:
+        reason = supported(label, kind)
+        if reason:
+            out["kinds"][kind] = {"skipped": reason}
+            continue
+        spans = windows[kind]
+        mine = [s for s in load.samples if inside(s.due, spans)]
+        outcomes = Counter(s.outcome for s in mine)
+        lat = [s.latency * 1000 for s in mine]
+        p99 = common.percentile(lat, 99) if lat else None
+        out["kinds"][kind] = {
+            "restarts": len(spans),
+            "requests": len(mine),
+            "failed": sum(n for o, n in outcomes.items() if o != "ok"),
+            "refused": outcomes["refused"],
+            "conn_errors": sum(outcomes[o] for o in ("reset", "closed")),
+            "timeouts": outcomes["timeout"],
+            "outcomes": dict(outcomes),
+            "ka_retried": sum(1 for t in load.retried if inside(t, spans)),
+            "p99_ms": None if p99 is None else round(p99, 2),
+            "added_p99_ms": None if p99 is None or base_p99 is None else round(p99 - base_p99, 2),
+        }
+    return out
+
+
+def note(res: dict[str, Any]) -> str:
+    return f"{res['rate_reached']:g} req/s reached, base p99 {res['baseline_p99_ms']} ms"
+
+
+LABELS = ("gosup-overlap", "gosup", "supervisord", "pm2", "circus")
+
+
+def main() -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--rate", type=float, default=1000.0, help="requests per second (default 1000)")
+    p.add_argument("--restarts", type=int, help="restarts per kind (default 20, --quick 2)")
+    args = p.parse_args()
+    restarts = args.restarts or (2 if args.quick else 20)
+    names = common.selected(args)
+    labels = [lb for lb in LABELS if lb.split("-")[0] in names]
+    goapp = common.goapp()
+    info = drivers.availability(sorted({lb.split("-")[0] for lb in labels}))
+    results: dict[str, Any] = {}
+    for label in labels:
+        sup = label.split("-")[0]
+        if not info.get(sup, {}).get("ok"):
+            results[label] = {"error": f"not usable: {info.get(sup, {}).get('reason')}"}
+            continue
+        common.log(f"{label}: {restarts} restarts per kind at {args.rate:g} req/s")
+        try:
+            results[label] = measure(label, goapp, restarts, args.rate, args.keep)
+        except (common.BenchError, OSError, subprocess.SubprocessError) as exc:
+            results[label] = {"error": str(exc)[-500:]}
+    rows = []
+    for label, res in results.items():
+        if "error" in res:
+            rows.append([label, "-", "-", "-", "-", "-", "-", "-", "-", "-", res["error"]])
+            continue
+        for kind, k in res["kinds"].items():
+            if "skipped" in k:
+                rows.append([label, kind, "-", "-", "-", "-", "-", "-", "-", "-", k["skipped"]])
+                continue
+            rows.append([label, kind, k["restarts"], k["requests"], k["failed"], k["refused"],
+                         k["conn_errors"], k["timeouts"], k["ka_retried"], k["added_p99_ms"],
+                         note(res)])  # fmt: skip
+    columns = ["supervisor", "kind", "restarts", "requests", "failed", "refused", "reset/closed",
+               "timeouts", "keep-alive retried", "added p99 ms", "note"]  # fmt: skip
+    title = f"Zero-downtime restarts: requests at {args.rate:g}/s through each restart kind"
+    tab = common.table(title, columns, rows)
+    common.print_tables([tab])
+    common.write_result(
+        NAME,
+        args.quick,
+        {
+            "params": {
+                "rate": args.rate,
+                "restarts_per_kind": restarts,
+                "settle_s": SETTLE_S,
+                "timeout_s": TIMEOUT_S,
+                "leak_per_s": LEAK_PER_S,
+                "leak_limit": LEAK_LIMIT,
+            },
+            "results": results,
+            "tables": [tab],
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
