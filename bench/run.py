@@ -40,6 +40,7 @@ BENCHES = (
     "sampling",
     "leak_detection",
     "rebuild",
+    "zero_downtime",
 )
 # Scripts that also take --supervisors and --profile (the harness's own).
 HARNESS = {"restart_latency", "overhead", "log_capture"}

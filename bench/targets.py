@@ -132,12 +132,43 @@ def status_cli(data: dict[str, Any] | None) -> list[Row]:
     return rows
 
 
+T_ZD_PLANNED = "gosup sockets+overlap: 0 failed requests in every planned restart kind"
+T_ZD_CRASH = "gosup sockets+overlap: 0 refused connections in crashes"
+T_ZD_P99 = "gosup sockets+overlap: added p99 < 50 ms"
+T_ZD_RATE = "at 1,000 requests/s"
+
+
+def zero_downtime(data: dict[str, Any] | None) -> list[Row]:
+    b = "zero_downtime"
+    res = (data or {}).get("results", {}).get("gosup-overlap") or {}
+    kinds = res.get("kinds") or {}
+    measured = {k: v for k, v in kinds.items() if isinstance(v, dict) and "failed" in v}
+    if not measured:
+        return [row(b, t, "-", None) for t in (T_ZD_PLANNED, T_ZD_CRASH, T_ZD_P99, T_ZD_RATE)]
+    planned = {k: v for k, v in measured.items() if k != "crash"}
+    text = ", ".join(f"{k} {v['failed']}/{v['requests']}" for k, v in planned.items())
+    rows = [row(b, T_ZD_PLANNED, text or "-", all(v["failed"] == 0 for v in planned.values()))]
+    crash = measured.get("crash")
+    rows.append(judge(b, T_ZD_CRASH, None if crash is None else float(crash["refused"]),
+                      f"{(crash or {}).get('refused')} of {(crash or {}).get('requests')}",
+                      crash is not None and crash["refused"] == 0))  # fmt: skip
+    added = [v["added_p99_ms"] for v in measured.values() if v.get("added_p99_ms") is not None]
+    worst = max(added) if added else None
+    rows.append(judge(b, T_ZD_P99, worst, f"worst {worst} ms", worst is not None and worst < 50))
+    rate = _num(res, "rate_reached")
+    rows.append(
+        judge(b, T_ZD_RATE, rate, f"{rate} req/s reached", rate is not None and rate >= 990)
+    )
+    return rows
+
+
 JUDGES: dict[str, Callable[[dict[str, Any] | None], list[Row]]] = {
     "restart_latency": restart,
     "log_capture": log_capture,
     "overhead": overhead,
     "config_swap": config_swap,
     "status_cli": status_cli,
+    "zero_downtime": zero_downtime,
 }
 
 
@@ -167,7 +198,7 @@ def _declared(name: str, items: list[Any]) -> list[Row]:
 
 
 ORDER: tuple[str, ...] = ("restart_latency", "overhead", "log_capture", "config_swap")
-ORDER += ("status_cli", "sampling", "leak_detection", "rebuild")
+ORDER += ("status_cli", "sampling", "leak_detection", "rebuild", "zero_downtime")
 
 
 def markdown(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:

@@ -18,8 +18,9 @@ kind:
   (``gosup stage``);
 - crash: SIGKILL to the child.
 
-Every request due between a restart's trigger and 0.5 s after the new child
-runs counts for that kind; the p99 of the requests outside every restart is
+Every request under way (from when it was due to its answer or failure) at
+some time between a restart's trigger and 0.5 s after the new child runs
+counts for that kind; the p99 of the requests outside every restart is
 the baseline, and the added p99 is a kind's p99 minus it. Side by side:
 gosup with ``sockets`` + ``restart_mode = "overlap"``, gosup without,
 supervisord, PM2, circus with its own shared socket (``use_sockets``). A
@@ -347,11 +348,14 @@ def summarise(
     windows: dict[str, list[tuple[float, float]]],
     excluded: list[tuple[float, float]],
 ) -> dict[str, Any]:
-    def inside(t: float, spans: list[tuple[float, float]]) -> bool:
-        return any(a <= t <= b for a, b in spans)
+    def inside(s: Sample, spans: list[tuple[float, float]]) -> bool:
+        # the request was under way (due .. answered) at some time in a span: a
+        # request sent just before a SIGKILL and lost with the process counts too
+        return any(s.due <= b and s.due + s.latency >= a for a, b in spans)
 
     every = [w for spans in windows.values() for w in spans] + excluded
-    base = [s.latency * 1000 for s in load.samples if not inside(s.due, every)]
+    outside = [s for s in load.samples if not inside(s, every)]
+    base = [s.latency * 1000 for s in outside]
     base_p99 = common.percentile(base, 99) if base else None
     duration = max(load.stopped - load.started, 1e-9)
     out: dict[str, Any] = {
@@ -359,9 +363,10 @@ def summarise(
         "rate_target": load.rate,
         "rate_reached": round(len(load.samples) / duration, 1),
         "baseline_p99_ms": None if base_p99 is None else round(base_p99, 2),
-        "baseline_failed": sum(
-            1 for s in load.samples if not inside(s.due, every) and s.outcome != "ok"
-        ),
+        "baseline_outcomes": dict(Counter(s.outcome for s in outside)),
+        "baseline_failures_at_s": [
+            round(s.due - load.started, 2) for s in outside if s.outcome != "ok"
+        ][:20],
         "kinds": {},
     }
     for kind in KINDS:
@@ -370,7 +375,7 @@ def summarise(
             out["kinds"][kind] = {"skipped": reason}
             continue
         spans = windows[kind]
-        mine = [s for s in load.samples if inside(s.due, spans)]
+        mine = [s for s in load.samples if inside(s, spans)]
         outcomes = Counter(s.outcome for s in mine)
         lat = [s.latency * 1000 for s in mine]
         p99 = common.percentile(lat, 99) if lat else None
@@ -382,7 +387,7 @@ def summarise(
             "conn_errors": sum(outcomes[o] for o in ("reset", "closed")),
             "timeouts": outcomes["timeout"],
             "outcomes": dict(outcomes),
-            "ka_retried": sum(1 for t in load.retried if inside(t, spans)),
+            "ka_retried": sum(1 for t in load.retried if any(a <= t <= b for a, b in spans)),
             "p99_ms": None if p99 is None else round(p99, 2),
             "added_p99_ms": None if p99 is None or base_p99 is None else round(p99 - base_p99, 2),
         }
