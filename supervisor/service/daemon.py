@@ -25,6 +25,7 @@ from supervisor.config import AppConfig, ProgramSpec
 from supervisor.core import output, sockets, spawn
 from supervisor.core.program import CommandError, Context, Kill, Program, SendSignal, Start, Stop
 from supervisor.core.states import SIGNALLABLE_STATES
+from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import History
 from supervisor.protocol import HISTORY_NAME
 
@@ -182,7 +183,7 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             # Our own tasks end before we close anything: a reload cancelled
             # here still runs its cleanup (a removed program's log files).
-            await _cancel_and_wait([dispatcher, *self._reloads])
+            await cancel_and_wait(dispatcher, *self._reloads)
             if self._shutdown_task is None:  # an error brought us here: still stop everything
                 await self._stop_all()
             else:
@@ -401,12 +402,3 @@ async def _close_logged(part: Service, owner: str) -> None:
         await part.close()
     except Exception as exc:
         logger.opt(exception=exc).error("{}: closing {} failed: {}", owner, part, exc)
-
-
-async def _cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel our own tasks and wait until they have ended (their cleanup ran)."""
-    for task in tasks:
-        task.cancel()
-    for result in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(result, Exception):
-            logger.opt(exception=result).error("a gosup task failed: {}", result)
