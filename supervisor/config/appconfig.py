@@ -693,11 +693,35 @@ def _syntax_error(source: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
     return f"{source}: {message}"
 
 
+MAX_DEPTH = 16  # tables and arrays in tables: app.toml needs 5 at most
+
+
+def _too_deep(data: object) -> str | None:
+    """The key path of the first value nested deeper than MAX_DEPTH, if any."""
+    todo: list[tuple[object, str, int]] = [(data, "", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            return path
+        if isinstance(value, dict):
+            todo += ((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            todo += ((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+    return None
+
+
 def _parse(text: str, source: str, sha256: str) -> AppConfig:
+    # The file may come from anyone who can write it: nesting that exhausts
+    # the parser's recursion, or ours, is a config error, never a traceback.
+    too_deep = f"{source}: nested deeper than {MAX_DEPTH} levels"
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(source, text, exc)]) from None
+    except RecursionError:
+        raise ConfigError([f"{too_deep} (too deep to parse)"]) from None
+    if (where := _too_deep(data)) is not None:
+        raise ConfigError([f"{too_deep}: {where[:200]}"])
     path = Path(os.path.abspath(source))
     base = str(path.parent)
     errors: list[str] = []

@@ -11,7 +11,13 @@ The HTTP side is a few lines of asyncio rather than prometheus_client's
 reads state that the loop changes. Here the scrape runs on the loop, between
 two messages, so it sees a consistent picture without locks. One request per
 connection, GET and HEAD only, bounded headers and a read timeout: this is
-an endpoint for a scraper, not a web server.
+an endpoint for a scraper, not a web server. At most ``MAX_CONNECTIONS`` are
+open; when they are, the one that has waited longest for its request makes
+room (``service/conncap.py``), so idle connections cannot lock Prometheus
+out nor use up gosup's file descriptors.
+
+With ``[supervisor] status_page = true`` the same port serves the read-only
+HTML status page at ``/`` (``service/statuspage.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from supervisor.core.states import RUNNING_STATES, STATE_NUMBERS, ProcessState
+from supervisor.service.conncap import Connections
+from supervisor.service.looplag import LoopLag
 
 if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
@@ -55,7 +63,9 @@ FIGURES = {
     "heap_inuse_bytes": "Go heap in use, from the program's Go runtime metrics.",
 }
 MAX_REQUEST = 8192
-READ_TIMEOUT = 10.0
+READ_TIMEOUT = 5.0  # for the request head; a scraper sends it at once
+SEND_TIMEOUT = 10.0  # for the answer to be taken
+MAX_CONNECTIONS = 32
 
 
 class ProgramCollector(Collector):
@@ -174,6 +184,8 @@ class MetricsServer:
         self.sup = sup
         self.listen = listen
         self.registry, self.collector = build_registry(sup)
+        self.lag = LoopLag(self.registry)
+        self.connections = Connections(f"metrics_listen {listen}", MAX_CONNECTIONS, READ_TIMEOUT)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -184,25 +196,39 @@ class MetricsServer:
         except OSError as exc:
             self.sup.history.remove_listener(self.collector.on_record)
             raise OSError(exc.errno, f"metrics_listen {self.listen}: {exc.strerror}") from exc
+        self.lag.start()
         logger.info("metrics on http://{}/metrics", self.listen)
 
     async def close(self) -> None:
+        self.lag.close()
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.collector.on_record)
         if self._server is not None:
             self._server.close()
+            self.connections.close_all()
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.connections.admit(writer.transport.abort):
+            # Every connection is busy being answered: refuse without waiting on this one.
+            busy = b"too many connections\n"
+            writer.write(_response("503 Service Unavailable", "text/plain", busy, len(busy)))
+            writer.close()
+            return
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with self.connections.waiting():
                 head = await reader.readuntil(b"\r\n\r\n")
+            self.connections.busy()
             status, ctype, body, method = self._answer(head)
             writer.write(_response(status, ctype, b"" if method == "HEAD" else body, len(body)))
-            await writer.drain()
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await writer.drain()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a client that went away or sent too much: nothing to answer
+            pass  # a client that went away, idled or sent too much: nothing to answer
         finally:
+            self.connections.leave()
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # it does not read: do not wait for it
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
