@@ -290,3 +290,134 @@ def test_reload_of_a_deeply_nested_toml_is_refused_cleanly(gosup_factory: Any, g
     assert "Traceback" not in g.log()
     assert _status(g, "api")["pid"] == pid
     assert g.stop() == 0
+
+
+# -- 15.7: nobody reads gosup's stderr or stdout ----------------------------------------
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe whose read end is ``fd``."""
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def _blocked_writing_a_pipe(pid: int) -> bool:
+    """Some thread of ``pid`` waits in the kernel for a pipe's reader."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "wchan").read_text().endswith("pipe_write"):
+                return True
+    return False
+
+
+def _lag_count(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("gosup_event_loop_lag_seconds_count"):
+            return float(line.split()[-1])
+    raise AssertionError("no gosup_event_loop_lag_seconds_count on /metrics")
+
+
+def test_a_stalled_reader_of_gosups_output_never_stalls_supervision(
+    gosup_factory: Any, goapp: Path
+) -> None:
+    """15.7: gosup's stderr and stdout are pipes nobody reads (a paused
+    ``| less``, a journald backlog). Once the pipe is full, signals, restarts,
+    the control socket, /metrics and the sd_notify watchdog keep working; the
+    messages that did not fit are counted and the count is written once the
+    reader is back. Before: the first log line that did not fit stopped all of it."""
+    from test_systemd import NotifyListener
+
+    listener = NotifyListener()
+    port = free_port()
+    g = gosup_factory(crashloop(goapp, port))
+    err_r, err_w = os.pipe()
+    out_r, out_w = os.pipe()
+    fcntl.fcntl(err_w, fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: full after a few lines
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 4096)
+    env = dict(os.environ, NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000")
+    try:
+        g.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", str(g.config), "-v"],
+            cwd=g.dir,
+            stdout=out_w,
+            stderr=err_w,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        os.close(err_w)
+        os.close(out_w)
+        err_w = out_w = -1
+        wait_for(lambda: _blocked_writing_a_pipe(g.pid), 30, "gosup's stderr pipe to fill up")
+        full_at = len(listener.lines())
+        before = started(g)
+        # The pipe stays full: everything below runs while nobody reads it.
+        for _ in range(3):
+            result = g.cli("status", "--json", timeout=30)
+            assert result.returncode == 0, result.stderr
+        wait_for(lambda: started(g) >= before + 3, 30, "three more restarts")
+        wait_for(
+            lambda: listener.lines()[full_at:].count("WATCHDOG=1") >= 5, 30, "watchdog pings"
+        )
+        assert _lag_count(port) > 0
+        assert _blocked_writing_a_pipe(g.pid)  # still full: nothing above needed a reader
+        # The reader comes back: the log goes on (what waited in the queue, then new lines).
+        seen = bytearray()
+        after = started(g)
+
+        def drained() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(err_r, 65536):
+                    seen.extend(chunk)
+            return f"started pid {g.history('crashy', 'started')[after]['pid']}".encode() in seen
+
+        os.set_blocking(err_r, False)
+        wait_for(lambda: started(g) > after, 30, "one more start")
+        wait_for(drained, 30, "the log of a start after the reader came back")
+        # Signals: SIGTERM ends gosup cleanly, whoever reads its output or not.
+        assert g.stop() == 0
+    finally:
+        for fd in (err_r, err_w, out_r, out_w):  # (-1: closed already)
+            if fd >= 0:
+                os.close(fd)
+        listener.close()
+
+
+def test_the_log_queue_drops_with_a_count_and_writes_the_count_when_read_again() -> None:
+    """The writer behind gosup's log (cli/logsink.py) against a real pipe
+    nobody reads: writes return at once, what does not fit is counted, and
+    the count appears in the stream where the gap is, once the reader is back."""
+    from supervisor.cli.logsink import QueuedWriter
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    writer = QueuedWriter(w, limit=2000)
+    try:
+        for i in range(200):  # 200 x 100 bytes into 4 KiB of pipe and 2 KB of queue
+            writer.write(f"{i:03d} ".encode() + b"x" * 95 + b"\n")
+        assert writer.dropped > 100
+        dropped = writer.dropped
+        os.set_blocking(r, False)
+        seen = bytearray()
+
+        def read_all() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(r, 65536):
+                    seen.extend(chunk)
+            return writer.pending == 0
+
+        wait_for(read_all, 10, "the queue to drain")
+        writer.write(b"after the gap\n")
+        wait_for(lambda: read_all() and b"after the gap\n" in seen, 10, "the next message")
+        text = seen.decode()
+        note = f"gosup: {dropped} log messages dropped: stderr was not being read\n"
+        assert text.endswith(note + "after the gap\n"), text[-300:]
+        assert text.startswith("000 ")
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)

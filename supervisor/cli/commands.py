@@ -11,9 +11,10 @@ other commands' modules) entirely, so client commands start fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from supervisor import __version__
@@ -34,8 +35,13 @@ if TYPE_CHECKING:
 # -- run / check ----------------------------------------------------------------
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> Callable[[], None]:
+    """gosup's own log on stderr, through a queue that never blocks the daemon
+    (``cli/logsink.py``): a reader that stops reading loses messages, counted,
+    never stalls supervision. Returns the closer ``run`` calls at exit."""
     from loguru import logger
+
+    from supervisor.cli.logsink import QueuedWriter
 
     logger.remove()
     under_systemd = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
@@ -46,14 +52,26 @@ def setup_logging(verbose: bool) -> None:
             "<dim>{time:HH:mm:ss.SSS}</dim> <bold>gosup</bold> <level>{level: <7}</level> {message}"
         )
     )
-    logger.add(
-        sys.stderr,
+    writer = QueuedWriter(sys.stderr.fileno())
+
+    def sink(message: str) -> None:
+        writer.write(message.encode("utf-8", "replace"))
+
+    sink_id = logger.add(
+        sink,
         level="DEBUG" if verbose else "INFO",
         format=fmt,
-        colorize=None if not under_systemd else False,
+        colorize=not under_systemd and sys.stderr.isatty(),
         backtrace=False,
         diagnose=False,
     )
+
+    def close() -> None:
+        with contextlib.suppress(ValueError):
+            logger.remove(sink_id)
+        writer.close()
+
+    return close
 
 
 class Daemon(Protocol):
@@ -79,9 +97,12 @@ class Daemon(Protocol):
 
 def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
     config = load_config(args.config)
-    setup_logging(args.verbose)
+    close_log = setup_logging(args.verbose)
     echo = sys.stdout.isatty() if args.echo is None else args.echo
-    return daemon.run(config, echo=echo, dev=args.dev)
+    try:
+        return daemon.run(config, echo=echo, dev=args.dev)
+    finally:
+        close_log()
 
 
 def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
