@@ -192,6 +192,7 @@ class SupervisorSpec:
     log_dir: Path
     metrics_listen: str | None = None
     shutdown_timeout: float = 30.0
+    status_page: bool = False  # the read-only HTML page at metrics_listen "/"
 
 
 @dataclass(frozen=True)
@@ -468,12 +469,16 @@ class _Table:
 def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
     if t is None:
         t = _Table([], "", {}, "supervisor", None)  # all defaults
-    return SupervisorSpec(
+    spec = SupervisorSpec(
         state_dir=t.get("state_dir", _path(base), _path(base)(DEFAULT_STATE_DIR)),
         log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
         metrics_listen=t.get("metrics_listen", _listen_address, None),
         shutdown_timeout=t.get("shutdown_timeout", _positive_duration, 30.0),
+        status_page=t.get("status_page", _boolean, False),
     )
+    if spec.status_page and spec.metrics_listen is None:
+        t.error("status_page", "needs metrics_listen (the page is served there, at /)")
+    return spec
 
 
 def _environment(t: _Table, key: str) -> Mapping[str, str]:
