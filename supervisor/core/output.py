@@ -211,6 +211,11 @@ class OutputCapture:
         self.stdout.untap_all()  # a tap lasts one run
         self.stderr.untap_all()
 
+    def set_rotation(self, max_size: int, backups: int) -> None:
+        """New ``[logs]`` settings (a reload), from the next write on."""
+        for stream in (self.stdout, self.stderr):
+            stream.file.max_size, stream.file.backups = max_size, backups
+
     def close(self) -> None:
         self.detach()
         self.stdout.file.close()
