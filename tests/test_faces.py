@@ -254,9 +254,7 @@ DEEP_TOML = "[supervisor]\nx = " + "[" * 5000 + "]" * 5000 + "\n"
 
 
 @pytest.mark.parametrize("command", ["check", "status", "history"])
-def test_deeply_nested_toml_is_a_config_error_naming_the_file(
-    tmp_path: Path, command: str
-) -> None:
+def test_deeply_nested_toml_is_a_config_error_naming_the_file(tmp_path: Path, command: str) -> None:
     """15.6: a TOML nested 5,000 deep crashed check, status and reload with a traceback."""
     config = tmp_path / "app.toml"
     config.write_text(DEEP_TOML)
@@ -360,9 +358,7 @@ def test_a_stalled_reader_of_gosups_output_never_stalls_supervision(
             result = g.cli("status", "--json", timeout=30)
             assert result.returncode == 0, result.stderr
         wait_for(lambda: started(g) >= before + 3, 30, "three more restarts")
-        wait_for(
-            lambda: listener.lines()[full_at:].count("WATCHDOG=1") >= 5, 30, "watchdog pings"
-        )
+        wait_for(lambda: listener.lines()[full_at:].count("WATCHDOG=1") >= 5, 30, "watchdog pings")
         assert _lag_count(port) > 0
         assert _blocked_writing_a_pipe(g.pid)  # still full: nothing above needed a reader
         # The reader comes back: the log goes on (what waited in the queue, then new lines).

@@ -107,7 +107,7 @@ command = ["/bin/sleep", "100"]
         ('directory = "/var"', True),
         ("go_env = false", True),
         ('user = "nobody"', True),
-        ("start_seconds = \"3s\"\nstop_timeout = \"1s\"\nautostart = false", False),
+        ('start_seconds = "3s"\nstop_timeout = "1s"\nautostart = false', False),
         ('[programs.api.limits]\nrss = "1GiB"', False),
         ('[programs.api.backoff]\nmax = "1m"', False),
         ('[programs.api.logs]\nmax_size = "1MiB"', False),

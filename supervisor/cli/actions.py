@@ -75,9 +75,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
         raise CLIError(str(reply.get("error")))
     # "changed": how they run changed, so they were restarted; "updated": the
     # new settings apply to the running process (an older gosup sends none).
-    said = (("added", "added"), ("removed", "removed"), ("changed", "restarted"))
-    said += (("updated", "updated in place"),)
-    parts = [f"{what} {', '.join(data.get(k) or []) or '-'}" for k, what in said]
+    said = {
+        "added": "added",
+        "removed": "removed",
+        "changed": "restarted",
+        "updated": "updated in place",
+    }
+    parts = [f"{what} {', '.join(data.get(k) or []) or '-'}" for k, what in said.items()]
     print("reloaded: " + "; ".join(parts))
     return EXIT_OK
 

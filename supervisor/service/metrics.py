@@ -38,6 +38,8 @@ from prometheus_client.registry import Collector
 from supervisor.core.states import RUNNING_STATES, STATE_NUMBERS, ProcessState
 from supervisor.service.conncap import Connections
 from supervisor.service.looplag import LoopLag
+from supervisor.service.statuspage import HEADERS as PAGE_HEADERS
+from supervisor.service.statuspage import StatusPage
 
 if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
@@ -66,6 +68,7 @@ MAX_REQUEST = 8192
 READ_TIMEOUT = 5.0  # for the request head; a scraper sends it at once
 SEND_TIMEOUT = 10.0  # for the answer to be taken
 MAX_CONNECTIONS = 32
+HTML = "text/html; charset=utf-8"
 
 
 class ProgramCollector(Collector):
@@ -185,6 +188,7 @@ class MetricsServer:
         self.listen = listen
         self.registry, self.collector = build_registry(sup)
         self.lag = LoopLag(self.registry)
+        self.page = StatusPage(sup) if sup.config.supervisor.status_page else None
         self.connections = Connections(f"metrics_listen {listen}", MAX_CONNECTIONS, READ_TIMEOUT)
         self._server: asyncio.Server | None = None
 
@@ -198,9 +202,14 @@ class MetricsServer:
             raise OSError(exc.errno, f"metrics_listen {self.listen}: {exc.strerror}") from exc
         self.lag.start()
         logger.info("metrics on http://{}/metrics", self.listen)
+        if self.page is not None:
+            await self.page.start()
+            logger.info("status page on http://{}/", self.listen)
 
     async def close(self) -> None:
         self.lag.close()
+        if self.page is not None:
+            await self.page.close()
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.collector.on_record)
         if self._server is not None:
@@ -220,7 +229,9 @@ class MetricsServer:
                 head = await reader.readuntil(b"\r\n\r\n")
             self.connections.busy()
             status, ctype, body, method = self._answer(head)
-            writer.write(_response(status, ctype, b"" if method == "HEAD" else body, len(body)))
+            extra = PAGE_HEADERS if ctype == HTML else {}
+            shown = b"" if method == "HEAD" else body
+            writer.write(_response(status, ctype, shown, len(body), extra))
             async with asyncio.timeout(SEND_TIMEOUT):
                 await writer.drain()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -239,8 +250,15 @@ class MetricsServer:
         path = rest.split(" ", 1)[0].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"GET /metrics\n", method
+        if path == "/" and self.page is not None:
+            try:
+                return "200 OK", HTML, self.page.render(), method
+            except Exception as exc:  # a bug must not take /metrics down with it
+                logger.opt(exception=exc).error("status page: rendering failed")
+                return "500 Internal Server Error", "text/plain", b"status page failed\n", method
         if path != "/metrics":
-            return "404 Not Found", "text/plain", b"see /metrics\n", method
+            see = b"see /metrics and /\n" if self.page is not None else b"see /metrics\n"
+            return "404 Not Found", "text/plain", see, method
         headers = dict(_header(line) for line in header_lines if ":" in line)
         # Prometheus asks for OpenMetrics; curl gets the classic text format.
         try:
@@ -262,9 +280,12 @@ def _header(line: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
-def _response(status: str, ctype: str, body: bytes, length: int) -> bytes:
+def _response(
+    status: str, ctype: str, body: bytes, length: int, extra: dict[str, str] | None = None
+) -> bytes:
+    more = "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{more}"
         f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
