@@ -216,9 +216,9 @@ def test_collector_reads_state_figures_and_counts_config_changes(tmp_path: Path)
     assert value(found, "gosup_program_rss_bytes", program="worker") is None  # not sampled
     changes = {
         result: value(found, "gosup_config_changes_total", program="api", result=result)
-        for result in ("applied", "rejected", "rolled_back")
+        for result in ("applied", "rejected", "confirmed", "rolled_back_unconfirmed")
     }
-    assert changes == {"applied": 2, "rejected": 1, "rolled_back": 0}
+    assert changes == {"applied": 2, "rejected": 1, "confirmed": 0, "rolled_back_unconfirmed": 0}
     assert value(found, "gosup_config_changes_total", program="worker", result="applied") is None
 
 
@@ -300,7 +300,11 @@ RULE_TESTS = {
                 series("gosup_program_up", "1 1 0 0 0 0 0 0"),
                 series("gosup_program_restarts_total", "0 1 2 3 4 5 6 7", reason="crash"),
                 series("gosup_program_restarts_total", "0 0 0 0 1 1 1 1", reason="leak"),
-                series("gosup_config_changes_total", "0 0 0 0 0 1 1 1", result="rolled_back"),
+                series(
+                    "gosup_config_changes_total",
+                    "0 0 0 0 0 1 1 1",
+                    result="rolled_back_unconfirmed",
+                ),
             ],
             "alert_rule_test": [
                 expect(
@@ -333,11 +337,8 @@ RULE_TESTS = {
                 expect(
                     "GosupConfigRolledBack",
                     "critical",
-                    {
-                        "summary": "Config of api on h1 was rolled back"
-                        " after the program failed with it"
-                    },
-                    result="rolled_back",
+                    {"summary": "Config of api on h1 was rolled back (rolled_back_unconfirmed)"},
+                    result="rolled_back_unconfirmed",
                 ),
                 {"eval_time": "7m", "alertname": "GosupConfigRejected", "exp_alerts": []},
                 {"eval_time": "7m", "alertname": "GosupProgramNotRunning", "exp_alerts": []},

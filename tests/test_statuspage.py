@@ -122,7 +122,7 @@ def test_the_timeline_keeps_restarts_from_before_gosup_started(
     g.wait_event("backoff", "crashy", count=2)
     assert g.stop() == 0
     text = g.config.read_text()
-    g.config.write_text(text.replace('start_seconds = "100ms"', 'autostart = false'))
+    g.config.write_text(text.replace('start_seconds = "100ms"', "autostart = false"))
     g.start()
     g.wait_event("supervisor_started", count=2)
 

@@ -207,6 +207,13 @@ def _add_history_parser(sub: Subparsers) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("--program", metavar="NAME", help="only records of program NAME")
     p.add_argument("--json", action="store_true", help="raw JSON lines")
+    p.add_argument(
+        "--max-scan",
+        metavar="SIZE",
+        default="64MiB",
+        help="look back through at most SIZE of the history for the last N records "
+        "(default 64MiB; 0 = all of it); a note on stderr says when it stopped there",
+    )
     p.set_defaults(func=historyview.cmd_history)
 
 
@@ -253,8 +260,9 @@ def _add_stage_parser(sub: Subparsers) -> None:
         "stage",
         help="hand a new config version to gosup (verified, validated, swapped atomically)",
         description="Copy NEW_FILE to the staging path of LIVE_PATH with its .sha256 "
-        "sidecar, then tell whether gosup applied it. Exit 0 applied or queued, "
-        "1 rejected, 2 usage error.",
+        "sidecar, then wait for the program's verdict. Exit 0 confirmed (or only "
+        "queued: --no-wait, or no gosup running), 1 rejected, rolled back, superseded "
+        "or no verdict in time (the reason is printed), 2 usage error.",
     )
     p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
     p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
@@ -264,12 +272,18 @@ def _add_stage_parser(sub: Subparsers) -> None:
         default=None,
         help="the app.toml naming LIVE_PATH in config_files (default: ./app.toml)",
     )
-    p.add_argument(
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument(
         "--wait",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long to wait for gosup's verdict (default 5)",
+        default=None,
+        metavar="DUR",
+        help="how long to wait for the verdict, e.g. 90s (default: the file's probation "
+        "plus the time to reload or restart and get ready, plus 10s)",
+    )
+    wait.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="only stage the file (exit 0 once it is queued)",
     )
     p.set_defaults(func=stage.cmd_stage)
 

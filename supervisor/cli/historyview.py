@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from supervisor import history
-from supervisor.cli.common import EXIT_OK, CLIError, load_config
+from supervisor.cli.common import EXIT_OK, EXIT_USAGE, CLIError, load_config
 from supervisor.history import Record
 from supervisor.protocol import HISTORY_NAME
 
@@ -34,24 +34,52 @@ def history_path(args: argparse.Namespace) -> Path:
 
 def cmd_history(args: argparse.Namespace) -> int:
     path = history_path(args)
-    if not path.exists() and not args.follow:
+    if not path.exists() and not history.backup_path(path, 1).exists() and not args.follow:
         raise CLIError(f"no history yet at {path}")
+    if args.n < 0:
+        raise CLIError("-n must be >= 0", EXIT_USAGE)
+    scan_limit = _scan_limit(args.max_scan)
 
     def show(rec: Record) -> None:
         line = json.dumps(rec, ensure_ascii=False) if args.json else format_record(rec)
         print(line, flush=True)
 
-    if not args.json:
-        print(format_header())
-    for rec in history.read(path, n=args.n, program=args.program) if path.exists() else []:
-        show(rec)
-    if args.follow:
-        try:
-            for rec in follow(path, program=args.program):
+    # Follow from where the last records were read: nothing appended between
+    # the two is lost, nothing is shown twice.
+    tail = history.Tail(path) if args.follow else None
+    try:
+        if not args.json:
+            print(format_header())
+        with history.Last(path, args.n, args.program, scan_limit=scan_limit) as last:
+            for rec in last:
                 show(rec)
-        except KeyboardInterrupt:
-            return EXIT_OK
+            if not last.complete:
+                print(
+                    f"gosup history: found {last.count} of {args.n} records in the last "
+                    f"{args.max_scan} of the history and looked no further "
+                    "(--max-scan SIZE looks further, 0 = all of it)",
+                    file=sys.stderr,
+                )
+        if tail is not None:
+            try:
+                for rec in follow(path, program=args.program, tail=tail):
+                    show(rec)
+            except KeyboardInterrupt:
+                return EXIT_OK
+    finally:
+        if tail is not None:
+            tail.close()
     return EXIT_OK
+
+
+def _scan_limit(text: str) -> int | None:
+    from supervisor.config.units import parse_size  # only here: the parser is built without it
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise CLIError(f"--max-scan: {exc}", EXIT_USAGE) from None
+    return size or None
 
 
 # -- following ----------------------------------------------------------------------
@@ -63,16 +91,15 @@ def follow(
     poll: float = 0.25,
     stop: Callable[[], bool] | None = None,
     from_end: bool = True,
+    tail: history.Tail | None = None,
 ) -> Iterator[Record]:
-    """Yield records as they are appended, like `tail -F`.
-
-    Starts at the end of the file (or its start when `from_end` is false).
-    Waits for a missing file to appear; when the file is truncated or
-    replaced (a new inode at `path`), reads the new one from its start. A
-    half-written last line is held until its newline arrives. `stop()` is
-    checked once per poll; without it the generator runs until closed.
-    """
-    tail = _Tail(path, from_end)
+    """Yield records as they are appended, like `tail -F` (``history.Tail``,
+    or ``tail`` when given: following from where it stands): across
+    rotations, and on to a new file when the old one was renamed or
+    deleted. `stop()` is checked once per poll; without it the generator
+    runs until closed."""
+    if tail is None:
+        tail = history.Tail(path, from_end)
     try:
         while True:
             for rec in tail.read_new():
@@ -83,65 +110,6 @@ def follow(
             time.sleep(poll)
     finally:
         tail.close()
-
-
-class _Tail:
-    """The reading side of follow(): one open file and the unfinished line."""
-
-    def __init__(self, path: Path, from_end: bool) -> None:
-        self._path = path
-        self._file: IO[bytes] | None = None
-        self._identity: tuple[int, int] | None = None
-        self._partial = b""
-        # Only the file that exists when following starts is skipped; one
-        # that appears or replaces it later is new, so read from its start.
-        self._skip_existing = from_end
-
-    def read_new(self) -> Iterator[Record]:
-        if self._file is None and not self._open():
-            return
-        yield from self._drain()
-        try:
-            st = os.stat(self._path)
-        except FileNotFoundError:  # removed or renamed away: wait for the next
-            self.close()
-            return
-        if (st.st_dev, st.st_ino) != self._identity:
-            self.close()  # replaced; the old file was drained above
-            if self._open():
-                yield from self._drain()
-        elif self._file is not None and st.st_size < self._file.tell():
-            self._file.seek(0)  # truncated in place
-            self._partial = b""
-            yield from self._drain()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = None
-        self._partial = b""
-
-    def _open(self) -> bool:
-        try:
-            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
-        except FileNotFoundError:
-            self._skip_existing = False
-            return False
-        st = os.fstat(self._file.fileno())
-        self._identity = (st.st_dev, st.st_ino)
-        if self._skip_existing:
-            self._file.seek(0, os.SEEK_END)
-            self._skip_existing = False
-        return True
-
-    def _drain(self) -> Iterator[Record]:
-        assert self._file is not None
-        while chunk := self._file.read(1 << 20):
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            for line in lines:
-                rec = history.parse_line(line)
-                if rec is not None:
-                    yield rec
 
 
 # -- formatting -------------------------------------------------------------------

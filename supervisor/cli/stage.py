@@ -8,9 +8,14 @@ rename the copy onto ``<staging>``. The rename is atomic (same directory),
 so gosup never sees half a file, and the sidecar is already there when the
 file lands.
 
-Then, when a gosup is running, the command reads the history for a few
-seconds (``supervisor.history.read_from``) to tell whether the version was
-applied or refused. Stdlib only: it is a client command.
+Then, when a gosup is running, the command follows the history
+(``supervisor.history.Tail``, from where it ended before the file was
+staged, across a rotation) until the version's verdict: confirmed
+(exit 0), or rejected, rolled back, superseded or no verdict in time (exit
+1, with the reason). ``--wait`` bounds that; by default it is the file's
+probation plus the time the program may take to reload or restart
+(``verdict_budget``). ``--no-wait`` only queues the file. Stdlib only: it is
+a client command.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +31,12 @@ from typing import Any
 
 from supervisor import fileops, history
 from supervisor.cli import common as cli
+from supervisor.config import ConfigFileSpec, OnChange, ProgramSpec, parse_duration
 from supervisor.protocol import HISTORY_NAME, SOCKET_NAME
 
 POLL = 0.02  # seconds between looks at the history while waiting
+WAIT_MARGIN = 10.0  # beyond the program's own budgets, how long --wait's default allows
+RELOAD_COMMAND_BUDGET = 30.0  # what gosup gives a reload_command (files/probation.py)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class Target:
     live: Path
     staging: Path
     state_dir: Path | None  # None: no gosup config known, so nothing to watch
+    program: ProgramSpec | None = None
+    file: ConfigFileSpec | None = None
 
 
 # -- the protocol --------------------------------------------------------------------
@@ -60,6 +71,7 @@ def stage_file(new_file: Path, staging: Path) -> str:
     tmp_sidecar = directory / f".{staging.name}.sha256.stage-{os.getpid()}"
     try:
         sha = _copy_hashing(new_file, tmp_file)
+        os.chmod(tmp_file, stat.S_IMODE(os.stat(new_file).st_mode))  # a binary stays executable
         tmp_sidecar.write_text(f"{sha}  {new_file.name}\n")
         os.replace(tmp_sidecar, directory / f"{staging.name}.sha256")
         os.replace(tmp_file, staging)
@@ -94,7 +106,8 @@ def find_target(live_arg: str, config_arg: str | None) -> Target:
                         "file itself, so write it in place instead",
                         cli.EXIT_USAGE,
                     )
-                return Target(spec.path, spec.staging, config.supervisor.state_dir)
+                state_dir = config.supervisor.state_dir
+                return Target(spec.path, spec.staging, state_dir, program, spec)
     listed = ", ".join(known) if known else "none"
     raise cli.CLIError(
         f"{live} is not a config_files path in {path} (known: {listed})", cli.EXIT_USAGE
@@ -122,36 +135,70 @@ def gosup_running(state_dir: Path) -> bool:
             except OSError:
                 return False
             return True
-    last = None
-    for rec in history.read_from(state_dir / HISTORY_NAME, 0)[0]:
-        if str(rec.get("event", "")).startswith("supervisor_"):
-            last = rec["event"]
-    return last in ("supervisor_started", "supervisor_reloaded")
+    with history.Last(state_dir / HISTORY_NAME, 1, event_prefix="supervisor_") as last:
+        found = [rec.get("event") for rec in last]
+    return bool(found) and found[-1] in ("supervisor_started", "supervisor_reloaded")
 
 
-# -- waiting for the outcome ----------------------------------------------------------------
+# -- waiting for the verdict ----------------------------------------------------------------
 
 
-def _outcome(rec: dict[str, Any], target: Target, sha: str) -> bool:
+def verdict_budget(program: ProgramSpec, file: ConfigFileSpec) -> float:
+    """How long a verdict may take: validation, the reload or restart, the
+    start (readiness), probation, the final checks, and a margin."""
+    if program.ready is not None:
+        start = program.ready.within + program.ready.timeout
+    else:
+        start = program.start_seconds
+    tell = 0.0
+    if file.on_change is OnChange.RESTART:
+        tell = program.stop_timeout + start
+    elif program.reload_command is not None:
+        tell = RELOAD_COMMAND_BUDGET
+    checks = [p for p in (file.confirm, program.ready) if p is not None]
+    final = sum(3 * (p.interval + p.timeout) for p in checks)
+    validate = file.validate_timeout if file.validate else 0.0
+    return validate + tell + file.probation + final + WAIT_MARGIN
+
+
+VERDICTS = ("config_confirmed", "config_rolled_back", "config_rejected")
+
+
+def _mine(rec: dict[str, Any], target: Target, sha: str) -> bool:
+    """Whether ``rec`` is about this version of this file."""
     if rec.get("path") != str(target.live):
         return False
-    if rec.get("event") == "config_applied":
-        return rec.get("sha256") == sha
-    return rec.get("event") == "config_rejected" and rec.get("actual") == sha
+    event = rec.get("event")
+    if event == "config_rejected":
+        return rec.get("actual") == sha
+    if event == "config_applied":  # ours, or a newer one superseding ours
+        return sha in (rec.get("sha256"), rec.get("previous_sha256"))
+    return event in VERDICTS and rec.get("sha256") == sha
 
 
-def wait_outcome(
-    path: Path, target: Target, sha: str, offset: int, seconds: float
-) -> dict[str, Any] | None:
-    """The config_applied / config_rejected record of this version, if one comes in time."""
+def _final(rec: dict[str, Any], sha: str) -> bool:
+    if rec["event"] in VERDICTS:
+        return True
+    # an unchanged version (already live), or a newer one superseding ours
+    return bool(rec.get("unchanged")) or rec.get("sha256") != sha
+
+
+def wait_verdict(
+    tail: history.Tail, target: Target, sha: str, seconds: float
+) -> tuple[dict[str, Any] | None, bool]:
+    """This version's verdict record if one comes in time, and whether it was applied."""
     deadline = time.monotonic() + seconds
+    applied = False
     while True:
-        recs, offset = history.read_from(path, offset)
-        for rec in recs:
-            if _outcome(rec, target, sha):
-                return rec
+        for rec in tail.read_new():
+            if not _mine(rec, target, sha):
+                continue
+            if _final(rec, sha):
+                return rec, applied
+            applied = True
+            print(f"applied (sha256 {sha}); waiting for the program's verdict", flush=True)
         if time.monotonic() >= deadline:
-            return None
+            return None, applied
         time.sleep(POLL)
 
 
@@ -167,44 +214,91 @@ def describe_rejection(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_rollback(rec: dict[str, Any]) -> str:
+    lines = [f"rolled back: {rec.get('reason')}"]
+    if rec.get("detail"):
+        lines.append(f"  {rec['detail']}")
+    restored = rec.get("restored_sha256")
+    lines.append(f"  restored sha256 {restored}" if restored else f"  {rec.get('error')}")
+    tail = str(rec.get("output_tail") or "").strip()
+    if tail:
+        lines.append("  the reload command said:")
+        lines += [f"    {line}" for line in tail.splitlines()[-10:]]
+    return "\n".join(lines)
+
+
+def report(rec: dict[str, Any] | None, applied: bool, sha: str, waited: float) -> int:
+    """Print the verdict; the exit code (0 only for a confirmed version)."""
+    if rec is None:
+        said = "applied, but no verdict" if applied else "staged; no gosup applied it"
+        print(f"{said} within {waited:g}s")
+        return cli.EXIT_FAILED
+    event = rec["event"]
+    if event == "config_confirmed":
+        print(f"confirmed (sha256 {sha}) after {rec.get('probation_s', 0):g}s of probation")
+        return cli.EXIT_OK
+    if event == "config_applied" and rec.get("unchanged"):
+        print(f"unchanged (sha256 {sha} is already live)")
+        return cli.EXIT_OK
+    if event == "config_applied":
+        print(f"superseded by sha256 {rec.get('sha256')} before its verdict")
+        return cli.EXIT_FAILED
+    if event == "config_rolled_back":
+        print(describe_rollback(rec))
+    else:
+        print(describe_rejection(rec))
+    return cli.EXIT_FAILED
+
+
 # -- the command ----------------------------------------------------------------------------
+
+
+def _wait_seconds(args: argparse.Namespace, target: Target) -> float | None:
+    """--wait as seconds; None for --no-wait."""
+    if args.no_wait:
+        return None
+    if args.wait is not None:
+        try:
+            return parse_duration(args.wait)
+        except ValueError as exc:
+            raise cli.CLIError(f"--wait: {exc}", cli.EXIT_USAGE) from None
+    if target.program is None or target.file is None:
+        return WAIT_MARGIN
+    return verdict_budget(target.program, target.file)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     new_file = Path(args.new_file)
     if not new_file.is_file():
         raise cli.CLIError(f"{new_file}: not a readable file", cli.EXIT_USAGE)
-    if args.wait < 0:
-        raise cli.CLIError("--wait must be >= 0", cli.EXIT_USAGE)
     target = find_target(args.live_path, args.config)
+    wait = _wait_seconds(args, target)
     if not target.staging.parent.is_dir():
         raise cli.CLIError(f"{target.staging.parent}: no such directory", cli.EXIT_USAGE)
-    history_file = target.state_dir / HISTORY_NAME if target.state_dir else None
-    # The offset is taken before staging: no outcome can be missed.
-    offset = _size(history_file) if history_file else 0
+    # The history's end is taken before staging: no outcome can be missed.
+    tail = history.Tail(target.state_dir / HISTORY_NAME) if target.state_dir else None
+    try:
+        return _stage_and_wait(new_file, target, tail, wait)
+    finally:
+        if tail is not None:
+            tail.close()
+
+
+def _stage_and_wait(
+    new_file: Path, target: Target, tail: history.Tail | None, wait: float | None
+) -> int:
     try:
         sha = stage_file(new_file, target.staging)
     except OSError as exc:
         raise cli.CLIError(f"cannot stage {new_file} at {target.staging}: {exc}") from None
-    if target.state_dir is None or history_file is None:
+    if target.state_dir is None or tail is None:
         print(f"staged at {target.staging} (sha256 {sha}); no gosup config here to follow")
+        return cli.EXIT_OK
+    if wait is None:
+        print(f"staged (sha256 {sha}); not waiting for the verdict (--no-wait)")
         return cli.EXIT_OK
     if not gosup_running(target.state_dir):
         print(f"staged (sha256 {sha}); gosup is not running: it applies the file at start")
         return cli.EXIT_OK
-    rec = wait_outcome(history_file, target, sha, offset, args.wait)
-    if rec is None:
-        print(f"staged; no gosup applied it within {args.wait:g}s (queued)")
-        return cli.EXIT_OK
-    if rec["event"] == "config_applied":
-        print(f"applied (sha256 {sha})")
-        return cli.EXIT_OK
-    print(describe_rejection(rec))
-    return cli.EXIT_FAILED
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    rec, applied = wait_verdict(tail, target, sha, wait)
+    return report(rec, applied, sha, wait)

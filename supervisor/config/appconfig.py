@@ -145,6 +145,8 @@ class ConfigFileSpec:
     validate_timeout: float = 30.0
     on_change: OnChange = OnChange.RELOAD
     probation: float = 30.0
+    # Proves the program took the version (any probe kind; docs/config-files.md).
+    confirm: ProbeSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,8 @@ class ProgramSpec:
     stop_signal: signal.Signals = signal.SIGTERM
     stop_timeout: float = 10.0
     reload_signal: signal.Signals = signal.SIGHUP
+    # Run instead of sending reload_signal ("{pid}" is the child's pid); exit != 0 = failed.
+    reload_command: tuple[str, ...] | None = None
     go_env: bool = True
     backoff: BackoffSpec = field(default_factory=BackoffSpec)
     logs: LogSpec = field(default_factory=LogSpec)
@@ -192,6 +196,8 @@ class SupervisorSpec:
     log_dir: Path
     metrics_listen: str | None = None
     shutdown_timeout: float = 30.0
+    history_max_size: int = 64 * 1024**2  # history.jsonl rotates here ...
+    history_backups: int = 5  # ... keeping this many older files
     status_page: bool = False  # the read-only HTML page at metrics_listen "/"
 
 
@@ -225,6 +231,10 @@ _BUILD_KEYS = _keys(BuildSpec)
 _PROBE_TARGETS = frozenset(kind.value for kind in ProbeKind)
 _READY_KEYS = _PROBE_TARGETS | {"interval", "timeout", "within"}
 _LIVE_KEYS = _PROBE_TARGETS | {"interval", "timeout", "failures"}
+_CONFIRM_KEYS = _LIVE_KEYS
+# confirm: probed through probation; `failures` in a row end it early (unconfirmed).
+CONFIRM_DEFAULTS = {"interval": 1.0, "timeout": 2.0, "failures": 2}
+_PROBE_DEFAULTS = {"ready": READY_DEFAULTS, "live": LIVE_DEFAULTS, "confirm": CONFIRM_DEFAULTS}
 
 
 # --- converters: one raw TOML value in, a typed value out, or ValueError ----
@@ -474,6 +484,10 @@ def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
         log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
         metrics_listen=t.get("metrics_listen", _listen_address, None),
         shutdown_timeout=t.get("shutdown_timeout", _positive_duration, 30.0),
+        history_max_size=t.get("history_max_size", _positive_size, SupervisorSpec.history_max_size),
+        history_backups=t.get(
+            "history_backups", _non_negative_integer, SupervisorSpec.history_backups
+        ),
         status_page=t.get("status_page", _boolean, False),
     )
     if spec.status_page and spec.metrics_listen is None:
@@ -547,6 +561,10 @@ def _limits(t: _Table | None) -> LimitsSpec | None:
     return spec
 
 
+def _reload_command(value: object) -> tuple[str, ...]:
+    return _argv(value)
+
+
 def _config_file(t: _Table, base: str) -> tuple[ConfigFileSpec, bool]:
     """The spec, and whether its path is real (not a stand-in after an error)."""
     path: Path | None = t.require("path", _path(base), None)
@@ -561,14 +579,20 @@ def _config_file(t: _Table, base: str) -> tuple[ConfigFileSpec, bool]:
         validate_timeout=t.get("validate_timeout", _positive_duration, 30.0),
         on_change=t.get("on_change", _choice(OnChange), OnChange.RELOAD),
         probation=t.get("probation", _duration, 30.0),
+        confirm=_probe(t, "confirm", _CONFIRM_KEYS),
     )
     return spec, real
 
 
-def _config_files(t: _Table, base: str, seen: dict[Path, str]) -> tuple[ConfigFileSpec, ...]:
+def _config_files(
+    t: _Table, base: str, seen: dict[Path, str], limits: LimitsSpec | None
+) -> tuple[ConfigFileSpec, ...]:
     specs = []
     for item in t.tables("config_files", _CONFIG_FILE_KEYS):
         spec, real = _config_file(item, base)
+        confirm, go_metrics = spec.confirm, limits.go_metrics if limits else None
+        if confirm is not None and confirm.kind is ProbeKind.METRIC and go_metrics is None:
+            item.error("confirm", "a metric probe reads go_metrics: set [limits] go_metrics")
         if real and spec.path in seen:
             item.error("path", f"{spec.path} is already watched by {seen[spec.path]}")
         elif real:
@@ -612,7 +636,7 @@ def _probe(parent: _Table, key: str, known: frozenset[str]) -> ProbeSpec | None:
     t = parent.table(key, known)
     if t is None:
         return None
-    defaults = READY_DEFAULTS if key == "ready" else LIVE_DEFAULTS
+    defaults = _PROBE_DEFAULTS[key]
     kinds = [kind for kind in ProbeKind if kind.value in t]
     if len(kinds) != 1:
         found = ", ".join(k.value for k in kinds) or "none"
@@ -626,7 +650,7 @@ def _probe(parent: _Table, key: str, known: frozenset[str]) -> ProbeSpec | None:
         interval=t.get("interval", _positive_duration, defaults["interval"]),
         timeout=t.get("timeout", _positive_duration, defaults["timeout"]),
         within=t.get("within", _positive_duration, ProbeSpec.within),
-        failures=t.get("failures", _positive_integer, ProbeSpec.failures),
+        failures=t.get("failures", _positive_integer, int(defaults.get("failures", 3))),
     )
     return spec if target is not None else None
 
@@ -658,11 +682,12 @@ def _program(name: str, t: _Table, base: str, seen: dict[Path, str]) -> ProgramS
         stop_signal=t.get("stop_signal", _signal, signal.SIGTERM),
         stop_timeout=t.get("stop_timeout", _positive_duration, 10.0),
         reload_signal=t.get("reload_signal", _signal, signal.SIGHUP),
+        reload_command=t.get("reload_command", _reload_command, None),
         go_env=t.get("go_env", _boolean, True),
         backoff=_backoff(t.table("backoff", _BACKOFF_KEYS)),
         logs=_logs(t.table("logs", _LOG_KEYS)),
-        limits=_limits(t.table("limits", _LIMITS_KEYS)),
-        config_files=_config_files(t, base, seen),
+        limits=(limits := _limits(t.table("limits", _LIMITS_KEYS))),
+        config_files=_config_files(t, base, seen, limits),  # a metric confirm needs go_metrics
         build=_build(t.table("build", _BUILD_KEYS), base, directory),
         ready=_probe(t, "ready", _READY_KEYS),
         live=_probe(t, "live", _LIVE_KEYS),

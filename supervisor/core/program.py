@@ -176,6 +176,11 @@ class Program:
             spec.name, ctx.log_dir, spec.logs.max_size, spec.logs.backups, ctx.echo_width
         )
         self.state_listeners: list[Callable[[Program, ProcessState, ProcessState], None]] = []
+        # Asked, in order, just before the program would go FATAL; one that
+        # answers True has changed what the next run starts with (ConfigSync
+        # restoring the last confirmed config: docs/config-files.md), and the
+        # program gets one more series of attempts instead.
+        self.before_fatal: list[Callable[[Program], bool]] = []
         self._inbox: collections.deque[Message] = collections.deque()
         self._wake = asyncio.Event()
         self._deadline: float | None = None
@@ -242,6 +247,11 @@ class Program:
         else:
             fut.set_result(None)
         return fut
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the stop under way (STOPPING) was begun: "operator", "restart (unhealthy)"..."""
+        return self._stop_reason
 
     @property
     def pid(self) -> int | None:
@@ -519,6 +529,9 @@ class Program:
             return
         self.failures += 1
         decision = self.policy.decide(self.failures)
+        if decision.give_up and self._last_chance():
+            self.failures = 0  # a fresh series, at once, with what was restored
+            decision = self.policy.decide(self.failures)
         if decision.give_up:
             why = {} if reason == "crash" else {"reason": self._stop_reason_name(reason)}
             self._transition(S.FATAL, "fatal", attempts=self.failures, **why)
@@ -530,6 +543,16 @@ class Program:
         self._transition(
             S.BACKOFF, "backoff", attempt=self.failures, delay_s=round(decision.delay, 3)
         )
+
+    def _last_chance(self) -> bool:
+        """Whether a before_fatal hook changed something worth another series."""
+        changed = False
+        for hook in self.before_fatal:
+            try:
+                changed = hook(self) or changed
+            except Exception as exc:  # a hook's bug must not keep the program out of FATAL
+                logger.opt(exception=exc).error("{}: before_fatal hook failed", self.name)
+        return changed
 
     # -- stopping ----------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""Staged config files: watch, verify, validate, swap, apply, probation, rollback.
+"""Staged config files: watch, verify, validate, swap, judge, roll back.
 
 One ``ConfigSync`` attachment per program with ``config_files``; inside it
 one controller per file (``StagedFile``, or ``LiveFile`` for ``staging =
 false``), each with its own worker task, so a file is handled one version at
-a time and in order. The file operations themselves are in ``configswap``,
-the validator's run in ``validator``.
+a time and in order (a newer staged version supersedes one still on
+probation). The file operations themselves are in ``configswap``, the
+validator's and the reload command's runs in ``validator``, the verdict in
+``probation``, the last confirmed versions in ``confirmed``.
 
 Watching (the observers themselves are in ``watching``). watchdog observes
 the *directories* (a file watch would lose the file at the first rename onto
@@ -14,15 +16,19 @@ adds straight to the deploy latency, so only events that may come from a
 writer still at work (created, modified: all that a polling observer can
 report) wait for ``DEBOUNCE`` of quiet.
 
-Probation. After an apply, an exit of the program (STARTING/RUNNING ->
-EXITED) within ``probation`` rolls the file back. The rollback runs inside
-the state listener, synchronously, on purpose: the listener is called during
-the program's transition to EXITED, before the program's task decides on the
-next start. A long-healthy program that dies on a reload is restarted at once
-(docs/config.md, `reset_after`); a restore done later by another task could lose that race and
-the new run would read the bad file again. Because the program restarts by
-itself (its restart policy and backoff), "apply again" after a rollback needs
-no signal: its next start reads the restored file.
+The verdict. After an apply the version is on probation until the program
+proves it took it (``probation.py``); failing that, the previous file is
+restored and the program reloaded or restarted again. A failure that is an
+exit or a liveness restart is decided, and the file restored, inside the
+state listener, synchronously, on purpose: the listener is called during the
+program's transition, before the program's task decides on the next start. A
+long-healthy program that dies on a reload is restarted at once
+(docs/config.md, `reset_after`); a restore done later by another task could
+lose that race and the new run would read the bad file again. Because the
+program restarts by itself (its restart policy and backoff), "apply again"
+after such a rollback needs no signal: its next start reads the restored
+file. The crash-loop restore of the last confirmed version (a hook the
+Program calls before FATAL) is synchronous for the same reason.
 """
 
 from __future__ import annotations
@@ -38,12 +44,21 @@ from typing import Any
 from loguru import logger
 from watchdog import events as wd
 
-from supervisor.config import ConfigFileSpec, OnChange
+from supervisor.config import ConfigFileSpec
 from supervisor.core import spawn
-from supervisor.core.program import CommandError, Program, Restart, SendSignal
+from supervisor.core.program import Program
 from supervisor.core.states import ProcessState
 from supervisor.files import configswap as swap
 from supervisor.files import validator, watching
+from supervisor.files.confirmed import Confirmed
+from supervisor.files.probation import (
+    RELOAD_TIMEOUT,
+    Abandoned,
+    Failure,
+    Probation,
+    ProberFactory,
+    final_check,
+)
 from supervisor.history import History
 
 S = ProcessState
@@ -76,11 +91,15 @@ class ConfigSync:
         history: History,
         program: Program,
         marks: Mapping[str, str],
+        state_dir: Path,
+        make_prober: ProberFactory,
         polling: bool | None = None,
     ) -> None:
         self.history = history
         self.program = program
         self.marks = marks  # gosup's marks for the program's validators (spawn.marks)
+        self.state_dir = state_dir  # the last confirmed versions live under it
+        self.make_prober = make_prober  # confirm and ready probes (health's, wired by app.py)
         self.state_changed = asyncio.Event()
         self.files: list[StagedFile | LiveFile] = [
             StagedFile(self, spec) if spec.staging is not None else LiveFile(self, spec)
@@ -102,6 +121,7 @@ class ConfigSync:
 
     async def start(self) -> None:
         self.program.state_listeners.append(self._on_state)
+        self.program.before_fatal.append(self._before_fatal)
         await self.watch.start()
         # Before the program's autostart: a version waiting now is the one it starts with.
         for f in self.files:
@@ -110,6 +130,8 @@ class ConfigSync:
     async def close(self) -> None:
         with contextlib.suppress(ValueError):
             self.program.state_listeners.remove(self._on_state)
+        with contextlib.suppress(ValueError):
+            self.program.before_fatal.remove(self._before_fatal)
         for f in self.files:
             await f.close()
         await self.watch.close()
@@ -125,43 +147,61 @@ class ConfigSync:
 
     def _on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
         self.state_changed.set()
-        if new is S.EXITED and old in (S.STARTING, S.RUNNING):
-            for f in self.files:
-                try:
-                    f.on_exit()
-                except Exception as exc:  # never break the program's own transition
-                    logger.opt(exception=exc).error("{}: rollback: {}", program.name, exc)
+        for f in self.files:
+            try:
+                f.on_state(old, new)
+            except Exception as exc:  # never break the program's own transition
+                logger.opt(exception=exc).error("{}: rollback: {}", program.name, exc)
+
+    def _before_fatal(self, program: Program) -> bool:
+        """About to go FATAL: put back each file's last confirmed version where
+        the live one differs; True when one was (one more series of attempts)."""
+        restored = False
+        for f in self.files:
+            try:
+                restored = f.restore_confirmed() or restored
+            except OSError as exc:
+                logger.error("{}: restoring {}: {}", program.name, f.path, exc)
+        return restored
+
+    async def state_change(self) -> None:
+        """Return at the program's next state change."""
+        self.state_changed.clear()
+        await self.state_changed.wait()
 
     async def settled_state(self) -> ProcessState:
         """The program's state once a start under way is over (or has taken too long)."""
         limit = self.program.spec.start_seconds + SETTLE_MARGIN
+        if self.program.spec.ready is not None:
+            limit = self.program.spec.ready.within + SETTLE_MARGIN
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 while self.program.state is S.STARTING:
-                    self.state_changed.clear()
-                    await self.state_changed.wait()
+                    await self.state_change()
         return self.program.state
 
-    async def apply(self, spec: ConfigFileSpec) -> None:
-        """Tell the program about a new version, by ``on_change``.
+    async def run_reload_command(self, pid: int) -> validator.Verdict:
+        """The program's ``reload_command`` for run ``pid``, in a thread."""
+        spec = self.program.spec
+        assert spec.reload_command is not None
+        env = spawn.child_environment(spec, None, self.marks)
+        logger.info("{}: reload command for pid {}", self.program.name, pid)
+        return await asyncio.to_thread(
+            validator.reload, spec.reload_command, pid, spec.directory, env, RELOAD_TIMEOUT
+        )
 
-        Only a running program is told: one that is stopped, exited or in
-        backoff reads the new file when it next starts. A reload waits for a
-        start under way to finish, since a Go program that has not yet set up
-        its signal handling would die of the signal.
-        """
-        if spec.on_change is OnChange.NONE:
-            return
-        if await self.settled_state() is not S.RUNNING:
-            return
+    async def tell_again(self, spec: ConfigFileSpec) -> None:
+        """After a rollback the program still runs: reload or restart it again."""
+        if self.program.state is not S.RUNNING:
+            return  # its next start reads the restored file
         try:
-            if spec.on_change is OnChange.RELOAD:
-                signum = self.program.spec.reload_signal
-                await self.program.request(SendSignal(signum=signum, reason="config"))
-            else:  # restart: posted, not awaited; the exit watch covers the new run
-                self.program.post(Restart(reason="config"))
-        except CommandError as exc:
-            logger.warning("{}: config change not signalled: {}", self.program.name, exc)
+            again = Probation(self, "", spec.on_change, 0.0)
+            failure = await again.tell()
+        except Abandoned:
+            return
+        if failure is not None:
+            logger.error("{}: reloading the restored {}: {}", self.program.name, spec.path,
+                         failure.detail)  # fmt: skip
 
     def exit_summary(self) -> str:
         info = self.program.last_exit or {}
@@ -183,7 +223,9 @@ class _Controller:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._debounce: asyncio.TimerHandle | None = None
-        self._probation: tuple[str, float] | None = None  # (sha256, until loop.time())
+        self.trial: Probation | None = None  # the version on probation
+        self.confirmed = Confirmed.of(sync.state_dir, sync.program.name, spec.path)
+        self._baseline: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -193,6 +235,10 @@ class _Controller:
     async def close(self) -> None:
         if self._debounce is not None:
             self._debounce.cancel()
+        if self._baseline is not None:
+            self._baseline.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._baseline
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -231,17 +277,102 @@ class _Controller:
         except Exception as exc:  # a bug or an I/O error: log it, keep watching
             logger.opt(exception=exc).error("{}: config file {}", self.sync.program.name, exc)
 
-    def start_probation(self, sha: str) -> None:
-        if self.spec.probation > 0:
-            until = asyncio.get_running_loop().time() + self.spec.probation
-            self._probation = (sha, until)
+    # -- the verdict ----------------------------------------------------------------
 
-    def end_probation(self) -> tuple[str, float] | None:
-        """The version on probation if the exit happened within it (cleared either way)."""
-        probation, self._probation = self._probation, None
-        if probation is None or asyncio.get_running_loop().time() > probation[1]:
-            return None
-        return probation
+    async def judge(self, sha: str) -> None:
+        """Keep version ``sha`` on probation until the program confirms it or it
+        is rolled back (docs/config-files.md, "The verdict")."""
+        name = self.sync.program.name
+        trial = Probation(self.sync, sha, self.spec.on_change, self.spec.probation)
+        self.trial = trial
+        try:
+            failure = await trial.run(self.sync.make_prober, self.spec.confirm, self.newer_waiting)
+        except Abandoned as exc:
+            logger.info("{}: {} (sha256 {}): no verdict: {}", name, self.path, sha[:12], exc)
+            return
+        finally:
+            self.trial = None
+        if trial.failure is not None:
+            return  # decided, and rolled back, by the state listener
+        if failure is None:
+            await self.confirm(sha)
+        elif self.roll_back(sha, failure):
+            await self.sync.tell_again(self.spec)
+
+    async def newer_waiting(self) -> bool:
+        """Whether a newer version supersedes the one on probation (None: never)."""
+        await asyncio.Event().wait()
+        return False
+
+    def on_state(self, old: ProcessState, new: ProcessState) -> None:
+        """From the state listener: an exit or a liveness restart during probation."""
+        if self.trial is not None and (failure := self.trial.on_state(old, new)) is not None:
+            self.roll_back(self.trial.sha, failure)
+        if new is S.RUNNING and self.trial is None:
+            self._schedule_baseline()
+
+    async def confirm(self, sha: str) -> None:
+        self.record("config_confirmed", sha256=sha, probation_s=self.spec.probation)
+        logger.info("{}: {} confirmed (sha256 {})", self.sync.program.name, self.path, sha[:12])
+        try:
+            await asyncio.to_thread(self.confirmed.remember, sha)
+        except OSError as exc:
+            logger.error("{}: keeping the confirmed {}: {}", self.sync.program.name, self.path, exc)
+
+    def roll_back(self, sha: str, failure: Failure) -> bool:
+        """Restore the previous version (True when the program should be told again)."""
+        raise NotImplementedError
+
+    def restore_confirmed(self) -> bool:
+        """Before FATAL: the last confirmed version back in place, if the live one differs."""
+        kept = self.confirmed.sha256()
+        current = swap.sha256_or_none(self.path)
+        if kept is None or current == kept:
+            return False
+        self.record(
+            "config_rolled_back", sha256=current, restored_sha256=kept, reason="crash_loop",
+            detail="the program is crash-looping: back to the last confirmed version",
+        )  # fmt: skip
+        logger.warning(
+            "{}: crash loop: restoring the confirmed {}", self.sync.program.name, self.path
+        )
+        if self.confirmed.restore() is None:
+            logger.error("{}: the kept version of {} is damaged", self.sync.program.name, self.path)
+            return False
+        self.restored(kept)
+        return True
+
+    def restored(self, sha: str) -> None:
+        """The live file is ``sha`` again (gosup put it back)."""
+
+    def _schedule_baseline(self) -> None:
+        """A run that stays up ``probation`` (and passes confirm and ready) confirms
+        the version it started with, when it is not the last confirmed one yet."""
+        if self._baseline is not None:
+            self._baseline.cancel()
+        pid = self.sync.program.pid
+        self._baseline = asyncio.get_running_loop().create_task(self._confirm_baseline(pid))
+
+    async def _confirm_baseline(self, pid: int | None) -> None:
+        program = self.sync.program
+        await asyncio.sleep(self.spec.probation)
+        if self.trial is not None or program.pid != pid or program.state is not S.RUNNING:
+            return
+        live = await asyncio.to_thread(swap.sha256_or_none, self.path)
+        kept = await asyncio.to_thread(self.confirmed.sha256)
+        if live is None or live == kept:
+            return
+        for spec in (self.spec.confirm, program.spec.ready):
+            if spec is None:
+                continue
+            prober = self.sync.make_prober(spec, program.spec)
+            try:
+                if await final_check(prober, spec) is not None:
+                    return
+            finally:
+                await prober.aclose()
+        if self.trial is None and program.pid == pid and program.state is S.RUNNING:
+            await self.confirm(live)
 
     async def validate(self, file: Path) -> validator.Verdict:
         program = self.sync.program.spec
@@ -379,9 +510,7 @@ class StagedFile(_Controller):
             return
         self.record("config_applied", sha256=sha, previous_sha256=previous)
         logger.info("{}: applied {} (sha256 {})", name, self.path, sha[:12])
-        if previous is not None:  # with no previous version there is nothing to roll back to
-            self.start_probation(sha)
-        await self.sync.apply(self.spec)
+        await self.judge(sha)
 
     def _locked_install(self, work: Path, sha: str, sidecar: swap.Sidecar) -> None:
         with self._files_lock:
@@ -389,32 +518,50 @@ class StagedFile(_Controller):
             self.live_sha = sha
         swap.consume_sidecar(self.sidecar, sidecar.text)  # only once its file is live
 
-    def on_exit(self) -> None:
-        probation = self.end_probation()
-        if probation is None:
-            return
+    async def newer_waiting(self) -> bool:
+        """Woken with a file on the staging path: a newer version supersedes this one."""
+        await self._wake.wait()
+        if await asyncio.to_thread(self.staging.exists):
+            return True  # the worker stays woken and claims it next
+        self._wake.clear()
+        return False
+
+    def roll_back(self, sha: str, failure: Failure) -> bool:
+        name = self.sync.program.name
         with self._files_lock:
-            if self.live_sha != probation[0]:
-                return  # already replaced by a newer version: nothing to take back
-            restored = swap.sha256_or_none(swap.prev_of(self.path))
-            reason = f"exited within probation ({self.sync.exit_summary()})"
-            self.record("config_rolled_back", restored_sha256=restored, reason=reason)
-            logger.warning("{}: {}: rolling back {}", self.sync.program.name, reason, self.path)
+            if self.live_sha != sha:
+                return False  # already replaced by a newer version: nothing to take back
+            prev = swap.prev_of(self.path)
+            restored = swap.sha256_or_none(prev)
+            missing = {} if restored else {"error": f"no previous version at {prev}"}
+            self.record(
+                "config_rolled_back", sha256=sha, restored_sha256=restored,
+                reason=failure.reason, detail=failure.detail, **failure.extra, **missing,
+            )  # fmt: skip
+            logger.warning("{}: {} ({}): rolling back {}", name, failure.reason, failure.detail,
+                           self.path)  # fmt: skip
             try:
                 swap.restore(self.path)
             except OSError as exc:
-                logger.error(
-                    "{}: rollback of {} failed: {}", self.sync.program.name, self.path, exc
-                )
-                return
+                logger.error("{}: rollback of {} failed: {}", name, self.path, exc)
+                return False
             self.live_sha = restored
+        return True
+
+    def restore_confirmed(self) -> bool:
+        with self._files_lock:
+            return super().restore_confirmed()
+
+    def restored(self, sha: str) -> None:
+        self.live_sha = sha
 
 
 class LiveFile(_Controller):
     """``staging = false``: the live file itself is watched (edited in place, or a
     Kubernetes ConfigMap whose ``..data`` symlink is swapped). Changes are told
-    apart by content; gosup does not own this file, so it never writes it and
-    cannot roll it back."""
+    apart by content and judged like staged ones; gosup does not own this file,
+    so a failed verdict does not roll it back: only a crash loop brings the last
+    confirmed version back (``restore_confirmed``)."""
 
     def __init__(self, sync: ConfigSync, spec: ConfigFileSpec) -> None:
         super().__init__(sync, spec)
@@ -450,17 +597,27 @@ class LiveFile(_Controller):
                 return
         previous, self.applied_sha = self.applied_sha, sha
         self.record("config_applied", sha256=sha, previous_sha256=previous)
-        self.start_probation(sha)
-        await self.sync.apply(self.spec)
+        await self.judge(sha)
 
-    def on_exit(self) -> None:
-        if self.end_probation() is not None:
-            logger.warning(
-                "{}: exited within probation after {} changed; gosup does not own that "
-                "file (staging = false) and cannot roll it back",
-                self.sync.program.name,
-                self.path,
-            )
+    async def newer_waiting(self) -> bool:
+        """Woken while a version is on probation: the live file changed again?"""
+        await self._wake.wait()
+        sha = await asyncio.to_thread(swap.sha256_or_none, self.path)
+        if sha is not None and sha != self.applied_sha:
+            return True  # the worker stays woken and looks at it next
+        self._wake.clear()
+        return False
+
+    def roll_back(self, sha: str, failure: Failure) -> bool:
+        logger.warning(
+            "{}: {} failed its verdict ({}: {}); gosup does not own that file (staging = "
+            "false): the last confirmed version comes back only if the program crash-loops",
+            self.sync.program.name, self.path, failure.reason, failure.detail,
+        )  # fmt: skip
+        return False
+
+    def restored(self, sha: str) -> None:
+        self.applied_sha = sha
 
 
 def _resolved_dir(directory: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Running a config file's validator: its verdict on one claimed version.
+"""Running a config file's validator (its verdict on one claimed version), and
+a program's ``reload_command`` (its verdict on a reload), the same way.
 
 Synchronous (callers run it in a thread). The validator is started by
 ``spawn.start_child`` like every child of gosup: in its own session, so that
@@ -43,10 +44,25 @@ def validate(
     (``spawn.child_environment``).
     """
     args = [arg.replace("{file}", str(file)) for arg in argv]
+    return run_check(args, cwd, env, timeout, "validator")
+
+
+def reload(
+    argv: Sequence[str], pid: int, cwd: Path, env: Mapping[str, str], timeout: float
+) -> Verdict:
+    """Run a ``reload_command`` with ``{pid}`` replaced; ok when it exits 0 within ``timeout``."""
+    args = [arg.replace("{pid}", str(pid)) for arg in argv]
+    return run_check(args, cwd, env, timeout, "reload command")
+
+
+def run_check(
+    args: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float, what: str
+) -> Verdict:
+    """Run ``args``; ok when it exits 0 within ``timeout`` (then killed with its group)."""
     try:
-        proc = spawn.start_child(args, cwd, env, stderr=subprocess.STDOUT)
+        proc = spawn.start_child(list(args), cwd, env, stderr=subprocess.STDOUT)
     except spawn.SpawnError as exc:
-        return Verdict(False, None, f"cannot run validator {args[0]!r}: {exc}")
+        return Verdict(False, None, f"cannot run {what} {args[0]!r}: {exc}")
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     with proc.stdout:
@@ -60,7 +76,7 @@ def validate(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        text = _text(out) + f"\n(validator killed: no answer within {timeout:g}s)"
+        text = _text(out) + f"\n({what} killed: no answer within {timeout:g}s)"
         return Verdict(False, None, text.lstrip("\n"))
     return Verdict(proc.returncode == 0, proc.returncode, _text(out))
 

@@ -24,20 +24,18 @@ import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from loguru import logger
 
 from supervisor.config import LimitsSpec
 from supervisor.core.lines import Head
+from supervisor.core.program import Program, Restart
 from supervisor.core.states import ProcessState
 from supervisor.health.gohttp import ScrapeError, http_get
 from supervisor.history import History
 from supervisor.protocol import RequestError
-
-if TYPE_CHECKING:
-    from supervisor.core.program import Program
 
 GOROUTINE_DUMP_PATH = "/debug/pprof/goroutine?debug=2"
 HEAP_PROFILE_PATH = "/debug/pprof/heap"
@@ -284,3 +282,20 @@ class Dumps:
             raise RequestError(f"dump {name}: {exc}") from None
         self.saved(program, limits, path, "pprof", reason="operator")
         return {"path": str(path)}
+
+
+async def restart_with_sigquit(
+    program: Program, pid: int, reason: str, capture: SigquitCapture
+) -> None:
+    """Restart ``program``'s run ``pid`` with SIGQUIT as its stop signal: the Go
+    runtime writes every goroutine's stack to stderr on the way out, and the
+    program's task sees a requested stop, not a crash. ``capture`` taps that
+    stderr and saves it once the run is over, before the next start."""
+    untap = program.tap_stderr(capture.feed)
+    ended = program.exited(pid)
+    ended.add_done_callback(capture.run_ended)
+    try:
+        await program.request(Restart(reason=reason, stop_signal=signal.SIGQUIT, pid=pid))
+    finally:
+        untap()
+        ended.cancel()  # refused: no SIGQUIT went out, whatever ends that run is no dump

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from pathlib import Path
 
 from loguru import logger
@@ -30,7 +29,7 @@ from supervisor.config import Evidence, LimitsSpec, ProbeSpec
 from supervisor.core.program import CommandError, NotReady, Program, Ready, Restart
 from supervisor.core.states import ProcessState
 from supervisor.health import evidence
-from supervisor.health.evidence import Dumps, SigquitCapture
+from supervisor.health.evidence import Dumps, SigquitCapture, restart_with_sigquit
 from supervisor.health.gohttp import ScrapeError
 from supervisor.health.probes import Prober
 from supervisor.history import History
@@ -213,14 +212,7 @@ class ProbeWatch:
             self._dump_settings()[0],
             self._keep_sigquit,
         )
-        untap = program.tap_stderr(capture.feed)
-        ended = program.exited(pid)
-        ended.add_done_callback(capture.run_ended)
-        try:
-            await program.request(Restart(reason="unhealthy", stop_signal=signal.SIGQUIT, pid=pid))
-        finally:
-            untap()
-            ended.cancel()  # refused: no SIGQUIT went out, whatever ends that run is no dump
+        await restart_with_sigquit(program, pid, "unhealthy", capture)
 
 
 def build_for(history: History, program: Program, dumps: Dumps) -> ProbeWatch | None:

@@ -10,13 +10,11 @@ it asks the program to use SIGQUIT as the stop signal of that restart.
 
 from __future__ import annotations
 
-import signal
-
 from loguru import logger
 
 from supervisor.config import Evidence, LimitsSpec
 from supervisor.core.program import CommandError, Program, Restart
-from supervisor.health.evidence import Dumps, SigquitCapture
+from supervisor.health.evidence import Dumps, SigquitCapture, restart_with_sigquit
 from supervisor.health.sampling import Breach
 from supervisor.history import History, now_rfc3339
 
@@ -68,11 +66,4 @@ class LeakResponse:
             limits.dump_max_size,
             lambda path: self.dumps.saved(program, limits, path, "sigquit"),
         )
-        untap = program.tap_stderr(capture.feed)
-        ended = program.exited(pid)
-        ended.add_done_callback(capture.run_ended)
-        try:
-            await program.request(Restart(reason="leak", stop_signal=signal.SIGQUIT, pid=pid))
-        finally:
-            untap()
-            ended.cancel()  # refused: no SIGQUIT went out, whatever ends that run is no dump
+        await restart_with_sigquit(program, pid, "leak", capture)

@@ -25,6 +25,7 @@ from supervisor.files.configsync import ConfigSync
 from supervisor.health import probing
 from supervisor.health.evidence import Dumps
 from supervisor.health.goenv import GoEnv
+from supervisor.health.probes import Prober
 from supervisor.health.resources import ResourceSampler
 from supervisor.health.watermarks import LeakResponse
 from supervisor.protocol import RequestError
@@ -76,7 +77,8 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
         if not program.spec.config_files:
             return None
-        return ConfigSync(sup.history, program, leftovers.marks(program.spec))
+        marks = leftovers.marks(program.spec)
+        return ConfigSync(sup.history, program, marks, state_dir, Prober)
 
     def probes(sup: Supervisor, program: Program) -> Attachment | None:
         return probing.build_for(sup.history, program, dumps)

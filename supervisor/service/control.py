@@ -26,18 +26,24 @@ Program commands become the typed messages the signal handlers use
 during a stop is answered "already stopping", not raced. Every peer is
 checked with SO_PEERCRED: only gosup's own uid and root are served, however
 the socket's mode was changed; others get ``permission denied: uid N`` and
-are disconnected. At most ``MAX_CONNECTIONS`` are open at once: one idle for
-``IDLE_TIMEOUT`` is closed, and when all are open the longest idle one makes
-room for a newcomer (``service/conncap.py``), so idle connections can never
-lock ``gosup status`` out. An flock on ``gosup.lock``, held for gosup's life, keeps
-one gosup per state_dir and tells a stale socket from a live one.
+are disconnected. One gosup per state_dir: an abstract-namespace socket
+named after the state_dir's resolved path (``instance_name``, which a
+deleted and re-created directory does not free) and an flock on
+``gosup.lock`` (which tells a stale socket from a live one), both held for
+gosup's life. At most ``MAX_CONNECTIONS`` are open at once: one idle
+for ``IDLE_TIMEOUT`` is closed, and when all are open the longest idle one
+makes room for a newcomer (``service/conncap.py``), so idle connections can
+never lock ``gosup status`` out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -266,6 +272,18 @@ async def handle_shutdown(sup: Supervisor, req: Request) -> Any:
     return "shutting down"
 
 
+# The history command reads files, which can be slow (a cold cache, a large
+# scan): never on the loop, and never in the default executor, where a burst
+# of history requests would make a config apply wait. One thread of its own:
+# requests queue there, each bounded by SCAN_LIMIT bytes of reading.
+_HISTORY_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gosup-history")
+
+
+def _read_history(path: Path, n: int, program: str | None) -> tuple[list[Any], bool]:
+    with events.Last(path, n, program, scan_limit=events.SCAN_LIMIT) as last:
+        return list(last), last.complete
+
+
 @_builtin("history")
 async def handle_history(sup: Supervisor, req: Request) -> Any:
     n = req.get("n", int, 20)
@@ -275,7 +293,10 @@ async def handle_history(sup: Supervisor, req: Request) -> Any:
         raise RequestError("history: follow is not served here; run `gosup history -f`")
     program = req.get("program", str)
     wanted = min(n, MAX_HISTORY)
-    records = await asyncio.to_thread(events.read, sup.history.path, wanted, program)
+    loop = asyncio.get_running_loop()
+    records, complete = await loop.run_in_executor(
+        _HISTORY_POOL, _read_history, sup.history.path, wanted, program
+    )
     # Keep the reply one sane line: the newest records win.
     size, kept = 0, 0
     for rec in reversed(records):
@@ -283,7 +304,7 @@ async def handle_history(sup: Supervisor, req: Request) -> Any:
         if size > MAX_REPLY:
             break
         kept += 1
-    truncated = kept < len(records) or (n > wanted and len(records) == wanted)
+    truncated = kept < len(records) or (n > wanted and len(records) == wanted) or not complete
     return {"records": records[len(records) - kept :], "truncated": truncated}
 
 
@@ -326,6 +347,7 @@ class ControlServer:
         self.path = state_dir / SOCKET_NAME
         self.lock_path = state_dir / LOCK_NAME
         self._lock_fd: int | None = None
+        self._name_sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
@@ -368,20 +390,39 @@ class ControlServer:
     # -- one gosup per state_dir --------------------------------------------------
 
     def _claim(self) -> None:
-        """Take the state_dir's lock, then clear a socket a dead gosup left."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Take the state_dir's two locks, then clear a socket a dead gosup left.
+
+        The instance name (an abstract socket named after the resolved
+        state_dir path) holds even when the directory is deleted and made
+        again, which a lock on a file in it cannot; the flock on
+        ``gosup.lock`` holds where the name cannot be seen (another network
+        namespace) and cannot be squatted by another user.
+        """
+        state_dir = self.path.parent
+        self._name_sock = claim_instance_name(state_dir)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            self._release()
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
+            self._release()
             raise AlreadyRunning(
                 f"another gosup (pid {owner}) is already running with state_dir "
-                f"{self.path.parent} (it answers on {self.path}); stop it first"
+                f"{state_dir} (it answers on {self.path}); stop it first"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        if self._name_sock is not None:
+            # Answer (and hang up on) whoever asks who holds the name, so that
+            # its queue never fills and the next gosup can always tell.
+            name_sock = self._name_sock
+            asyncio.get_running_loop().add_reader(name_sock, _hang_up_all, name_sock)
         try:
             remove_stale_socket(self.path)
         except BaseException:
@@ -389,6 +430,11 @@ class ControlServer:
             raise
 
     def _release(self) -> None:
+        if self._name_sock is not None:
+            with contextlib.suppress(RuntimeError):  # no loop: nothing was added
+                asyncio.get_running_loop().remove_reader(self._name_sock)
+            self._name_sock.close()
+            self._name_sock = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
@@ -504,6 +550,72 @@ def remove_stale_socket(path: Path) -> None:
         except TimeoutError:
             pass
     raise AlreadyRunning(f"another gosup answers on {path}; stop it first")
+
+
+def instance_name(state_dir: Path) -> bytes:
+    """The abstract-namespace socket name that says "a gosup runs for this
+    state_dir": tied to the directory's resolved path, not to its inode."""
+    digest = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:40]
+    return b"\0gosup-instance-" + digest.encode()
+
+
+def claim_instance_name(state_dir: Path) -> socket.socket | None:
+    """Bind the state_dir's instance name; AlreadyRunning when a gosup of ours
+    (our uid, or root) holds it.
+
+    Abstract names have no permissions, so another user could bind ours
+    first to keep gosup from starting: a holder of another uid (or one that
+    does not say who it is) is logged and ignored, and the flock in the
+    directory still keeps one gosup per state_dir. Returns None then.
+    """
+    name = instance_name(state_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(name)
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise ControlError(f"cannot claim the instance name of {state_dir}: {exc}") from None
+    holder = _name_holder(name)
+    if holder is not None and peer_allowed(holder[1]):
+        raise AlreadyRunning(
+            f"another gosup (pid {holder[0]}) is already running with state_dir {state_dir} "
+            "(even if the directory was deleted and made again since); stop it first"
+        )
+    who = f"pid {holder[0]} of uid {holder[1]}" if holder else "a process that does not answer"
+    logger.warning(
+        "the instance name of {} is held by {}, not by a gosup of ours: ignored "
+        "(the lock in the directory still keeps one gosup per state_dir)",
+        state_dir,
+        who,
+    )
+    return None
+
+
+def _name_holder(name: bytes) -> tuple[int, int] | None:
+    """(pid, uid) of the process listening on the abstract socket ``name``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(name)
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def _hang_up_all(sock: socket.socket) -> None:
+    """Accept and close every pending connection on the instance name."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # BlockingIOError: none left
+            return
+        conn.close()
 
 
 def bind_socket(path: Path) -> socket.socket:

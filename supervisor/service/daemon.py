@@ -107,7 +107,9 @@ def runs_differently(old: ProgramSpec, new: ProgramSpec) -> bool:
 
 
 def prepare_state_dir(path: Path) -> None:
-    """Create the state directory private to gosup's user (0700)."""
+    """Create the state directory private to gosup's user (0700). (When it
+    vanishes while gosup runs, the history makes it again at its next
+    record: ``History``.)"""
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
@@ -130,7 +132,13 @@ class Supervisor:
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
         sup.log_dir.mkdir(parents=True, exist_ok=True)
-        self.history = History(sup.state_dir / HISTORY_NAME, on_listener_error=_listener_failed)
+        self.history = History(
+            sup.state_dir / HISTORY_NAME,
+            on_listener_error=_listener_failed,
+            max_size=sup.history_max_size,
+            backups=sup.history_backups,
+            on_write_error=_history_write_failed,
+        )
         self.ctx = Context(
             history=self.history, log_dir=sup.log_dir, echo_width=self._echo_width(config.programs)
         )
@@ -439,6 +447,13 @@ def _listener_failed(exc: BaseException) -> None:
     written all the same; the fault is logged with its traceback and counted
     (``History.listener_errors``, exported as a metric)."""
     logger.opt(exception=exc).error("a history listener failed: {}", exc)
+
+
+def _history_write_failed(message: str) -> None:
+    """The history cannot be written (disk full, I/O error) or works again:
+    one line per burst; the records wait in memory meanwhile, and supervision
+    goes on (``History.write_errors``, exported as a metric)."""
+    logger.error("{}", message)
 
 
 async def _close_logged(part: Service, owner: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -51,8 +51,17 @@ PROBES = ("ready", "live")  # gosup_probe_failures_total{probe}: probe_failed re
 CONFIG_RESULTS = {
     "config_applied": "applied",
     "config_rejected": "rejected",
-    "config_rolled_back": "rolled_back",
+    "config_confirmed": "confirmed",
 }
+# config_rolled_back counts as result="rolled_back_<reason>" (docs/config-files.md)
+ROLLBACK_REASONS = (
+    "reload_failed",
+    "unconfirmed",
+    "not_ready",
+    "unhealthy",
+    "exited",
+    "crash_loop",
+)
 STATE_HELP = "Program state: " + " ".join(f"{n}={s.value}" for s, n in STATE_NUMBERS.items())
 # Figures that the resource sampler keeps in program.observations.figures,
 # exported as gosup_program_<key> (absent until sampled).
@@ -83,6 +92,8 @@ class ProgramCollector(Collector):
     def on_record(self, rec: dict[str, object]) -> None:
         """History listener: count config_applied / rejected / rolled_back, probe_failed."""
         result = CONFIG_RESULTS.get(str(rec.get("event")))
+        if rec.get("event") == "config_rolled_back":
+            result = f"rolled_back_{rec.get('reason')}"
         if result is not None:
             self.config_changes[(str(rec.get("program", "")), result)] += 1
         if rec.get("event") == "probe_failed":
@@ -117,21 +128,23 @@ class ProgramCollector(Collector):
         yield from self._figures(programs)
         yield self._config_changes(programs)
         yield self._probe_failures(programs)
+        yield CounterMetricFamily(
+            "gosup_history_write_errors_total",
+            "Records the history file could not take (disk full, I/O error).",
+            value=float(self.sup.history.write_errors),
+        )
 
     def _probe_failures(self, programs: list[Any]) -> Metric:
-        family = CounterMetricFamily(
+        present = [
+            (p.name, probe) for p in programs for probe in PROBES if getattr(p.spec, probe, None)
+        ]
+        return _counter(
             "gosup_probe_failures_total",
             "Probe verdicts against a program (probe_failed): not ready in time, not live.",
-            labels=["program", "probe"],
+            ["program", "probe"],
+            self.probe_failures,
+            present,
         )
-        counts = collections.Counter(self.probe_failures)
-        for p in programs:
-            for probe in PROBES:
-                if getattr(p.spec, probe, None) is not None:
-                    counts[(p.name, probe)] += 0  # present from the start
-        for (program, probe), n in sorted(counts.items()):
-            family.add_metric([program, probe], float(n))
-        return family
 
     def _figures(self, programs: list[Any]) -> Iterator[Metric]:
         for key, text in FIGURES.items():
@@ -143,19 +156,23 @@ class ProgramCollector(Collector):
             yield family
 
     def _config_changes(self, programs: list[Any]) -> Metric:
-        family = CounterMetricFamily(
+        present = [
+            (p.name, result)
+            for p in programs
+            if p.spec.config_files
+            for result in _config_results()
+        ]
+        return _counter(
             "gosup_config_changes_total",
-            "Staged config files applied, rejected and rolled back.",
-            labels=["program", "result"],
+            "Config file versions applied, rejected, confirmed, rolled back (by reason).",
+            ["program", "result"],
+            self.config_changes,
+            present,
         )
-        counts = collections.Counter(self.config_changes)
-        for p in programs:
-            if p.spec.config_files:
-                for result in CONFIG_RESULTS.values():
-                    counts[(p.name, result)] += 0  # present from the start
-        for (program, result), n in sorted(counts.items()):
-            family.add_metric([program, result], float(n))
-        return family
+
+
+def _config_results() -> list[str]:
+    return [*CONFIG_RESULTS.values(), *(f"rolled_back_{r}" for r in ROLLBACK_REASONS)]
 
 
 def _figure(figures: dict[str, Any], key: str) -> float | None:
@@ -295,3 +312,22 @@ def make_service(sup: Supervisor) -> MetricsServer | None:
     """The daemon service factory: only when ``metrics_listen`` is set."""
     listen = sup.config.supervisor.metrics_listen
     return MetricsServer(sup, listen) if listen else None
+
+
+def _counter(
+    name: str,
+    text: str,
+    labels: list[str],
+    counts: Mapping[tuple[str, str], int],
+    present: list[tuple[str, str]],
+) -> Metric:
+    """A counter family from ``counts``; the label sets in ``present`` are shown
+    from the start at 0 (a rate() over a series that appears late misses its
+    first increase)."""
+    family = CounterMetricFamily(name, text, labels=labels)
+    totals = collections.Counter(counts)
+    for key in present:
+        totals[key] += 0
+    for key, n in sorted(totals.items()):
+        family.add_metric(list(key), float(n))
+    return family

@@ -16,12 +16,28 @@ helpers in the same process group, helpers that called ``setsid`` and left
 it, a build's compiler. Every child therefore carries ``GOSUP_STATE_DIR``
 (and ``GOSUP_PROGRAM``) in its environment (``spawn.marks``), which its
 descendants inherit. Before any program starts, the next gosup of the same
-state_dir stops whatever the previous one left: the recorded pids (checked
-against their start time, so a reused pid is never hit), the rest of their
-process groups and sessions, and every older process carrying our
-``GOSUP_STATE_DIR``. SIGTERM first, then SIGKILL after a short grace. Each
-program found this way gets a ``stopped`` record with
-``reason = "leftover"``.
+state_dir stops whatever the previous one left: the recorded pids, the rest
+of their process groups and sessions, and the processes carrying our
+``GOSUP_STATE_DIR``. SIGTERM first, then SIGKILL after a short grace, for
+all programs at once. Each program found this way gets a ``stopped``
+record with ``reason = "leftover"``.
+
+Anyone can put our marks in an environment, and pids get reused, so a
+process is taken for a leftover only when it is provably ours (``Trust``):
+it runs as a uid gosup runs that program as (gosup's own, or the program's
+``user``), it started after the previous gosup (its start time is in
+pids.json) and before this one, and it carries the marks or belongs to a
+recorded group; a recorded pid must also still have its recorded start
+time. Without a record of the previous gosup nothing is swept. Processes
+of other users are rejected by the owner of their ``/proc`` entry, before
+their environment is even read, so a decoy costs nothing and writes
+nothing into the history.
+
+**A predecessor that died.** When the history's last supervisor record is
+a start or a reload (no ``supervisor_stopped``), the previous gosup was
+killed or crashed: ``supervisor_lost`` (its pid, the time of its last
+record) is written first, then an ``exited`` record with ``reason =
+"lost"`` for each program pids.json says it had running.
 
 **PID 1.** As a container's entrypoint, gosup inherits every orphan of the
 container and must reap them, or zombies pile up. It must not reap its own
@@ -43,6 +59,8 @@ import json
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +70,7 @@ from loguru import logger
 
 from supervisor.config import ProgramSpec
 from supervisor.core import spawn
+from supervisor.history import Last
 
 if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
@@ -111,6 +130,7 @@ class PidFile:
         self.programs: dict[str, ProcessRecord] = {}
         self.me = ProcessRecord.of(os.getpid())
         self._pending: list[tuple[str, str, int]] = []
+        self._failing = False
 
     @staticmethod
     def read(path: Path) -> tuple[ProcessRecord | None, dict[str, ProcessRecord]]:
@@ -158,19 +178,81 @@ class PidFile:
         self.write()
 
     def write(self) -> None:
+        """Rewrite the file; a failure (disk full, the state_dir deleted and
+        not re-creatable) is logged once per burst, never raised: the next
+        change rewrites it whole."""
         data = {
             "supervisor": asdict(self.me) if self.me else None,
             "programs": {name: asdict(rec) for name, rec in self.programs.items()},
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(self.path)  # never half a file, even if we die right here
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.replace(self.path)  # never half a file, even if we die right here
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not self._failing:
+                logger.error("cannot write {}: {}", self.path, exc)
+            self._failing = True
+            return
+        self._failing = False
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
 
 # -- leftovers and escapees -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What makes a process provably one of ours.
+
+    ``uids``: per program, the uids its processes may run as (gosup's
+    effective uid, and the program's ``user``); a program not in the config
+    (removed since) gets ``default_uids``. ``after``/``before``: the window
+    its start time must fall in (None: no lower bound).
+    """
+
+    uids: dict[str, frozenset[int]]
+    default_uids: frozenset[int]
+    after: float | None
+    before: float
+
+    @property
+    def any_uid(self) -> frozenset[int]:
+        return self.default_uids.union(*self.uids.values())
+
+    def allows(self, proc: psutil.Process, name: str) -> bool:
+        """``proc`` runs as one of ``name``'s uids and started in the window."""
+        allowed = self.uids.get(name, self.default_uids)
+        try:
+            real, effective, _saved = proc.uids()
+            started = proc.create_time()
+        except psutil.Error:
+            return False
+        if real not in allowed or effective not in allowed:
+            return False
+        if self.after is not None and started < self.after - CREATE_TIME_SLACK:
+            return False
+        return started <= self.before
+
+
+def program_uids(specs: Iterable[ProgramSpec]) -> dict[str, frozenset[int]]:
+    """Each program's uids: gosup's own, and its ``user``'s (a user lookup:
+    call it off the loop). An unknown user adds nothing."""
+    me = os.geteuid()
+    found = {}
+    for spec in specs:
+        uids = {me}
+        with contextlib.suppress(spawn.SpawnError, OSError, KeyError):
+            identity = spawn.resolve_identity(spec.user, spec.group)
+            if identity is not None:
+                uids.add(identity.uid)
+        found[spec.name] = frozenset(uids)
+    return found
 
 
 def _environ(proc: psutil.Process) -> dict[str, str]:
@@ -180,15 +262,26 @@ def _environ(proc: psutil.Process) -> dict[str, str]:
         return {}
 
 
-def with_environment(*entries: str) -> list[psutil.Process]:
+def _proc_owner(pid: str) -> int | None:
+    """The effective uid of ``pid`` (the owner of its /proc entry), cheaply."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def with_environment(*entries: str, uids: frozenset[int] | None = None) -> list[psutil.Process]:
     """Processes (zombies included) whose environment holds every ``KEY=VALUE``
-    of ``entries`` exactly. Reads /proc/*/environ directly (about 0.4 ms for 70
-    processes); the caller is never listed."""
+    of ``entries`` exactly, run by one of ``uids`` (None: by anyone). Reads
+    /proc/*/environ directly (about 0.4 ms for 70 processes), and only of
+    processes of ``uids``; the caller is never listed."""
     needles = [b"\0" + entry.encode() + b"\0" for entry in entries]
     me = os.getpid()
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        if uids is not None and _proc_owner(entry.name) not in uids:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
@@ -201,36 +294,34 @@ def with_environment(*entries: str) -> list[psutil.Process]:
     return found
 
 
-def marked(state_dir: Path, program: str) -> list[psutil.Process]:
-    """Live processes carrying this gosup's marks for ``program``.
+def marked(state_dir: Path, program: str, trust: Trust | None = None) -> list[psutil.Process]:
+    """Live processes carrying this gosup's marks for ``program`` (and, with
+    ``trust``, provably ours).
 
     On a crash this finds the helpers that left the child's group (setsid):
     once the child is gone they are re-parented and no tree leads to them.
     The program's next run is not started yet, so everything found is leftover.
     """
-    return with_environment(f"{STATE_DIR_VAR}={state_dir}", f"{PROGRAM_VAR}={program}")
-
-
-def _older_than(proc: psutil.Process, limit: float) -> bool:
-    try:
-        return proc.create_time() <= limit
-    except psutil.Error:
-        return False
+    uids = None if trust is None else trust.uids.get(program, trust.default_uids)
+    procs = with_environment(f"{STATE_DIR_VAR}={state_dir}", f"{PROGRAM_VAR}={program}", uids=uids)
+    if trust is None:
+        return procs
+    return [p for p in procs if trust.allows(p, program)]
 
 
 def find_leftovers(
-    state_dir: Path, records: dict[str, ProcessRecord], born: float
+    state_dir: Path, records: dict[str, ProcessRecord], trust: Trust
 ) -> dict[str, list[psutil.Process]]:
-    """Processes of a previous gosup of ``state_dir``, by program name.
-
-    Only processes started before ``born`` (this gosup's start) qualify, so
-    nothing of ours can be taken for a leftover.
-    """
+    """Processes of a previous gosup of ``state_dir``, by program name: the
+    recorded ones (same start time), members of their groups and sessions,
+    and processes carrying our marks; each only when ``trust`` allows it."""
     found: dict[str, dict[int, psutil.Process]] = {}
     groups: dict[int, tuple[str, ProcessRecord]] = {}
     for name, rec in records.items():
+        if trust.after is not None and rec.create_time < trust.after - CREATE_TIME_SLACK:
+            continue  # not started by the previous gosup: not ours to judge
         proc = rec.process()
-        if proc is not None:
+        if proc is not None and trust.allows(proc, name):
             found.setdefault(name, {})[proc.pid] = proc
         # The group is the recorded one while its leader is (even as a zombie),
         # or gone: the kernel reuses no pid that still names a group.
@@ -239,14 +330,29 @@ def find_leftovers(
             if group is not None and leader_known:
                 groups[group] = (name, rec)
     marker = str(state_dir)
+    owners = trust.any_uid
     mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    for proc in psutil.process_iter():
-        if proc.pid in mine or not _older_than(proc, born):
+    for entry in os.scandir("/proc"):
+        # The owner first: another user's process is never looked at further.
+        if not entry.name.isdigit() or _proc_owner(entry.name) not in owners:
+            continue
+        try:
+            proc = psutil.Process(int(entry.name))
+            if proc.pid in mine or proc.status() == psutil.STATUS_ZOMBIE:
+                continue  # a zombie has nothing left to stop
+        except psutil.Error:
             continue
         owner = _leftover_name(proc, marker, groups)
-        if owner is not None:
+        if owner is not None and trust.allows(proc, owner):
             found.setdefault(owner, {})[proc.pid] = proc
     return {name: list(procs.values()) for name, procs in found.items()}
+
+
+def _older_than(proc: psutil.Process, limit: float) -> bool:
+    try:
+        return proc.create_time() <= limit
+    except psutil.Error:
+        return False
 
 
 def _leftover_name(
@@ -349,6 +455,8 @@ class OrphanService:
         self.state_dir = sup.config.supervisor.state_dir.resolve()
         self.pids = PidFile(self.state_dir / PIDS_FILE)
         self.reaper: Reaper | None = None
+        self.born = self.pids.me.create_time if self.pids.me else psutil.Process().create_time()
+        self._uids: dict[str, frozenset[int]] = {}
 
     async def start(self) -> None:
         await self.clear_leftovers()
@@ -375,20 +483,34 @@ class OrphanService:
         return spawn.marks(self.state_dir, spec.name)
 
     def escapees(self, name: str) -> list[psutil.Process]:
-        """Processes of ``name``'s past runs found by their marks."""
-        return marked(self.state_dir, name)
+        """Processes of ``name``'s past runs (under this gosup) found by
+        their marks, run as one of its uids."""
+        if name not in self._uids:  # added by a reload: one lookup, then cached
+            spec = next((p for p in self.sup.config.programs if p.name == name), None)
+            self._uids.update(program_uids([spec]) if spec else {})
+        trust = Trust(self._uids, frozenset({os.geteuid()}), self.born, time.time())
+        return marked(self.state_dir, name, trust)
 
     async def clear_leftovers(self) -> None:
-        """Stop what a previous gosup of this state_dir left running.
+        """Record a predecessor that died, and stop what it left running.
 
         The previous gosup is gone: the control socket's lock, taken before
-        this service starts, refused to start beside a live one.
+        this service starts, refused to start beside a live one. Every
+        program's leftovers are stopped at once, so the whole sweep takes
+        one grace period (``LEFTOVER_GRACE_MAX`` at most) and one SIGKILL
+        wait, however many programs and processes there are.
         """
-        _, records = PidFile.read(self.pids.path)
-        born = self.pids.me.create_time if self.pids.me else psutil.Process().create_time()
-        leftovers = await asyncio.to_thread(find_leftovers, self.state_dir, records, born)
+        previous, records = PidFile.read(self.pids.path)
+        await self._record_lost(previous, records)
+        specs = self.sup.config.programs
+        self._uids = await asyncio.to_thread(program_uids, specs)
+        if previous is None:
+            return  # no record of who came before: nothing is provably ours
+        trust = Trust(self._uids, frozenset({os.geteuid()}), previous.create_time, self.born)
+        leftovers = await asyncio.to_thread(find_leftovers, self.state_dir, records, trust)
         grace = self._grace()
-        for name, procs in sorted(leftovers.items()):
+
+        async def stop(name: str, procs: list[psutil.Process]) -> None:
             pids = sorted(p.pid for p in procs)
             logger.warning("{}: stopping leftovers of a previous gosup: pids {}", name, pids)
             main = records[name].pid if name in records else pids[0]
@@ -397,6 +519,58 @@ class OrphanService:
                 "stopped", name, pid=main, reason="leftover", killed=killed, pids=pids
             )
 
+        await asyncio.gather(*(stop(n, p) for n, p in sorted(leftovers.items())))
+
+    async def _record_lost(
+        self, previous: ProcessRecord | None, records: dict[str, ProcessRecord]
+    ) -> None:
+        """``supervisor_lost`` and an ``exited`` (reason lost) for each program
+        it had running, when the previous gosup ended without
+        ``supervisor_stopped``."""
+        lost = await asyncio.to_thread(_last_words, self.sup.history.path, previous is not None)
+        if lost is None:
+            return
+        last_ts, _ = lost
+        pid = previous.pid if previous is not None else None
+        logger.warning(
+            "the previous gosup (pid {}) ended without stopping; last record {}", pid, last_ts
+        )
+        self.sup.history.record("supervisor_lost", pid=pid, last_ts=last_ts)
+        for name, rec in sorted(records.items()):
+            self.sup.history.record(
+                "exited",
+                name,
+                pid=rec.pid,
+                exit_code=None,
+                signal=None,
+                uptime_s=None,
+                reason="lost",
+            )
+
     def _grace(self) -> float:
         timeouts = [p.stop_timeout for p in self.sup.config.programs]
         return min(max(timeouts, default=1.0), LEFTOVER_GRACE_MAX)
+
+
+def _last_words(path: Path, recorded: bool) -> tuple[str | None, str | None] | None:
+    """(ts of the last record, last supervisor event) when the history says
+    its gosup never stopped; None when it stopped, or never started.
+
+    Bounded like every reader: when no supervisor record is within the scan
+    limit, a recorded previous gosup (``recorded``, from pids.json) decides.
+    """
+    with Last(path, 1, event_prefix="supervisor_") as last:
+        found = list(last)
+        searched_all = last.complete
+    if found:
+        event = found[-1].get("event")
+        if event not in ("supervisor_started", "supervisor_reloaded"):
+            return None
+    elif searched_all or not recorded:
+        return None
+    else:
+        event = None
+    with Last(path, 1) as tail:
+        newest = list(tail)
+    ts = newest[-1].get("ts") if newest else None
+    return (ts if isinstance(ts, str) else None), (event if isinstance(event, str) else None)

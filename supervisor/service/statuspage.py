@@ -28,6 +28,7 @@ import html
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -99,7 +100,7 @@ class StatusPage:
     async def _read_past(self) -> None:
         """The restarts of the last 24 hours from before this gosup started."""
         try:
-            records = await asyncio.to_thread(events.read, self.sup.history.path, LOAD_RECORDS)
+            records = await asyncio.to_thread(_last_records, self.sup.history.path)
         except OSError as exc:
             logger.warning("status page: cannot read the history: {}", exc)
             return
@@ -158,6 +159,12 @@ class StatusPage:
 
 
 # -- pieces -------------------------------------------------------------------------------
+
+
+def _last_records(path: Path) -> list[dict[str, Any]]:
+    """The end of the history, across rotated files (bounded: LOAD_RECORDS, SCAN_LIMIT)."""
+    with events.Last(path, LOAD_RECORDS) as last:
+        return list(last)
 
 
 def _event(rec: dict[str, Any], last_exit: dict[str, str]) -> Event | None:
