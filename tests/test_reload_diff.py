@@ -76,20 +76,25 @@ def test_a_changed_command_restarts_the_program(gosup_factory: Any, goapp: Path)
 
 def test_new_config_files_are_watched_without_a_restart(gosup_factory: Any, goapp: Path) -> None:
     """config_files added by a reload: the program's ConfigSync is made
-    again from the new spec, and a staged version is applied, same pid."""
-    g = gosup_factory(app(goapp)).start()
-    pid = g.running_pid("api")
+    again from the new spec; a staged version is applied, the program
+    reloads it (SIGHUP) and confirms it, same pid."""
+    g = gosup_factory(app(goapp, "-config", "conf/api.yaml"))
     (g.dir / "conf").mkdir()
     (g.dir / "conf" / "api.yaml").write_text("v1\n")
-    files = '[[programs.api.config_files]]\npath = "conf/api.yaml"\non_change = "none"\n'
-    g.config.write_text(app(goapp, body=files))
+    g.start()
+    pid = g.running_pid("api")
+    files = '[[programs.api.config_files]]\npath = "conf/api.yaml"\non_change = "reload"\n'
+    files += 'probation = "500ms"\n'
+    g.config.write_text(app(goapp, "-config", "conf/api.yaml", body=files))
     assert reload(g) == "reloaded: added -; removed -; restarted -; updated in place api"
     new = g.dir / "v2.yaml"
     new.write_text("v2\n")
-    result = g.cli("stage", str(new), str(g.dir / "conf" / "api.yaml"), "-c", str(g.config))
+    live = str(g.dir / "conf" / "api.yaml")
+    result = g.cli("stage", str(new), live, "-c", str(g.config), timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    wait_for(lambda: (g.dir / "conf" / "api.yaml").read_text() == "v2\n", 10, "the swap")
-    assert g.history("api", "config_applied")
+    assert (g.dir / "conf" / "api.yaml").read_text() == "v2\n"
+    assert g.history("api", "config_applied") and g.history("api", "config_confirmed")
+    assert g.history("api", "signal_sent")[-1]["signal"] == "SIGHUP"
     assert api_pid(g) == pid
     assert g.stop() == 0
 
