@@ -447,3 +447,69 @@ def test_check_warns_when_metrics_listen_is_not_loopback(
     assert result.returncode == 0, result.stderr
     warning = f"warning: {config}: supervisor.metrics_listen: {listen} is not a loopback address"
     assert (warning in result.stderr) is warned, result.stderr
+
+
+def test_connections_close_the_idle_first_and_after_the_idle_timeout() -> None:
+    """service/conncap.py on a real Unix socket server: with the cap reached,
+    a newcomer pushes the longest idle connection out (a busy one never is);
+    an idle one is closed after idle_timeout; bursts are counted."""
+    import asyncio
+    import tempfile
+
+    from supervisor.service.conncap import Connections
+
+    async def main(path: str) -> None:
+        conns = Connections("test", limit=2, idle_timeout=0.5)
+        served: list[str] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not conns.admit(writer.transport.abort):
+                writer.write(b"refused\n")
+                writer.close()
+                return
+            try:
+                while True:
+                    async with conns.waiting():
+                        line = await reader.readline()
+                    if not line:
+                        return
+                    conns.busy()
+                    served.append(line.decode().strip())
+                    if line.startswith(b"slow"):
+                        await asyncio.sleep(1.0)  # busy: never pushed out meanwhile
+                    writer.write(b"ok\n")
+                    await writer.drain()
+            except (TimeoutError, ConnectionError):
+                pass
+            finally:
+                conns.leave()
+                writer.close()
+
+        server = await asyncio.start_unix_server(serve, path)
+        try:
+            first = await asyncio.open_unix_connection(path)
+            second = await asyncio.open_unix_connection(path)
+            await asyncio.sleep(0.05)
+            third = await asyncio.open_unix_connection(path)  # pushes `first` out
+            assert await first[0].read() == b""
+            third[1].write(b"hello\n")
+            assert await third[0].readline() == b"ok\n"
+            # Busy ones stay: second and third busy, a fourth is refused.
+            second[1].write(b"slow\n")
+            third[1].write(b"slow\n")
+            await asyncio.sleep(0.1)
+            fourth = await asyncio.open_unix_connection(path)
+            assert await fourth[0].read() == b"refused\n"
+            assert await second[0].readline() == b"ok\n"
+            # Idle longer than idle_timeout: closed by the server.
+            assert await asyncio.wait_for(second[0].read(), 5) == b""
+            assert conns.log.total == 2
+            for _, writer in (first, second, third, fourth):
+                writer.close()
+        finally:
+            conns.close_all()
+            server.close()
+            await server.wait_closed()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(main(os.path.join(tmp, "s.sock")))
