@@ -52,6 +52,7 @@ EVENT_NAMES: frozenset[str] = frozenset(
         "evidence_failed",
         "probe_failed",
         "restart_requested",
+        "restart_failed",
         "config_applied",
         "config_confirmed",
         "config_rejected",

@@ -57,7 +57,8 @@ def test_event_names_cover_design() -> None:
     assert {"started", "exited", "backoff", "fatal", "config_rolled_back"} <= hist.EVENT_NAMES
     assert "supervisor_lost" in hist.EVENT_NAMES  # a predecessor that died (docs/history.md)
     assert {"probe_failed", "evidence_failed", "config_confirmed"} <= hist.EVENT_NAMES
-    assert len(hist.EVENT_NAMES) == 24
+    assert "restart_failed" in hist.EVENT_NAMES  # an overlap restart (docs/zero-downtime.md)
+    assert len(hist.EVENT_NAMES) == 25
 
 
 def test_record_writes_one_parsable_line(path: Path, history: History) -> None:

@@ -6,7 +6,12 @@ the older formats still seen in the field.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
+from conftest import ROOT
 
 from supervisor.core import gopanic
 from supervisor.core.gopanic import Crash
@@ -391,3 +396,60 @@ def test_oom_crash_and_to_dict() -> None:
 def test_large_tail_is_fast_enough() -> None:
     noise = "2026/11/26 23:48:47 GET /healthz 200 12µs\n" * 1500  # ~64 KiB
     assert gopanic.parse(noise[-60_000:] + MAP_WRITES) is not None
+
+
+# Crafted tails (64 KiB, what the capture keeps) against every pattern that
+# looks at whole lines: each once cost a backtracking regex seconds of CPU.
+_HOSTILE_TAILS = [
+    "panic: x\n" + "goroutine 1 " + "[ " * 32_000,  # _GOROUTINE: 2.4 s before
+    "panic: a\ngoroutine 1 " + "[ " * 32_000 + "\npanic: b\n",  # the same-block check
+    "fatal error: x\ngoroutine 1 " + "[x " * 21_000,
+    "panic: x\ngoroutine 1 [running]:\n" + "(" * 65_000 + "\n\t/x.go:1\n",
+    "panic: x\ngoroutine 1 [running]:\nmain.f()\n\t" + "a:1a" * 16_000 + "\n",
+    "panic: x\n" * 7_000,
+    "fatal error: x\n" + ("SIGSEGV: " + "x" * 100 + "\nPC=0x1 \n") * 500,
+]
+
+
+def test_hostile_tails_are_parsed_in_bounded_cpu_time() -> None:
+    # Run in a child with a CPU-time limit (not a wall-clock assertion: a loaded
+    # machine slows the wall clock, not the CPU seconds a parse needs). Every
+    # tail takes milliseconds now; the quadratic patterns needed seconds each.
+    code = (
+        "import resource, sys, json\n"
+        "resource.setrlimit(resource.RLIMIT_CPU, (4, 4))\n"
+        "from supervisor.core import gopanic\n"
+        "tails = json.load(sys.stdin)\n"
+        "for tail in tails:\n"
+        "    gopanic.parse(tail[-65536:])\n"
+        "print('parsed', len(tails))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(_HOSTILE_TAILS),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"over the CPU limit ({done.returncode}): {done.stderr[-500:]}"
+    assert done.stdout.strip() == f"parsed {len(_HOSTILE_TAILS)}"
+
+
+def test_linear_goroutine_header_matches_the_runtime_forms() -> None:
+    for line in (
+        "goroutine 1 [running]:",
+        "goroutine 18 [chan receive, 2 minutes]:",
+        "goroutine 1 gp=0xc000002380 m=0 mp=0x5a5520 [running]:",
+        "goroutine 7 x [y] [select]:",
+    ):
+        assert gopanic.is_goroutine_header(line), line
+    for line in (
+        "goroutine 1 [running]",
+        "goroutine x [running]:",
+        "goroutine 1 [run]ning]:",
+        "goroutine 1 x[running]:",
+        "goroutine 1[running]:",
+        "main.f()",
+    ):
+        assert not gopanic.is_goroutine_header(line), line

@@ -299,3 +299,24 @@ def test_user_switch_without_root_is_a_config_error() -> None:
         assert result.returncode == 2, result.stderr
         assert "programs.api.user: cannot run as user 'root': gosup is not root" in result.stderr
         assert not (Path(tmp) / ".gosup").exists()  # refused before anything was written
+
+
+def test_operator_restart_after_a_crash_starts_a_fresh_series(
+    gosup_factory: Any, tmp_path: Path
+) -> None:
+    # Crashes once, then runs: the recovery run is attempt 2 of its series.
+    marker = tmp_path / "crashed-once"
+    script = f"if [ -e {marker} ]; then exec sleep 1000; else touch {marker}; exit 3; fi"
+    g = gosup_factory(
+        f'[programs.once]\ncommand = ["/bin/sh", "-c", "{script}"]\nstart_seconds = "200ms"\n'
+        '[programs.once.backoff]\ninitial = "100ms"\nreset_after = "1h"\n'
+    ).start()
+    g.wait_event("running", "once")
+    assert [s["attempt"] for s in g.history("once", "started")] == [1, 2]
+    # An operator's restart is a person acting, like `stop` then `start`: attempt 1.
+    assert g.cli("restart", "once").returncode == 0
+    assert [s["attempt"] for s in g.history("once", "started")] == [1, 2, 1]
+    assert g.cli("stop", "once").returncode == 0
+    assert g.cli("start", "once").returncode == 0
+    assert [s["attempt"] for s in g.history("once", "started")] == [1, 2, 1, 1]
+    assert g.stop() == 0

@@ -4,6 +4,8 @@ and the history CLI that operators tail."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from conftest import wait_for
 from test_lifecycle import program
 
 from supervisor.core.lines import Head, LineSplitter, Tail
+from supervisor.core.output import DroppingWriter
 
 MiB = 1024 * 1024
 
@@ -173,3 +176,39 @@ def test_tail_and_head_keep_their_end_of_the_stream() -> None:
     assert bytes(head.data) == b"abcd" and head.truncated
     tail.clear()
     assert tail.bytes() == b""
+
+
+def test_log_files_are_0640_in_a_0750_dir_whatever_the_umask(
+    gosup_factory: Any, goapp: Path
+) -> None:
+    g = gosup_factory(program("talk", goapp, "-stderr-line", "hello"))
+    old = os.umask(0)  # gosup inherits a careless umask
+    try:
+        g.start()
+    finally:
+        os.umask(old)
+    log = g.log_dir / "talk.stderr.log"
+    wait_for(lambda: log.exists() and "hello" in log.read_text(), what="the log")
+    assert stat.S_IMODE(g.log_dir.stat().st_mode) == 0o750
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+    assert stat.S_IMODE((g.log_dir / "talk.stdout.log").stat().st_mode) == 0o640
+    assert g.stop() == 0
+
+
+def test_dropping_writer_never_blocks_and_counts_what_it_dropped() -> None:
+    r, w = os.pipe()
+    writer = DroppingWriter(w, max_bytes=64 * 1024, label="test")
+    try:
+        chunk = b"x" * 1023 + b"\n"
+        for _ in range(2_000):  # 2 MiB into a pipe nobody reads: returns at once
+            writer.write(chunk)
+        wait_for(lambda: writer.dropped_bytes > 1_000_000, what="drops counted")
+        got = b""
+        while b"dropped" not in got:  # the reader catches up: the loss is reported
+            got += os.read(r, 1 << 20)
+            writer.write(b"after\n")
+        assert b"bytes of test dropped" in got
+    finally:
+        os.close(r)  # the writer's thread sees EPIPE and ends
+        writer.close(timeout=5)
+        os.close(w)

@@ -78,6 +78,12 @@ class FakeChild:
     def signal_escaped(self, procs: list[Any], sig: int) -> None:
         pass
 
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def ended_ago(self) -> float:
+        return 0.0
+
     def group_members(self) -> list[Any]:
         return []
 

@@ -16,6 +16,7 @@ EXPECTED = {
     (S.STARTING, S.STOPPING),
     (S.RUNNING, S.STOPPING),
     (S.RUNNING, S.EXITED),
+    (S.RUNNING, S.STARTING),  # an overlap restart: the replacement starts, the old one serves
     (S.STOPPING, S.STOPPED),
     (S.STOPPING, S.EXITED),
     (S.EXITED, S.BACKOFF),

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from supervisor.cli.client import Connection, call, socket_path
-from supervisor.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError
+from supervisor.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError, escape
 
 
 def _targets(names: list[str]) -> dict[str, Any]:
@@ -35,9 +35,9 @@ def _report(reply: dict[str, Any]) -> int:
         print("nothing to do: no program matched")
     for r in results:
         if r.get("ok"):
-            print(r.get("message"))
+            print(escape(r.get("message")))
         else:
-            print(f"gosup: {r.get('error')}", file=sys.stderr)
+            print(f"gosup: {escape(r.get('error'))}", file=sys.stderr)
     return EXIT_OK if reply["ok"] else EXIT_FAILED
 
 
@@ -70,7 +70,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         if errors:  # app.toml is invalid: a config error, exit 2
             print("gosup: reload refused, nothing changed:", file=sys.stderr)
             for error in errors:
-                print(error, file=sys.stderr)
+                print(escape(error), file=sys.stderr)
             return EXIT_USAGE
         raise CLIError(str(reply.get("error")))
     # "changed": how they run changed, so they were restarted; "updated": the
@@ -82,7 +82,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         "updated": "updated in place",
     }
     parts = [f"{what} {', '.join(data.get(k) or []) or '-'}" for k, what in said.items()]
-    print("reloaded: " + "; ".join(parts))
+    print(escape("reloaded: " + "; ".join(parts)))
     return EXIT_OK
 
 
@@ -99,5 +99,5 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     data = call(args, "dump", name=args.name)
-    print(data.get("path", data) if isinstance(data, dict) else data)
+    print(escape(data.get("path", data) if isinstance(data, dict) else data))
     return EXIT_OK

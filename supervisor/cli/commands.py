@@ -22,8 +22,10 @@ from supervisor.cli import status
 from supervisor.cli.common import (
     DEFAULT_CONFIG,
     EXIT_OK,
+    EXIT_PIPE,
     EXIT_USAGE,
     CLIError,
+    escape,
     load_config,
 )
 
@@ -35,13 +37,21 @@ if TYPE_CHECKING:
 # -- run / check ----------------------------------------------------------------
 
 
-def setup_logging(verbose: bool) -> Callable[[], None]:
-    """gosup's own log on stderr, through a queue that never blocks the daemon
-    (``cli/logsink.py``): a reader that stops reading loses messages, counted,
-    never stalls supervision. Returns the closer ``run`` calls at exit."""
-    from loguru import logger
+class LogWriter(Protocol):
+    """Where gosup's own log goes: ``write`` never blocks (DESIGN §1)."""
 
-    from supervisor.cli.logsink import QueuedWriter
+    def write(self, data: bytes) -> object: ...
+
+    def close(self, timeout: float = 1.0) -> None: ...
+
+
+def setup_logging(verbose: bool, writer: LogWriter) -> Callable[[], None]:
+    """gosup's own log, on stderr through ``writer`` (the daemon's, see
+    ``Daemon.log_writer``): a queue that a thread writes from, so a reader
+    that stops reading (a paused ``| less``, a journald backlog) loses
+    messages, counted, and never stalls supervision. Returns the closer
+    ``run`` calls at exit (it waits a second at most for the queue)."""
+    from loguru import logger
 
     logger.remove()
     under_systemd = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
@@ -52,7 +62,6 @@ def setup_logging(verbose: bool) -> Callable[[], None]:
             "<dim>{time:HH:mm:ss.SSS}</dim> <bold>gosup</bold> <level>{level: <7}</level> {message}"
         )
     )
-    writer = QueuedWriter(sys.stderr.fileno())
 
     def sink(message: str) -> None:
         writer.write(message.encode("utf-8", "replace"))
@@ -94,10 +103,14 @@ class Daemon(Protocol):
         """(errors, warnings) a start would run into: missing or unexecutable binaries."""
         ...
 
+    def log_writer(self, fd: int) -> LogWriter:
+        """A writer for gosup's own log on ``fd`` that never blocks the daemon."""
+        ...
+
 
 def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
     config = load_config(args.config)
-    close_log = setup_logging(args.verbose)
+    close_log = setup_logging(args.verbose, daemon.log_writer(sys.stderr.fileno()))
     echo = sys.stdout.isatty() if args.echo is None else args.echo
     try:
         return daemon.run(config, echo=echo, dev=args.dev)
@@ -158,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gosup",
         description="A self-healing process supervisor for Go services.",
         epilog="Exit codes: 0 done, 1 the operation failed, 2 usage or config error, "
-        "3 no gosup is running there.",
+        "3 no gosup is running there, 141 the reader of the output went away "
+        "(gosup history | head).",
     )
     parser.add_argument("--version", action="version", version=f"gosup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -166,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_history_parser(sub)
     _add_client_parsers(sub)
     _add_stage_parser(sub)
+    _add_logs_parser(sub)
     return parser
 
 
@@ -265,7 +280,12 @@ def _add_stage_parser(sub: Subparsers) -> None:
         "or no verdict in time (the reason is printed), 2 usage error.",
     )
     p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
-    p.add_argument("live_path", metavar="LIVE_PATH", help="the live config file it replaces")
+    p.add_argument(
+        "live_path",
+        metavar="LIVE_PATH",
+        help="the live config file it replaces; a relative path is relative to the "
+        "config file's directory, like every path in app.toml",
+    )
     p.add_argument(
         "-c",
         "--config",
@@ -286,6 +306,12 @@ def _add_stage_parser(sub: Subparsers) -> None:
         help="only stage the file (exit 0 once it is queued)",
     )
     p.set_defaults(func=stage.cmd_stage)
+
+
+def _add_logs_parser(sub: Subparsers) -> None:
+    from supervisor.cli import logs
+
+    logs.add_parser(sub)
 
 
 def _fast_path(argv: list[str]) -> int | None:
@@ -309,9 +335,22 @@ def main(argv: Sequence[str] | None = None, daemon: Daemon | None = None) -> int
                 code = args.func(args, daemon)
             else:
                 code = args.func(args)
-    except CLIError as exc:
-        print(f"gosup: {exc}", file=sys.stderr)
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+    except CLIError as exc:  # messages name paths and programs, and relay gosup's errors
+        print(f"gosup: {escape(exc, lines=True)}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     return code
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (``gosup history | head``): end quietly, with
+    the status of a command killed by SIGPIPE (as ``git log | head`` does)."""
+    # Python would flush stdout again at exit and complain; point it at /dev/null.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE

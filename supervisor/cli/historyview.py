@@ -9,6 +9,7 @@ down: only the file is read, never the control socket.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import history
-from supervisor.cli.common import EXIT_OK, EXIT_USAGE, CLIError, load_config
+from supervisor.cli.common import EXIT_OK, EXIT_USAGE, CLIError, escape, load_config
 from supervisor.history import Record
 from supervisor.protocol import HISTORY_NAME
+
+SIZING = 10_000  # records read before the table's columns are sized
 
 # -- the command --------------------------------------------------------------------
 
@@ -40,18 +43,27 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise CLIError("-n must be >= 0", EXIT_USAGE)
     scan_limit = _scan_limit(args.max_scan)
 
+    width = len("PROGRAM")  # the PROGRAM column: as wide as the longest name shown
+
     def show(rec: Record) -> None:
-        line = json.dumps(rec, ensure_ascii=False) if args.json else format_record(rec)
+        nonlocal width
+        width = max(width, len(_program_cell(rec)))
+        line = json.dumps(rec, ensure_ascii=False) if args.json else format_record(rec, width)
         print(line, flush=True)
 
     # Follow from where the last records were read: nothing appended between
     # the two is lost, nothing is shown twice.
     tail = history.Tail(path) if args.follow else None
     try:
-        if not args.json:
-            print(format_header())
         with history.Last(path, args.n, args.program, scan_limit=scan_limit) as last:
-            for rec in last:
+            # The table is sized to its names: up to SIZING records are read
+            # first; --json streams (memory does not grow with what is printed).
+            found = iter(last)
+            records = list(itertools.islice(found, 0 if args.json else SIZING))
+            width = max([len(_program_cell(rec)) for rec in records] + [width])
+            if not args.json:
+                print(format_header(width))
+            for rec in itertools.chain(records, found):
                 show(rec)
             if not last.complete:
                 print(
@@ -142,21 +154,28 @@ _FIRST = (
 )
 _LAST = ("command", "crash", "output_tail")
 _TS_WIDTH = len("2026-11-26 23:48:48.123Z")
-_PROGRAM_WIDTH = 12
+_PROGRAM_WIDTH = len("PROGRAM")  # the least; cmd_history widens it to the longest name shown
 _EVENT_WIDTH = max(map(len, history.EVENT_NAMES))
 _MAX_VALUE = 120
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def format_header() -> str:
+def format_header(program_width: int = _PROGRAM_WIDTH) -> str:
     """Column titles matching format_record()."""
-    return _columns("TIME", "PROGRAM", "EVENT", "DETAILS")
+    return _columns("TIME", "PROGRAM", "EVENT", "DETAILS", program_width)
 
 
-def format_record(rec: dict[str, Any]) -> str:
-    """One human line: time, program ("-" when supervisor-wide), event, key=value."""
-    ts = str(rec.get("ts", "-")).replace("T", " ", 1)
+def _program_cell(rec: dict[str, Any]) -> str:
     program = rec.get("program")
+    return "-" if program is None else escape(program)
+
+
+def format_record(rec: dict[str, Any], program_width: int = _PROGRAM_WIDTH) -> str:
+    """One human line: time, program ("-" when supervisor-wide), event, key=value.
+
+    Everything but the layout is escaped (cli.common.escape): crash messages
+    and output tails are a program's own words."""
+    ts = escape(str(rec.get("ts", "-")).replace("T", " ", 1))
     keys = [k for k in rec if k not in ("ts", "program", "event")]
     ordered = (
         [k for k in _FIRST if k in rec]
@@ -164,11 +183,12 @@ def format_record(rec: dict[str, Any]) -> str:
         + [k for k in _LAST if k in rec]
     )
     details = " ".join(f"{k}={_format_value(k, rec[k])}" for k in ordered if rec[k] is not None)
-    return _columns(ts, "-" if program is None else str(program), str(rec.get("event")), details)
+    event = escape(rec.get("event"))
+    return _columns(ts, _program_cell(rec), event, escape(details), program_width)
 
 
-def _columns(ts: str, program: str, event: str, details: str) -> str:
-    line = f"{ts:<{_TS_WIDTH}}  {program:<{_PROGRAM_WIDTH}} {event:<{_EVENT_WIDTH}} {details}"
+def _columns(ts: str, program: str, event: str, details: str, program_width: int) -> str:
+    line = f"{ts:<{_TS_WIDTH}}  {program:<{program_width}}  {event:<{_EVENT_WIDTH}}  {details}"
     return line.rstrip()
 
 

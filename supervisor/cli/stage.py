@@ -52,10 +52,17 @@ class Target:
 
 
 def _copy_hashing(src: Path, dest: Path) -> str:
-    """Copy ``src`` to ``dest`` (fsynced) and return its SHA-256."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
+    """Copy ``src`` to ``dest`` (fsynced, with ``src``'s mode) and return its SHA-256.
+
+    ``dest`` is made 0600 and gets the mode once it is whole: nobody can open
+    it meanwhile, and a binary keeps its execute bits (gosup gives it the live
+    file's mode when it installs it, this one when there is no live file yet).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(src, "rb") as fin, open(os.open(dest, flags, 0o600), "wb") as fout:
         sha = fileops.sha256_stream(fin, copy_to=fout.write)
         fout.flush()
+        os.fchmod(fout.fileno(), stat.S_IMODE(os.fstat(fin.fileno()).st_mode) & 0o777)
         os.fsync(fout.fileno())
     return sha
 
@@ -71,7 +78,6 @@ def stage_file(new_file: Path, staging: Path) -> str:
     tmp_sidecar = directory / f".{staging.name}.sha256.stage-{os.getpid()}"
     try:
         sha = _copy_hashing(new_file, tmp_file)
-        os.chmod(tmp_file, stat.S_IMODE(os.stat(new_file).st_mode))  # a binary stays executable
         tmp_sidecar.write_text(f"{sha}  {new_file.name}\n")
         os.replace(tmp_sidecar, directory / f"{staging.name}.sha256")
         os.replace(tmp_file, staging)
@@ -86,14 +92,19 @@ def stage_file(new_file: Path, staging: Path) -> str:
 
 
 def find_target(live_arg: str, config_arg: str | None) -> Target:
-    """The staging path for LIVE_PATH, from the gosup config's ``config_files``."""
-    live = Path(os.path.abspath(live_arg))
+    """The staging path for LIVE_PATH, from the gosup config's ``config_files``.
+
+    A relative LIVE_PATH is relative to the config file's directory, as every
+    path in the config is (without a config: to the current directory).
+    """
     path = Path(config_arg or cli.DEFAULT_CONFIG)
     if not path.exists():
         if config_arg is not None:
             raise cli.CLIError(f"{path}: no such config file", cli.EXIT_USAGE)
         # No config here: the protocol still works, with the default staging path.
+        live = Path(os.path.abspath(live_arg))
         return Target(live, Path(f"{live}.new"), None)
+    live = Path(os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), live_arg)))
     config = cli.load_config(str(path))
     known: list[str] = []
     for program in config.programs:
@@ -203,27 +214,33 @@ def wait_verdict(
 
 
 def describe_rejection(rec: dict[str, Any]) -> str:
-    lines = [f"rejected: {rec.get('reason')}"]
+    """What to tell the deployer; the validator's words and errors escaped."""
+    lines = [f"rejected: {cli.escape(rec.get('reason'))}"]
+    if rec.get("error"):
+        lines.append(f"  {cli.escape(rec['error'])}")
     if rec.get("reason") == "checksum_mismatch":
-        lines.append(f"  expected sha256 {rec.get('expected')}")
-        lines.append(f"  actual   sha256 {rec.get('actual')}")
+        lines.append(f"  expected sha256 {cli.escape(rec.get('expected'))}")
+        lines.append(f"  actual   sha256 {cli.escape(rec.get('actual'))}")
     tail = str(rec.get("output_tail") or "").strip()
     if tail:
         lines.append("  validator said:")
-        lines += [f"    {line}" for line in tail.splitlines()[-10:]]
+        lines += [f"    {cli.escape(line)}" for line in tail.splitlines()[-10:]]
     return "\n".join(lines)
 
 
 def describe_rollback(rec: dict[str, Any]) -> str:
-    lines = [f"rolled back: {rec.get('reason')}"]
+    """What to tell the deployer; the program's words and errors escaped."""
+    lines = [f"rolled back: {cli.escape(rec.get('reason'))}"]
     if rec.get("detail"):
-        lines.append(f"  {rec['detail']}")
+        lines.append(f"  {cli.escape(rec['detail'])}")
     restored = rec.get("restored_sha256")
-    lines.append(f"  restored sha256 {restored}" if restored else f"  {rec.get('error')}")
+    lines.append(
+        f"  restored sha256 {restored}" if restored else f"  {cli.escape(rec.get('error'))}"
+    )
     tail = str(rec.get("output_tail") or "").strip()
     if tail:
         lines.append("  the reload command said:")
-        lines += [f"    {line}" for line in tail.splitlines()[-10:]]
+        lines += [f"    {cli.escape(line)}" for line in tail.splitlines()[-10:]]
     return "\n".join(lines)
 
 
@@ -292,7 +309,7 @@ def _stage_and_wait(
     except OSError as exc:
         raise cli.CLIError(f"cannot stage {new_file} at {target.staging}: {exc}") from None
     if target.state_dir is None or tail is None:
-        print(f"staged at {target.staging} (sha256 {sha}); no gosup config here to follow")
+        print(cli.escape(f"staged at {target.staging} (sha256 {sha}); no gosup config to follow"))
         return cli.EXIT_OK
     if wait is None:
         print(f"staged (sha256 {sha}); not waiting for the verdict (--no-wait)")

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from supervisor.cli.client import call
-from supervisor.cli.common import DEFAULT_CONFIG, EXIT_OK
+from supervisor.cli.common import DEFAULT_CONFIG, EXIT_OK, escape
 
 # Resource figures shown as extra columns when any program has them.
 FIGURE_COLUMNS = (
@@ -72,18 +72,17 @@ def format_status(programs: list[dict[str, Any]]) -> str:
         header.append("NOTE")
     rows = [header]
     for p, note in zip(programs, notes, strict=True):
-        rows.append(
-            [
-                str(p["name"]),
-                str(p["state"]),
-                _or_dash(p.get("pid")),
-                format_duration(p.get("uptime_s")),
-                _or_dash(p.get("restarts")),
-                *(_figure(k, p.get(k)) for k, _ in figures),
-                format_exit(p.get("last_exit")),
-                *([note or "-"] if any(notes) else []),
-            ]
-        )
+        cells = [
+            str(p["name"]),
+            str(p["state"]),
+            _or_dash(p.get("pid")),
+            format_duration(p.get("uptime_s")),
+            _or_dash(p.get("restarts")),
+            *(_figure(k, p.get(k)) for k, _ in figures),
+            format_exit(p.get("last_exit")),
+            *([note or "-"] if any(notes) else []),
+        ]
+        rows.append([escape(c) for c in cells])  # crash messages, errors: a program's words
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows

@@ -47,6 +47,8 @@ from supervisor.config.units import parse_duration, parse_signal, parse_size
 from supervisor.protocol import DEFAULT_STATE_DIR
 
 __all__ = [
+    "CAPABILITIES",
+    "UNIX_SOCKET_MODE",
     "AppConfig",
     "BackoffSpec",
     "BuildSpec",
@@ -60,7 +62,9 @@ __all__ = [
     "ProbeKind",
     "ProbeSpec",
     "ProgramSpec",
+    "RestartMode",
     "RestartPolicy",
+    "SocketSpec",
     "SupervisorSpec",
     "check_file",
     "load",
@@ -90,6 +94,11 @@ class RestartPolicy(enum.Enum):
     ALWAYS = "always"
     ON_FAILURE = "on-failure"
     NEVER = "never"
+
+
+class RestartMode(enum.Enum):
+    STOP_FIRST = "stop-first"  # stop the old process, then start the new one
+    OVERLAP = "overlap"  # planned restarts start the new one first (DESIGN §3)
 
 
 class OnChange(enum.Enum):
@@ -150,6 +159,23 @@ class ConfigFileSpec:
 
 
 @dataclass(frozen=True)
+class SocketSpec:
+    """A listening socket gosup binds once and passes to the program (fd 3 + index).
+
+    ``address`` is ``(host, port)`` for tcp/tcp6 and the absolute path for unix;
+    ``text`` is the canonical form, which names the socket in errors, status
+    and the registry of bound sockets (core/sockets.py).
+    """
+
+    family: str  # "tcp" | "tcp6" | "unix"
+    address: tuple[str, int] | str
+    text: str
+
+
+UNIX_SOCKET_MODE = 0o660  # a unix socket's mode: the program's users connect, others do not
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     command: tuple[str, ...]
     directory: Path
@@ -188,6 +214,10 @@ class ProgramSpec:
     build: BuildSpec | None = None
     ready: ProbeSpec | None = None  # RUNNING (and READY=1) only once this passes
     live: ProbeSpec | None = None  # probed while RUNNING; failing -> restart (unhealthy)
+    sockets: tuple[SocketSpec, ...] = ()  # bound by gosup, inherited as fds 3..
+    restart_mode: RestartMode = RestartMode.STOP_FIRST
+    # kept as ambient capabilities after the user switch ("CAP_NET_BIND_SERVICE", ...)
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -431,6 +461,10 @@ class _Table:
     def error(self, key: str, message: str) -> None:
         self._errors.append(f"{self._source}: {self.key_path(key)}: {message}")
 
+    def item_error(self, key: str, index: int, message: str) -> None:
+        """An error about item ``index`` of the array ``key`` (``sockets[1]``)."""
+        self._errors.append(f"{self._source}: {self.key_path(key)}[{index}]: {message}")
+
     def __contains__(self, key: str) -> bool:
         return key in self._data
 
@@ -619,6 +653,63 @@ def _tcp_address(value: object) -> str:
     return _listen_address(value)
 
 
+def _socket(base: str) -> Converter[SocketSpec]:
+    def convert(value: object) -> SocketSpec:
+        text = _string(value)
+        scheme, sep, rest = text.partition("://")
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path or path.startswith("@"):
+                raise ValueError(f"must be 'unix:PATH' (a file path), not {text!r}")
+            full = os.path.abspath(os.path.join(base, path))
+            return SocketSpec("unix", full, f"unix:{full}")
+        if not sep or scheme not in ("tcp", "tcp6"):
+            raise ValueError(
+                f"must be 'tcp://HOST:PORT', 'tcp6://[HOST]:PORT' or 'unix:PATH', not {text!r}"
+            )
+        _listen_address(rest)
+        if rest.startswith("["):
+            host, _, port = rest[1:].partition("]:")
+        else:
+            host, _, port = rest.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"needs an IP address, not the name {host!r}, in {text!r}") from None
+        if (scheme == "tcp6") != (ip.version == 6):
+            want = "an IPv6 address in brackets" if scheme == "tcp6" else "an IPv4 address"
+            raise ValueError(f"{scheme}:// needs {want}, not {text!r}")
+        shown = f"[{ip}]" if ip.version == 6 else str(ip)
+        return SocketSpec(scheme, (str(ip), int(port)), f"{scheme}://{shown}:{port}")
+
+    return convert
+
+
+def _sockets(t: _Table, base: str, seen: dict[str, str]) -> tuple[SocketSpec, ...]:
+    if "sockets" not in t:
+        return ()
+    raw: list[object] = t.get("sockets", _list, [])
+    specs = []
+    for i, item in enumerate(raw):
+        try:
+            spec = _socket(base)(item)
+        except ValueError as exc:
+            t.item_error("sockets", i, str(exc))
+            continue
+        if spec.text in seen:
+            t.item_error("sockets", i, f"{spec.text} is already listed at {seen[spec.text]}")
+            continue
+        seen[spec.text] = f"{t.key_path('sockets')}[{i}]"
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _list(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise _wrong_type("an array of strings", value)
+    return value
+
+
 def _metric_check(value: object) -> MetricCheck:
     return parse_metric_check(_string(value))
 
@@ -663,10 +754,58 @@ def _probes_need_metrics(t: _Table, spec: ProgramSpec) -> None:
             t.error(key, "a metric probe reads go_metrics: set [limits] go_metrics")
 
 
+# The capabilities by number (linux/capability.h); the kernel may know fewer
+# (/proc/sys/kernel/cap_last_cap), and a name it does not know is an error.
+_CAPABILITY_NAMES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
+    "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON",
+    "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+
+def _kernel_capabilities() -> dict[str, int]:
+    """name -> number of every capability this kernel knows."""
+    last = len(_CAPABILITY_NAMES) - 1
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = min(int(f.read()), last)
+    except (OSError, ValueError):
+        pass
+    return {name: number for number, name in enumerate(_CAPABILITY_NAMES[: last + 1])}
+
+
+CAPABILITIES: Mapping[str, int] = types.MappingProxyType(_kernel_capabilities())
+
+
+def _capabilities(value: object) -> tuple[str, ...]:
+    names: list[str] = []
+    for item in _strings(value):
+        name = item.upper()
+        name = name if name.startswith("CAP_") else "CAP_" + name
+        if name not in CAPABILITIES:
+            close = difflib.get_close_matches(name, CAPABILITIES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"unknown capability {item!r}{hint}: this kernel knows "
+                f"{_CAPABILITY_NAMES[0]} .. {max(CAPABILITIES, key=CAPABILITIES.__getitem__)}"
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
 _PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _program(name: str, t: _Table, base: str, seen: dict[Path, str]) -> ProgramSpec:
+def _program(
+    name: str, t: _Table, base: str, seen: dict[Path, str], seen_sockets: dict[str, str]
+) -> ProgramSpec:
     directory = t.get("directory", _path(base), Path(base))
     spec = ProgramSpec(
         name=name,
@@ -691,6 +830,9 @@ def _program(name: str, t: _Table, base: str, seen: dict[Path, str]) -> ProgramS
         build=_build(t.table("build", _BUILD_KEYS), base, directory),
         ready=_probe(t, "ready", _READY_KEYS),
         live=_probe(t, "live", _LIVE_KEYS),
+        sockets=_sockets(t, base, seen_sockets),
+        restart_mode=t.get("restart_mode", _choice(RestartMode), RestartMode.STOP_FIRST),
+        capabilities=t.get("capabilities", _capabilities, ()),
     )
     _probes_need_metrics(t, spec)
     return spec
@@ -700,13 +842,14 @@ def _programs(table: _Table | None, base: str) -> tuple[ProgramSpec, ...]:
     if table is None:
         return ()
     seen: dict[Path, str] = {}
+    seen_sockets: dict[str, str] = {}
     programs = []
     for name, _ in table.items():
         if not _PROGRAM_NAME.fullmatch(name):
             table.error(name, "program names are letters, digits, '_', '.', '-'")
         t = table.table(name, _PROGRAM_KEYS)
         if t is not None:
-            programs.append(_program(name, t, base, seen))
+            programs.append(_program(name, t, base, seen, seen_sockets))
     return tuple(programs)
 
 

@@ -11,53 +11,152 @@ stderr also keeps a bounded tail, which is what the Go crash parser reads
 after the child exits (the runtime writes its panic there), and can be tapped
 for the rest of a run (a SIGQUIT goroutine dump): taps end with the run's
 pipes, so the next child's output never reaches them.
+
+Logging degrades, supervision does not (docs/architecture.md): a log write
+that fails (a full disk, a deleted log_dir) drops that chunk, says so once
+per burst, and is tried again (the directory and file re-created) a second
+later or at the next start; nothing raises into the event loop. The files
+are open only while a run's pipes are attached, so a configured program that
+is not running holds no descriptor. The terminal echo goes through a
+``DroppingWriter``: a reader that stops reading (``gosup run | less``, paused)
+costs dropped echo lines, counted, never a stalled loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import contextlib
 import os
+import select
 import sys
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Protocol
+
+from loguru import logger
 
 from supervisor.core.lines import LineSplitter, Tail
 
 TAIL_BYTES = 64 * 1024
 _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
+LOG_DIR_MODE = 0o750  # log files and their directory, whatever gosup's umask (docs/config.md)
+LOG_FILE_MODE = 0o640
+RETRY_AFTER = 1.0  # seconds a failed log file waits before it is tried again
+
+
+def prepare_log_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing; one gosup creates gets
+    mode 0750 whatever the umask. An existing directory is left as it is."""
+    if path.is_dir():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=LOG_DIR_MODE)
+        os.chmod(path, LOG_DIR_MODE)
+
+
+def _open_log(path: Path) -> int:
+    """Open ``path`` for appending; a file created here gets 0640 whatever the umask."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+    except FileExistsError:
+        return os.open(path, flags)
+    os.fchmod(fd, LOG_FILE_MODE)
+    return fd
 
 
 class RotatingFile:
-    """An append-only file rotated to ``name.1 .. name.N`` when it would pass ``max_size``."""
+    """An append-only file rotated to ``name.1 .. name.N`` when it would pass ``max_size``.
+
+    Opened by ``open`` (at each run's start: a file renamed or deleted under
+    us, or a deleted directory, is re-created then), closed by ``close``.
+    ``write`` never raises: a chunk that cannot be written is dropped and
+    counted, the first failure of a burst is logged, and the file is opened
+    again ``RETRY_AFTER`` later.
+    """
 
     def __init__(self, path: Path, max_size: int, backups: int) -> None:
         self.path = path
         self.max_size = max_size
         self.backups = backups
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self._open()
-        self.size = os.fstat(self._file.fileno()).st_size
+        self.size = 0
+        self.dropped = 0  # bytes lost to write errors, all told
+        self._fd: int | None = None
+        self._failed_at: float | None = None  # when the current burst of failures began
+        self._burst = 0  # bytes dropped in the current burst
 
-    def _open(self) -> BinaryIO:
-        return open(self.path, "ab", buffering=0)
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def open(self) -> None:
+        """Open the file, or re-open it when its path no longer names the open file."""
+        if self._fd is not None and self._still_ours():
+            return
+        self.close()
+        try:
+            prepare_log_dir(self.path.parent)
+            self._fd = _open_log(self.path)
+            self.size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            self._failed(exc, 0)
+
+    def _still_ours(self) -> bool:
+        assert self._fd is not None
+        try:
+            on_disk, ours = os.stat(self.path), os.fstat(self._fd)
+        except OSError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
 
     def write(self, data: bytes) -> None:
+        if self._fd is None:
+            if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER:
+                self._drop(len(data))
+                return
+            self.open()
+            if self._fd is None:
+                self._drop(len(data))
+                return
+        try:
+            self._write(data)
+        except OSError as exc:
+            self._failed(exc, len(data))
+            return
+        if self._burst:
+            logger.warning(
+                "{}: writing again ({} bytes of output were lost)", self.path, self._burst
+            )
+        self._failed_at, self._burst = None, 0
+
+    def _write(self, data: bytes) -> None:
         if self.size + len(data) > self.max_size:
             # Rotate at a line boundary: the part that fits, up to its last newline,
             # closes the old file. (Only on this rare path do we look at the bytes.)
             cut = data.rfind(b"\n", 0, max(self.max_size - self.size, 0)) + 1
             if cut:
-                self._file.write(data[:cut])
+                self._write_all(data[:cut])
                 data = data[cut:]
-            if self.size + cut > 0:
+            if self.size > 0:
                 self.rotate()
-        self._file.write(data)
-        self.size += len(data)
+        self._write_all(data)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            assert self._fd is not None
+            written = os.write(self._fd, view)
+            self.size += written
+            view = view[written:]
 
     def rotate(self) -> None:
-        self._file.close()
+        self.close()
         if self.backups == 0:
             self.path.unlink(missing_ok=True)
         else:
@@ -66,23 +165,149 @@ class RotatingFile:
                 if older.exists():
                     older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
             self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        self._file = self._open()
         self.size = 0
+        self._fd = _open_log(self.path)
+
+    def _failed(self, exc: OSError, lost: int) -> None:
+        self.close()
+        if self._failed_at is None:  # one line per burst, not one per chunk
+            logger.error(
+                "{}: cannot write ({}); dropping output, trying again every {:g}s",
+                self.path,
+                exc.strerror or exc,
+                RETRY_AFTER,
+            )
+        self._failed_at = time.monotonic()
+        self._drop(lost)
+
+    def _drop(self, lost: int) -> None:
+        self.dropped += lost
+        self._burst += lost
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> object: ...
+
+
+class DroppingWriter:
+    """Writes to an output that may stall (a terminal, a pipe, journald's
+    stream) without ever blocking the caller.
+
+    ``write`` only queues, up to ``max_bytes``; one thread per writer does the
+    blocking writes. When the queue is full the data is dropped and counted
+    (``dropped_bytes``), and once the reader keeps up again a line says how
+    much was lost. Thread-safe: the event loop and loguru's sink (any thread)
+    may share one. ``close`` waits at most ``timeout`` for the queue to drain.
+    """
+
+    def __init__(self, fd: int, max_bytes: int = 1 << 20, label: str = "output") -> None:
+        self.fd = fd
+        self.max_bytes = max_bytes
+        self.label = label
+        self.dropped_bytes = 0
+        self._unreported = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._broken = False  # the reader is gone (EPIPE): nothing more is written
+        self._thread: threading.Thread | None = None
+
+    def write(self, data: bytes) -> int:
+        """Queue ``data``; returns its length, or 0 when it was dropped."""
+        with self._cond:
+            if self._closed or self._broken:
+                return 0
+            if self._queued + len(data) > self.max_bytes:
+                self.dropped_bytes += len(data)
+                self._unreported += len(data)
+                return 0
+            self._queue.append(data)
+            self._queued += len(data)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"gosup-writer:{self.label}", daemon=True
+                )
+                self._thread.start()
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to do: the thread writes as soon as it can (loguru calls this)."""
+
+    def close(self, timeout: float = 1.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                chunks, self._queue = list(self._queue), collections.deque()
+                self._queued = 0
+                lost, self._unreported = self._unreported, 0
+            data = b"".join(chunks)
+            if lost:
+                note = (
+                    f"[gosup: {lost} bytes of {self.label} dropped: the reader was not reading]\n"
+                )
+                data = note.encode() + data
+            if not self._write_all(data):
+                with self._cond:
+                    self._broken = True
+                    self._queue.clear()
+                return
+
+    def _write_all(self, data: bytes) -> bool:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:  # someone made the descriptor non-blocking
+                select.select([], [self.fd], [], 1.0)
+            except InterruptedError:
+                continue
+            except OSError:  # EPIPE (the reader is gone), EIO (the terminal hung up) ...
+                return False
+        return True
+
+
+_stdout: DroppingWriter | None = None
+
+
+def stdout_writer() -> DroppingWriter:
+    """The one DroppingWriter of gosup's stdout (the terminal echo of every
+    program and build), flushed for at most a second at exit."""
+    global _stdout
+    if _stdout is None:
+        _stdout = DroppingWriter(sys.stdout.fileno(), label="stdout")
+        atexit.register(_stdout.close)
+    return _stdout
 
 
 class TerminalEcho:
     """Prints whole lines to a terminal as ``name | line`` in the program's colour."""
 
-    def __init__(self, name: str, width: int, out: BinaryIO | None = None, colour: bool = True):
+    def __init__(self, name: str, width: int, out: Writer | None = None, colour: bool = True):
         code = _COLOURS[sum(name.encode()) % len(_COLOURS)]
         label = name.ljust(width).encode()
         self._prefix = (
             f"\x1b[{code}m".encode() + label + b" |\x1b[0m " if colour else label + b" | "
         )
-        self._out = out if out is not None else sys.stdout.buffer
+        self._out = out if out is not None else stdout_writer()
         self._lines = LineSplitter(TAIL_BYTES)  # a "line" with no end in sight: print it anyway
 
     def feed(self, data: bytes) -> None:
@@ -96,7 +321,6 @@ class TerminalEcho:
             prefix = self._prefix
             with contextlib.suppress(OSError, ValueError):
                 self._out.write(b"".join(prefix + line + b"\n" for line in lines))
-                self._out.flush()
 
 
 class Stream:
@@ -110,14 +334,18 @@ class Stream:
         self._taps: list[Callable[[bytes], None]] = []
 
     def feed(self, data: bytes) -> None:
-        self.file.write(data)
+        self.file.write(data)  # never raises: a failed write is dropped and counted
         self.bytes_total += len(data)
         if self.echo is not None:
             self.echo.feed(data)
         if self.tail is not None:
             self.tail.feed(data)
-        for tap in self._taps:
-            tap(data)
+        for tap in list(self._taps):
+            try:
+                tap(data)
+            except Exception as exc:  # a listener's bug costs its tap, not the capture
+                logger.opt(exception=exc).error("an output tap failed; removed")
+                self._taps.remove(tap)
 
     def tap(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
         """Hand ``fn`` every chunk from now until the current pipes are detached
@@ -163,6 +391,23 @@ def _given(protocol: PipeReader) -> Callable[[], PipeReader]:
     return lambda: protocol
 
 
+@dataclass
+class RunPipes:
+    """One run's pipes set apart from the program's current run (an overlap
+    restart: the old process keeps writing while its replacement starts)."""
+
+    transports: list[asyncio.BaseTransport]
+    done: list[asyncio.Future[None]]
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for both pipes to reach EOF, then close them."""
+        if self.done:
+            await asyncio.wait(self.done, timeout=timeout)
+        for transport in self.transports:
+            transport.close()
+        self.transports, self.done = [], []
+
+
 class OutputCapture:
     """A program's log files, attached to each new child's pipes in turn."""
 
@@ -184,8 +429,11 @@ class OutputCapture:
         self._done: list[asyncio.Future[None]] = []
 
     async def attach(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
-        """Start pumping a new child's pipes (the previous run's must be detached)."""
+        """Open the log files (re-created if they or log_dir vanished) and start
+        pumping a new child's pipes (the previous run's must be detached)."""
         loop = asyncio.get_running_loop()
+        self.stdout.file.open()
+        self.stderr.file.open()
         if self.stderr.tail is not None:
             self.stderr.tail.clear()
         for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
@@ -203,13 +451,33 @@ class OutputCapture:
             await asyncio.wait(self._done, timeout=timeout)
         self.detach()
 
+    def hand_over(self) -> RunPipes:
+        """Set the current run's pipes apart (they keep feeding the log files),
+        so that the next run can attach while this one still runs."""
+        pipes = RunPipes(self._transports, self._done)
+        self._transports, self._done = [], []
+        return pipes
+
+    def adopt(self, pipes: RunPipes) -> None:
+        """Make pipes set apart the current run's again (its replacement failed)."""
+        self._transports += pipes.transports
+        self._done += pipes.done
+        pipes.transports, pipes.done = [], []
+
     def detach(self) -> None:
+        """Stop reading the run's pipes and close the log files until the next run."""
         for transport in self._transports:
             transport.close()
         self._transports.clear()
         self._done.clear()
         self.stdout.untap_all()  # a tap lasts one run
         self.stderr.untap_all()
+        if self.stdout.echo is not None:
+            self.stdout.echo.flush()
+        if self.stderr.echo is not None:
+            self.stderr.echo.flush()
+        self.stdout.file.close()
+        self.stderr.file.close()
 
     def set_rotation(self, max_size: int, backups: int) -> None:
         """New ``[logs]`` settings (a reload), from the next write on."""
@@ -218,5 +486,3 @@ class OutputCapture:
 
     def close(self) -> None:
         self.detach()
-        self.stdout.file.close()
-        self.stderr.file.close()

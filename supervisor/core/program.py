@@ -16,6 +16,15 @@ A program with a ``[ready]`` probe leaves STARTING only on the prober's word
 backstop a little after ``within``. A run that gosup stops because it failed
 (not ready, or a leak/unhealthy restart that recurs within
 ``backoff.reset_after``) ends STOPPING -> EXITED and backs off like a crash.
+
+Whatever fails inside the actor (a history write on a full disk, a log
+write, a listener, a bug), the program ends in a state it can leave: a
+record that cannot be written is logged (once per burst) and the transition
+happens all the same; a child's exit is watched before anything else is
+done with it; and after an unexpected error ``_settle`` brings the program
+back to a consistent state (a dead child's exit handled, no STARTING or
+RUNNING without a child), so ``restart``, ``stop`` and the shutdown are
+always answered.
 """
 
 from __future__ import annotations
@@ -34,11 +43,12 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from supervisor.config import ProgramSpec, RestartPolicy
+from supervisor.config import ProgramSpec, RestartMode, RestartPolicy
 from supervisor.core import cgroup, gopanic, spawn
 from supervisor.core.backoff import BackoffPolicy
 from supervisor.core.observations import Observations
 from supervisor.core.output import OutputCapture
+from supervisor.core.overlap import OldRun, Retiring
 from supervisor.core.states import SIGNALLABLE_STATES, ProcessState, check_transition
 from supervisor.history import History
 
@@ -157,6 +167,13 @@ class _Exited(Message):
     code: int
 
 
+@dataclass
+class _RetireTimeout(Message):
+    """stop_timeout passed for a process stopped beside the current run."""
+
+    child: spawn.Child
+
+
 class Program:
     def __init__(self, spec: ProgramSpec, ctx: Context) -> None:
         self.spec = spec
@@ -197,6 +214,11 @@ class Program:
         self._task: asyncio.Task[None] | None = None
         self._stop_signal: int | None = None  # what the stop under way was begun with
         self._run_end: list[tuple[int, asyncio.Future[int | None]]] = []
+        # An overlap restart (core/overlap.py): the run being replaced while
+        # its replacement starts, and processes being stopped beside the current run.
+        self._old: OldRun | None = None
+        self._retiring: list[Retiring] = []
+        self._records_lost = 0  # history records that could not be written, this burst
 
     # -- the outside world's side --------------------------------------------
 
@@ -264,10 +286,15 @@ class Program:
 
     def status(self) -> dict[str, Any]:
         uptime = self.uptime()
+        overlap = {}
+        if self._old is not None:  # the old process serves; its replacement starts
+            overlap = {"pid": self._old.child.pid, "replacement_pid": self.pid}
         return {
             "name": self.name,
             "state": self.state.value,
             "pid": self.pid,
+            "replacement_pid": None,
+            **overlap,
             "uptime_s": round(uptime, 3) if uptime is not None else None,
             "restarts": sum(self.restarts.values()),
             "failures": self.failures,
@@ -292,6 +319,25 @@ class Program:
                 logger.opt(exception=exc).error("{}: internal error handling {}", self.name, msg)
                 if msg is not None and msg.reply is not None and not msg.reply.done():
                     msg.reply.set_exception(CommandError(f"internal error: {exc}"))
+                self._settle()
+
+    def _settle(self) -> None:
+        """After an unexpected error: make sure the program can leave its state.
+
+        A child that is gone has its exit handled (again: a duplicate is
+        ignored); a state that needs a child but has none ends that run."""
+        try:
+            child = self.child
+            if child is not None and not child.alive():
+                child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+            elif child is None and self.state is S.STOPPING:  # STOPPING -> STOPPED: gone
+                self._deadline = None
+                self._transition(S.STOPPED)
+            elif child is None and self.state in (S.STARTING, S.RUNNING):
+                self._transition(S.EXITED)  # -> EXITED: the run is over, back off
+                self._after_failed_run(healthy=False)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot settle after an error", self.name)
 
     async def _next(self) -> Message | None:
         """The next message, or None when the deadline has passed."""
@@ -327,6 +373,8 @@ class Program:
             self._on_ready(msg)
         elif isinstance(msg, NotReady):
             self._on_not_ready(msg)
+        elif isinstance(msg, _RetireTimeout):
+            self._on_retire_timeout(msg)
         elif isinstance(msg, Reconfigure):
             self._on_reconfigure(msg)
 
@@ -342,7 +390,20 @@ class Program:
     # -- transitions -------------------------------------------------------------
 
     def _record(self, event: str, **fields: Any) -> None:
-        self.ctx.history.record(event, self.name, **fields)
+        """Write a history record; one that cannot be written (a full disk) is
+        logged, once per burst, and supervision goes on."""
+        try:
+            self.ctx.history.record(event, self.name, **fields)
+        except Exception as exc:
+            if not self._records_lost:
+                logger.error("{}: cannot write the history ({}): records are lost", self.name, exc)
+            self._records_lost += 1
+            return
+        if self._records_lost:
+            logger.warning(
+                "{}: history written again ({} records lost)", self.name, self._records_lost
+            )
+            self._records_lost = 0
 
     def _transition(self, new: ProcessState, event: str | None = None, **fields: Any) -> None:
         """The one place the state changes: check the edge, write the record, then act."""
@@ -394,8 +455,11 @@ class Program:
         spec = self.spec
         try:
             child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
-        except (spawn.SpawnError, OSError) as exc:
+        except Exception as exc:  # SpawnError, OSError (EMFILE ...), ValueError from Popen
             logger.error("{}: cannot start: {}", self.name, exc)
+            if self._old is not None:
+                self._overlap_failed("spawn_failed", str(exc), None)
+                return
             self.last_exit = {"pid": None, "exit_code": None, "signal": None, "error": str(exc)}
             self._transition(
                 S.EXITED,
@@ -408,15 +472,22 @@ class Program:
             )
             self._after_failed_run(healthy=False)
             return
+        # Its exit is watched before anything else can fail: never STARTING with a dead pid.
         self.child = child
+        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
         self.start_seq = _next_start_seq()
         self.started_at = self.ctx.clock()
         self.starts += 1
         self._killed = False
         self._oom_kills_at_start = cgroup.oom_kills()
         self._record("started", pid=child.pid, attempt=self.failures + 1, binary_sha256=digest)
-        await self.output.attach(child.stdout, child.stderr)
-        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+        try:
+            await self.output.attach(child.stdout, child.stderr)
+        except Exception as exc:  # out of fds, say: the run goes on, unlogged
+            logger.opt(exception=exc).error("{}: cannot capture the output", self.name)
+            for pipe in (child.stdout, child.stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close()
         logger.info("{}: started pid {}", self.name, child.pid)
         if spec.ready is None:
             self._deadline = self.ctx.clock() + spec.start_seconds
@@ -428,39 +499,71 @@ class Program:
         if self.state is S.STARTING and self.spec.ready is not None:
             within = self.spec.ready.within
             self._not_ready(f"no verdict from the readiness probe within {within:g}s")
-        elif self.state is S.STARTING:  # STARTING -> RUNNING: stayed up start_seconds
-            self._transition(S.RUNNING, "running", pid=self.pid)
+        elif self.state is S.STARTING and self._child_alive():  # STARTING -> RUNNING: stayed up
+            self._became_running()
         elif self.state is S.BACKOFF:  # BACKOFF -> STARTING: the delay is over
             await self._spawn()
         elif self.state is S.STOPPING:  # STOPPING: stop_timeout passed, no more asking
             self._kill_tree()
 
     def _on_ready(self, msg: Ready) -> None:
-        if self.state is S.STARTING and msg.pid == self.pid:  # STARTING -> RUNNING: ready
+        if self.state is S.STARTING and msg.pid == self.pid and self._child_alive():  # -> RUNNING
             self._deadline = None
-            self._transition(S.RUNNING, "running", pid=self.pid)
+            self._became_running()
         self._reply(msg, self._describe())
+
+    def _child_alive(self) -> bool:
+        """Whether the child runs: its exit may have happened (gosup stopped by
+        SIGSTOP, say) before the loop heard of it; then its exit is next."""
+        return self.child is not None and self.child.alive()
 
     def _on_not_ready(self, msg: NotReady) -> None:
         if self.state is S.STARTING and msg.pid == self.pid:
             self._not_ready(msg.error)
         self._reply(msg, self._describe())
 
+    def _became_running(self) -> None:
+        """STARTING -> RUNNING; an overlap's replacement now takes over from the old run."""
+        self._transition(S.RUNNING, "running", pid=self.pid)
+        if self._old is not None:
+            self._take_over()
+
     def _not_ready(self, error: str) -> None:
         """A failed start: stop the child, then EXITED (reason not_ready) and back off."""
         logger.warning("{}: not ready: {}", self.name, error)
+        if self._old is not None:
+            self._overlap_failed("not_ready", error, self.child)
+            return
         self._failed_stop = ("not_ready", None)
         self._begin_stop("not_ready")
 
     # -- exits -------------------------------------------------------------------
 
     async def _on_exit(self, child: spawn.Child, code: int) -> None:
+        if await self._beside_exited(child, code):
+            return  # a process stopped (or replaced) beside the current run
         if child is not self.child:
             return  # a previous run, already accounted for
-        uptime = self.ctx.clock() - (self.started_at or self.ctx.clock())
-        await self.output.drain(DRAIN_TIMEOUT)
-        leftovers = self._leftovers(child)
-        info = self._exit_info(child, code, uptime)
+        if self._old is not None and self.state is S.STARTING:
+            await self._replacement_crashed(child, code)
+            return
+        # The run's end, not when gosup heard of it (gosup may have been stopped).
+        ended = self.ctx.clock() - child.ended_ago()
+        uptime = max(ended - (self.started_at or ended), 0.0)
+        try:
+            await self.output.drain(DRAIN_TIMEOUT)
+        except Exception as exc:  # the exit is handled all the same
+            logger.opt(exception=exc).error("{}: draining the output failed", self.name)
+        try:  # a scan of the process table: off the loop
+            leftovers = await asyncio.to_thread(self._leftovers, child)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot list what is left of the run", self.name)
+            leftovers = list(self._snapshot)
+        try:
+            info = self._exit_info(child, code, uptime)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot read the exit", self.name)
+            info = {"pid": child.pid, "exit_code": code if code >= 0 else None, "signal": None}
         self.last_exit = info
         self.child = None
         self._deadline = None
@@ -472,16 +575,26 @@ class Program:
         healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
         was_running = self.state is S.RUNNING
         self._transition(S.EXITED, "exited", **info)
-        # A crashed program's helpers must not outlive it, even those that left its group.
-        spawn.kill_tree(leftovers + self.ctx.marked_escapees(self.name))
+        # A crashed program's helpers must not outlive it, even those that left its
+        # group; finding them scans the process table: off the loop.
+        try:
+            await asyncio.to_thread(self._sweep, leftovers)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: sweeping the run's leftovers failed", self.name)
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy and was_running)
         await self._run_ended(child, None)
 
     def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
-        """What is left of the child's tree: its group, plus the snapshot taken at stop."""
-        return self._snapshot + child.group_members()
+        """What is left of the child's tree: its group, the snapshot taken at
+        stop, and the daemons it double-forked (re-parented to gosup)."""
+        return self._snapshot + child.group_members() + spawn.adopted(self.name)
+
+    def _sweep(self, leftovers: list[psutil.Process]) -> None:
+        """Kill what is left of a crashed run (in a thread: it scans /proc)."""
+        procs = leftovers + self.ctx.marked_escapees(self.name)
+        spawn.kill_tree(procs)
 
     def _exit_info(self, child: spawn.Child, code: int, uptime: float) -> dict[str, Any]:
         sig = -code if code < 0 else None
@@ -557,6 +670,7 @@ class Program:
     # -- stopping ----------------------------------------------------------------
 
     def _on_stop(self, msg: Stop) -> None:
+        self._retire_old(f"stop ({msg.reason})")  # a stop during an overlap stops both
         if self.state is S.STOPPING and self._failed_stop is not None:
             self._cancel_failed_stop(msg.reason)  # ends STOPPED, no backoff
             self._wait_for(msg, frozenset({S.STOPPED}))
@@ -588,7 +702,7 @@ class Program:
         assert child is not None
         self._stop_reason = reason
         self._transition(S.STOPPING, "stopping", pid=child.pid, reason=reason)
-        self._snapshot = child.tree()
+        self._snapshot = child.tree() + spawn.adopted(self.name)
         sig = sig or self.spec.stop_signal
         self._stop_signal = sig
         child.signal_group(sig)
@@ -596,15 +710,21 @@ class Program:
         self._stop_deadline = self._deadline = self.ctx.clock() + self.spec.stop_timeout
 
     def _kill_tree(self) -> None:
-        if self.child is not None:
+        child = self.child
+        if child is not None:
             self._killed = True
-            self.child.signal_group(signal.SIGKILL)
-            spawn.kill_tree(self._snapshot + self.child.tree())
+            child.signal_group(signal.SIGKILL)
+            spawn.kill_tree(self._snapshot + child.tree())
+            if not child.alive():  # gone already: make sure its exit is handled
+                child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
 
     def _kill_pending(self) -> bool:
         return any(isinstance(m, Kill) for m in self._inbox)
 
     def _on_kill(self, msg: Kill) -> None:
+        self._retire_old("killed")
+        for retiring in self._retiring:
+            retiring.kill()
         if self.state in (S.STARTING, S.RUNNING):
             self._begin_stop("killed")
         if self.state is S.STOPPING:
@@ -628,7 +748,9 @@ class Program:
             self._killed = True
             spawn.kill_tree(survivors)
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
+        spawn.reap(leftovers)  # adopted daemons are gosup's children now: no zombies
         self._snapshot = []
+        await self._retiring_gone()  # STOPPED means every process of the program is gone
         if self._failed_stop is not None:
             await self._end_failed_run(child, info)
             return
@@ -701,12 +823,15 @@ class Program:
             self._failed_stop = (msg.reason, msg)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
+        if msg.reason in ("operator", "build"):  # a person acted: a fresh series (attempt 1)
+            self.failures = 0
+        if self._overlaps(msg):
+            await self._begin_overlap(msg)
+            return
         if self.state in (S.STARTING, S.RUNNING):
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
             self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
-        if msg.reason in ("operator", "build"):  # a person acted: a fresh series
-            self.failures = 0
         self._deadline = None
         self._wait_for(msg, frozenset({S.RUNNING}))
         if self.state is not S.STOPPED:
@@ -731,6 +856,152 @@ class Program:
         if not child.send_signal(msg.signum):
             raise CommandError(f"{self.name} is not running")
         self._reply(msg, f"{name} sent to {self.name} (pid {child.pid})")
+
+    # -- overlap restarts (restart_mode = "overlap", core/overlap.py) ----------------
+
+    def _overlaps(self, msg: Restart) -> bool:
+        """A planned restart of a RUNNING program in overlap mode (not one under way)."""
+        return (
+            self.spec.restart_mode is RestartMode.OVERLAP
+            and self.state is S.RUNNING
+            and self._old is None
+            and self.child is not None
+        )
+
+    async def _begin_overlap(self, msg: Restart) -> None:
+        """RUNNING -> STARTING: the replacement starts; the old process keeps serving."""
+        old = self.child
+        assert old is not None
+        self._old = OldRun(
+            child=old,
+            pipes=self.output.hand_over(),
+            started_at=self.started_at,
+            reason=msg.reason,
+            stop_signal=msg.stop_signal or self.spec.stop_signal,
+            request=msg,
+        )
+        self.child = None
+        logger.info("{}: overlap restart ({}): starting a replacement", self.name, msg.reason)
+        await self._spawn()
+
+    def _take_over(self) -> None:
+        """The replacement is RUNNING: stop the old process beside it."""
+        old, self._old = self._old, None
+        assert old is not None
+        reason = f"restart ({old.reason})"
+        self._retire(
+            Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal, old.request)
+        )
+
+    def _overlap_failed(self, reason: str, error: str, replacement: spawn.Child | None) -> None:
+        """The replacement crashed, never got ready or could not start: STARTING ->
+        RUNNING with the old process, which never stopped serving; ``replacement``
+        (still running) is stopped beside it."""
+        old, self._old = self._old, None
+        assert old is not None
+        self._deadline = None
+        self._record(
+            "restart_failed",
+            reason=reason,
+            error=error,
+            pid=replacement.pid if replacement is not None else None,
+            restart=old.reason,
+        )
+        logger.warning("{}: overlap restart failed ({}): {}", self.name, reason, error)
+        new_pipes = self.output.hand_over()
+        self.output.adopt(old.pipes)
+        self.child, self.started_at = old.child, old.started_at
+        self._transition(S.RUNNING)  # STARTING -> RUNNING: the old run, never stopped
+        if replacement is not None:
+            stop_signal = self.spec.stop_signal
+            self._retire(
+                Retiring(replacement, new_pipes, self.ctx.clock(), "restart_failed", stop_signal)
+            )
+        self._refuse(
+            old.request,
+            f"restart failed ({reason}): {error}; pid {old.child.pid} keeps serving",
+        )
+
+    async def _replacement_crashed(self, child: spawn.Child, code: int) -> None:
+        """The replacement exited while STARTING: its exit, then the old run goes on."""
+        await self.output.drain(DRAIN_TIMEOUT)
+        info = self._exit_info(child, code, self.ctx.clock() - (self.started_at or 0.0))
+        self._record("exited", **info)
+        spawn.kill_tree(child.group_members())
+        self.child = None
+        self._overlap_failed("exited", _exit_summary(info), None)
+        await self._run_ended(child, None)
+
+    def _retire(self, retiring: Retiring) -> None:
+        self._record("stopping", pid=retiring.child.pid, reason=retiring.reason)
+        retiring.begin()  # its exit arrives as _Exited (the callback of _spawn)
+        self._retiring.append(retiring)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.spec.stop_timeout, self.post, _RetireTimeout(retiring.child))
+
+    def _retire_old(self, reason: str) -> None:
+        """A stop or kill during an overlap: the old process is stopped too."""
+        if self._old is None:
+            return
+        old, self._old = self._old, None
+        self._refuse(old.request, f"restart cancelled ({reason})")
+        self._retire(Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal))
+
+    def _refuse(self, request: Message | None, why: str) -> None:
+        if request is not None and request.reply is not None and not request.reply.done():
+            request.reply.set_exception(CommandError(f"{self.name}: {why}"))
+
+    def _on_retire_timeout(self, msg: _RetireTimeout) -> None:
+        for retiring in self._retiring:
+            if retiring.child is msg.child and not msg.child.exited.done():
+                retiring.kill()
+
+    async def _beside_exited(self, child: spawn.Child, code: int) -> bool:
+        """The exit of a process beside the current run: the old one of an overlap
+        (by itself, before the takeover), or one being retired."""
+        if self._old is not None and child is self._old.child:
+            # The old process died before its replacement was ready: record it;
+            # the replacement's start goes on, and the restart's answer is its outcome.
+            old, self._old = self._old, None
+            await old.pipes.drain(DRAIN_TIMEOUT)
+            retiring = Retiring(child, old.pipes, old.started_at, "", old.stop_signal)
+            self._record("exited", **retiring.exit_info(code, self.ctx.clock))
+            retiring.sweep()
+            if old.request is not None:
+                self._wait_for(old.request, frozenset({S.RUNNING}))
+            await self._run_ended(child, None)
+            return True
+        found = [r for r in self._retiring if r.child is child]
+        if not found:
+            return False
+        retiring = found[0]
+        self._retiring.remove(retiring)
+        await retiring.pipes.drain(DRAIN_TIMEOUT)
+        retiring.sweep()
+        info = retiring.exit_info(code, self.ctx.clock)
+        self._record("exited", **info)
+        self._record("stopped", pid=child.pid, reason=retiring.reason, killed=retiring.killed)
+        logger.info("{}: pid {} stopped ({})", self.name, child.pid, retiring.reason)
+        await self._run_ended(child, retiring.stop_signal)
+        if retiring.request is not None:
+            self._reply(retiring.request, f"{self._describe()} (replaced pid {child.pid})")
+        return True
+
+    async def _retiring_gone(self) -> None:
+        """Wait (within what is left of stop_timeout) for every retiring process, then kill."""
+        for retiring in list(self._retiring):
+            budget = max(self._stop_deadline - self.ctx.clock(), 0.0)
+            if not retiring.child.exited.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(budget):
+                        await asyncio.shield(retiring.child.exited)
+            if not retiring.child.exited.done():
+                retiring.kill()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(retiring.child.exited)
+            if retiring.child.exited.done():
+                await self._beside_exited(retiring.child, retiring.child.exited.result())
 
 
 _start_counter = 0

@@ -8,6 +8,15 @@ even by SIGKILL, the kernel kills the child too), and an environment built
 from ``base_environment()`` plus gosup's marks, by which the next gosup finds
 whatever its descendants left behind (service/orphans.py).
 
+gosup is a child subreaper (``become_subreaper``): a daemon a program
+double-forks is re-parented to gosup, not to init, so it stays in gosup's
+tree, is found by ``adopted`` and stopped with its program.
+
+Nothing here that can stall runs on the loop: user lookups (NSS may ask
+LDAP), the ``setpriv --help`` probe and the binary's hash happen in a
+thread (``launch``); only the fork/exec itself runs on the loop thread, which
+owns the parent-death signal.
+
 Why not ``asyncio.create_subprocess_exec``: its child watchers either start a
 thread per child or are deprecated, and they reap with ``waitpid(-1)`` in some
 configurations, which would steal exit statuses we need. We use
@@ -28,8 +37,13 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -37,10 +51,20 @@ from typing import IO
 import psutil
 
 from supervisor import fileops
-from supervisor.config import ProgramSpec
+from supervisor.config import CAPABILITIES, ProgramSpec
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 _libc: ctypes.CDLL | None = None
+# Every Popen start_child made: the direct children gosup started itself, as
+# opposed to orphans re-parented to it (``adopted``).
+_started: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
+_started_lock = threading.Lock()  # read from the threads that sweep leftovers
+
+
+def _started_pids(running_only: bool) -> set[int]:
+    with _started_lock:
+        return {p.pid for p in _started if not running_only or p.returncode is None}
 
 
 class SpawnError(Exception):
@@ -137,8 +161,18 @@ def binary_sha256(path: str) -> str:
 STATE_DIR_VAR = "GOSUP_STATE_DIR"
 PROGRAM_VAR = "GOSUP_PROGRAM"
 # gosup's own business, never a child's: systemd's notify socket and watchdog
-# (like sd_notify's unset_environment), and the marks of a gosup that runs us.
-PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", STATE_DIR_VAR, PROGRAM_VAR)
+# (like sd_notify's unset_environment), sockets systemd passed to gosup, and
+# the marks of a gosup that runs us.
+PRIVATE_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    STATE_DIR_VAR,
+    PROGRAM_VAR,
+)
 
 
 def marks(state_dir: Path, program: str) -> dict[str, str]:
@@ -196,12 +230,63 @@ def _death_signal_argv(argv: list[str]) -> tuple[list[str], Callable[[], None] |
     return argv, _set_parent_death_signal
 
 
-def _set_parent_death_signal() -> None:
-    # Runs in the child between fork and exec (the fallback without setpriv).
+def _libc_handle() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return _libc
+
+
+def _set_parent_death_signal() -> None:
+    # Runs in the child between fork and exec (the fallback without setpriv).
+    _libc_handle().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def become_subreaper() -> bool:
+    """Make gosup a child subreaper (``PR_SET_CHILD_SUBREAPER``): what a program
+    double-forks (``( setsid daemon & )``) is re-parented to gosup, not to init,
+    and is stopped with its program. False when the kernel said no."""
+    return int(_libc_handle().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+def own_children() -> set[int]:
+    """Pids of gosup's children now, from ``/proc/self/task/*/children`` (no
+    scan of the whole /proc); psutil's scan where the kernel lacks that file."""
+    pids: set[int] = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(pid) for pid in f.read().split())
+    except OSError:
+        with contextlib.suppress(psutil.Error):
+            pids = {p.pid for p in psutil.Process().children()}
+    return pids
+
+
+def adopted(program: str) -> list[psutil.Process]:
+    """Orphans of ``program``'s runs re-parented to gosup (the subreaper), found
+    by their ``GOSUP_PROGRAM`` mark, with their descendants. Children gosup
+    started itself (programs, builds, validators) are not orphans."""
+    mine = _started_pids(running_only=True)
+    found: list[psutil.Process] = []
+    for pid in own_children() - mine:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.environ().get(PROGRAM_VAR) == program:
+                found += [proc, *proc.children(recursive=True)]
+    return found
+
+
+def reap(procs: list[psutil.Process]) -> None:
+    """Reap those of ``procs`` that are gosup's zombie children and were not
+    started by gosup (adopted orphans, which no Popen waits for)."""
+    me = os.getpid()
+    mine = _started_pids(running_only=False)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if proc.pid in mine or proc.ppid() != me or proc.status() != psutil.STATUS_ZOMBIE:
+                continue
+            os.waitpid(proc.pid, os.WNOHANG)
 
 
 class Child:
@@ -213,6 +298,11 @@ class Child:
         self.executable = executable
         self.exited = asyncio.get_running_loop().create_future()
         self._pidfd: int | None = None
+        self._exit_lag = 0.0  # how long before gosup noticed it the child had exited
+        self._noticed: float | None = None  # time.monotonic() when gosup noticed
+        self._dead_by: float | None = None  # found dead after a stall that began then
+        _PULSE.ensure()
+        _PULSE.children.add(self)
         self._watch_exit()
 
     def _watch_exit(self) -> None:
@@ -231,6 +321,10 @@ class Child:
             self.exited.set_result(self.popen.returncode)
 
     def _on_exit_readable(self) -> None:
+        # gosup may have been stopped (SIGSTOP) or its loop stalled when the
+        # child exited: the exit then happened in the gap (see _LoopPulse).
+        now = time.monotonic()
+        lag = now - self._dead_by if self._dead_by is not None else _PULSE.gap()
         code = self.popen.poll()
         if code is None:
             return
@@ -238,8 +332,28 @@ class Child:
         asyncio.get_running_loop().remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
+        self._exit_lag, self._noticed = lag, time.monotonic()
         if not self.exited.done():
             self.exited.set_result(code)
+
+    def alive(self) -> bool:
+        """Whether the child still runs now (not a zombie), without reaping it:
+        its exit may be known to the kernel before gosup's loop has heard of it."""
+        if self.exited.done():
+            return False
+        if self._pidfd is None:
+            return self.popen.poll() is None
+        try:
+            return os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
+
+    def ended_ago(self) -> float:
+        """Seconds since the child exited (0 while it runs, or when unknown): its
+        run's end, even when gosup itself was stopped when it happened."""
+        if self._noticed is None:
+            return 0.0
+        return time.monotonic() - self._noticed + self._exit_lag
 
     def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to the child's process group; False if it is gone."""
@@ -297,21 +411,34 @@ class Child:
             return []
 
 
-async def launch(spec: ProgramSpec, extra_env: Mapping[str, str]) -> tuple[Child, str]:
+async def launch(
+    spec: ProgramSpec,
+    extra_env: Mapping[str, str],
+    listeners: Sequence[socket.socket] = (),
+    fd_name: str = "",
+) -> tuple[Child, str]:
     """Resolve everything about the start, then spawn: (child, binary sha256).
 
-    Every problem (unknown user, missing directory or binary) is a SpawnError
-    raised before anything runs.
+    ``listeners`` become the child's fds 3.. (systemd's protocol, named
+    ``fd_name`` in LISTEN_FDNAMES). Every problem (unknown user, missing
+    directory or binary) is a SpawnError raised before anything runs. The
+    resolving (user lookups, the binary's hash, the setpriv probe) runs in a
+    thread; the fork/exec on the loop's.
     """
+    executable, env, identity, digest = await asyncio.to_thread(_prepare, spec, extra_env)
+    return spawn(spec, executable, env, identity, listeners, fd_name), digest
+
+
+def _prepare(
+    spec: ProgramSpec, extra_env: Mapping[str, str]
+) -> tuple[str, dict[str, str], Identity | None, str]:
     if not spec.directory.is_dir():
         raise SpawnError(f"directory {str(spec.directory)!r} does not exist")
     identity = resolve_identity(spec.user, spec.group)
     env = child_environment(spec, identity, extra_env)
     executable = resolve_executable(spec.command[0], spec.directory, env)
-    digest = cached_sha256(executable)
-    if digest is None:  # first start of this binary: hash it off the loop
-        digest = await asyncio.to_thread(binary_sha256, executable)
-    return spawn(spec, executable, env, identity), digest
+    _setpriv()  # probed once, here rather than on the loop
+    return executable, env, identity, binary_sha256(executable)
 
 
 def spawn(
@@ -319,18 +446,86 @@ def spawn(
     executable: str,
     env: Mapping[str, str],
     identity: Identity | None,
-    pass_fds: tuple[int, ...] = (),
+    listeners: Sequence[socket.socket] = (),
+    fd_name: str = "",
 ) -> Child:
     """Start the program; raise SpawnError naming what is wrong."""
-    popen = start_child(
-        [executable, *spec.command[1:]],
-        spec.directory,
-        env,
-        identity=identity,
-        pass_fds=pass_fds,
-    )
+    argv = [executable, *spec.command[1:]]
+    with _inheritable_copies(listeners) as fds:
+        if fds:
+            env = {**env, **listen_env(len(fds), fd_name or spec.name)}
+        popen = start_child(
+            argv,
+            spec.directory,
+            env,
+            identity=identity,
+            pass_fds=tuple(fds),
+            listen_fds=fds,
+            capabilities=spec.capabilities,
+        )
     _widen_pipes(popen)
     return Child(popen, executable)
+
+
+# -- inherited sockets (systemd's socket-activation protocol) ------------------
+#
+# The child must find the sockets at fds 3, 4, ... and LISTEN_PID must be its
+# own pid (go-systemd's activation package and the Go fixture ignore the
+# variables otherwise). systemd sets both between fork and exec. Popen can
+# neither move an fd to a given number nor put the child's pid in its
+# environment, so a wrapper that execs the program (the pid stays the same)
+# does it: bash (``exec 3<&17 17<&-``, ``LISTEN_PID=$$``), or where there is
+# no bash, gosup's Python with the same few lines (slower to start). dash
+# cannot: it only knows single-digit fds. The wrapper runs after setpriv, so
+# the parent-death signal holds for the wrapper and, across its exec, for
+# the program.
+
+_PY_WRAPPER = """\
+import os, sys
+n = int(sys.argv[1])
+for i, fd in enumerate(sys.argv[2 : 2 + n]):
+    os.dup2(int(fd), 3 + i)
+    os.close(int(fd))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2 + n], sys.argv[2 + n :])
+"""
+
+
+def listen_env(count: int, name: str) -> dict[str, str]:
+    """LISTEN_FDS and LISTEN_FDNAMES for ``count`` sockets (LISTEN_PID: the wrapper)."""
+    return {"LISTEN_FDS": str(count), "LISTEN_FDNAMES": ":".join([name] * count)}
+
+
+@functools.cache
+def _bash() -> str | None:
+    return shutil.which("bash")
+
+
+def listen_argv(argv: list[str], fds: Sequence[int]) -> list[str]:
+    """``argv`` behind the wrapper that moves ``fds`` to 3.. and sets LISTEN_PID.
+
+    Every fd in ``fds`` must be >= 3 + len(fds), so no move overwrites another."""
+    assert all(fd >= 3 + len(fds) for fd in fds)
+    bash = _bash()
+    if bash is None:
+        return [sys.executable, "-I", "-S", "-c", _PY_WRAPPER, str(len(fds)), *map(str, fds), *argv]
+    moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(fds))
+    script = f'exec {moves}; export LISTEN_PID=$$; exec "$@"'
+    return [bash, "-c", script, "gosup-listen", *argv]
+
+
+@contextlib.contextmanager
+def _inheritable_copies(listeners: Sequence[socket.socket]) -> Iterator[list[int]]:
+    """Close-on-exec copies of the sockets above the fds they will be moved to;
+    Popen makes them inheritable in the child only (``pass_fds``)."""
+    fds: list[int] = []
+    try:
+        for sock in listeners:
+            fds.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3 + len(listeners)))
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def start_child(
@@ -341,6 +536,8 @@ def start_child(
     stderr: int = subprocess.PIPE,
     identity: Identity | None = None,
     pass_fds: tuple[int, ...] = (),
+    listen_fds: Sequence[int] = (),
+    capabilities: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` the way gosup starts every child; SpawnError if it cannot.
 
@@ -350,17 +547,28 @@ def start_child(
     stdin from /dev/null, stdout as a pipe and ``stderr`` as asked (a pipe, or
     STDOUT for one stream in order), and runs as ``identity`` when gosup is
     root. ``env`` should come from ``child_environment`` (``base_environment``
-    plus the program's variables and gosup's marks).
+    plus the program's variables and gosup's marks). ``listen_fds`` (also in
+    ``pass_fds``) become fds 3.. of the program, with LISTEN_PID its pid.
 
     The parent-death signal belongs to the thread that starts the child: a
     caller in a worker thread must keep that thread until the child is gone
     (``asyncio.to_thread`` callers that wait for the child in the same call do).
+
+    ``capabilities`` (``CAP_NET_BIND_SERVICE`` ...) stay with the child as
+    ambient capabilities after the user switch: setpriv switches the user
+    then, not Popen (whose switch would drop them).
     """
     executable = resolve_executable(command[0], directory, env)
     drop = identity is not None and os.geteuid() == 0
-    argv, preexec = _death_signal_argv([executable, *command[1:]])
+    argv = [executable, *command[1:]]
+    if listen_fds:
+        argv = listen_argv(argv, listen_fds)
+    argv, preexec = _death_signal_argv(argv)
+    if capabilities:
+        argv = _with_capabilities(argv, identity if drop else None, capabilities)
+        drop = False  # setpriv switches the user itself, keeping the capabilities
     try:
-        return subprocess.Popen(
+        popen = subprocess.Popen(
             argv,
             cwd=directory,
             env=env,
@@ -378,6 +586,60 @@ def start_child(
         raise SpawnError(f"cannot execute {executable}: {exc.strerror or exc}") from exc
     except subprocess.SubprocessError as exc:
         raise SpawnError(f"cannot start {executable}: {exc}") from exc
+    with _started_lock:
+        _started.add(popen)
+    return popen
+
+
+def _with_capabilities(
+    argv: list[str], identity: Identity | None, capabilities: tuple[str, ...]
+) -> list[str]:
+    """``argv`` (setpriv's, from ``_death_signal_argv``) extended to switch to
+    ``identity`` and raise ``capabilities`` as inheritable and ambient."""
+    setpriv = _setpriv()
+    if setpriv is None or argv[0] != setpriv:
+        raise SpawnError("capabilities need util-linux's setpriv (2.33 or later)")
+    caps = ",".join("+" + name.removeprefix("CAP_").lower() for name in capabilities)
+    switch: list[str] = []
+    if identity is not None:
+        groups = ",".join(str(g) for g in identity.groups)
+        switch = [f"--reuid={identity.uid}", f"--regid={identity.gid}"]
+        switch += [f"--groups={groups}"] if groups else ["--clear-groups"]
+    return [setpriv, *switch, f"--inh-caps={caps}", f"--ambient-caps={caps}", *argv[1:]]
+
+
+def capability_errors(capabilities: tuple[str, ...]) -> list[str]:
+    """Why gosup could not grant ``capabilities`` (empty: it can). They must be
+    in gosup's permitted and bounding sets (root, usually), and setpriv there."""
+    if not capabilities:
+        return []
+    if _setpriv() is None:
+        return ["capabilities need util-linux's setpriv (2.33 or later), not found on PATH"]
+    permitted, bounding = _own_capability_sets()
+    missing = [
+        name
+        for name in capabilities
+        if (number := CAPABILITIES.get(name)) is None
+        or not (permitted >> number) & 1
+        or not (bounding >> number) & 1
+    ]
+    if missing:
+        return [
+            f"cannot grant {', '.join(missing)}: not in gosup's permitted and bounding "
+            "capability sets (run gosup as root, or give its unit these capabilities)"
+        ]
+    return []
+
+
+def _own_capability_sets() -> tuple[int, int]:
+    """gosup's permitted and bounding capability sets, as bit masks."""
+    sets = {"CapPrm": 0, "CapBnd": 0}
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in sets:
+                sets[key] = int(value.strip(), 16)
+    return sets["CapPrm"], sets["CapBnd"]
 
 
 PIPE_SIZE = 1 << 20  # bytes a child may write ahead of us before it blocks
@@ -457,6 +719,54 @@ def signal_by_name(sig: int) -> str:
         if signal.SIGRTMIN < sig < signal.SIGRTMAX:
             return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
         return f"signal {sig}"
+
+
+class _LoopPulse:
+    """When the loop last ran, to date the exits it did not see happen.
+
+    The kernel keeps no exit time, and a zombie's scheduler clock is per CPU
+    (not comparable with ours). So a cheap timer notes every PULSE seconds
+    that the loop runs. A beat that comes after a longer silence (gosup was
+    stopped with SIGSTOP, or the machine froze it) looks at the children: one
+    that is dead by then died during the silence, and its run is dated to the
+    silence's start. It was alive then, so its uptime is at least that, and
+    never the length of the stop. (The beat may run before the exit's own
+    callback: after SIGCONT the first wait can come back empty.)
+    """
+
+    PULSE = 0.25
+    SILENCE = 2 * PULSE  # a gap longer than this is a stall, not a late timer
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.children: weakref.WeakSet[Child] = weakref.WeakSet()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def ensure(self) -> None:
+        """Start beating on the running loop (once per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self.last = time.monotonic()
+            loop.call_later(self.PULSE, self._beat, loop)
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop or loop.is_closed():
+            return
+        silent_since, self.last = self.last, time.monotonic()
+        if self.last - silent_since > self.SILENCE:
+            for child in list(self.children):
+                if child._dead_by is None and child._noticed is None and not child.alive():
+                    child._dead_by = silent_since
+        loop.call_later(self.PULSE, self._beat, loop)
+
+    def gap(self) -> float:
+        """How long the loop was silent before now, if that was a stall; else 0."""
+        silent = time.monotonic() - self.last
+        return silent if silent > self.SILENCE else 0.0
+
+
+_PULSE = _LoopPulse()
 
 
 def _pgid(pid: int) -> int | None:

@@ -31,7 +31,10 @@ TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.EXITED}),
     # RUNNING -> EXITED: the child exited on its own
     # RUNNING -> STOPPING: stop or restart requested
-    S.RUNNING: frozenset({S.EXITED, S.STOPPING}),
+    # RUNNING -> STARTING: an overlap restart: the replacement starts while the
+    #   old process keeps serving (STARTING -> RUNNING: it took over, or it
+    #   failed and the old process, never stopped, runs on)
+    S.RUNNING: frozenset({S.EXITED, S.STOPPING, S.STARTING}),
     # EXITED -> STARTING: an operator's start after the program exited for good
     # EXITED -> BACKOFF: restart after a delay
     # EXITED -> STOPPED: an operator's stop after the program exited for good

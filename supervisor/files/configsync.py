@@ -38,6 +38,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -423,9 +424,10 @@ class StagedFile(_Controller):
 
     def _drop_applied_sidecar(self) -> None:
         """A gosup killed between a swap and the sidecar's removal left it: drop it."""
-        sidecar = swap.read_sidecar(self.sidecar)
-        if sidecar and sidecar.sha256 == self.live_sha and not self.staging.exists():
-            swap.consume_sidecar(self.sidecar, sidecar.text)
+        with contextlib.suppress(swap.Refused):  # a bad one is refused with the next version
+            sidecar = swap.read_sidecar(self.sidecar)
+            if sidecar and sidecar.sha256 == self.live_sha and not self.staging.exists():
+                swap.consume_sidecar(self.sidecar, sidecar.text)
 
     def on_event(self, kind: str, src: str, dest: str) -> None:
         staging = str(self.watched_staging)
@@ -437,20 +439,36 @@ class StagedFile(_Controller):
     async def check(self) -> None:
         """Handle every version on the staging path, one claim at a time."""
         while (claimed := await asyncio.to_thread(self._claim)) is not None:
-            await self._handle(*claimed)
+            await self._handle(claimed)
 
-    def _claim(self) -> tuple[Path, str | None, swap.Sidecar | None] | None:
-        """In a thread: the staged file taken aside, its hash (None: not a
-        regular file), and the sidecar."""
+    def _claim(self) -> _Claimed | None:
+        """In a thread: the staged file taken aside and looked at (never blocking,
+        never following a link, never reading more than a bounded size)."""
         work = swap.claim(self.staging)
         if work is None:
             return None
-        return work, swap.sha256_regular(work), swap.read_sidecar(self.sidecar)
+        staged: swap.Staged | None = None
+        sidecar: swap.Sidecar | None = None
+        refused: swap.Refused | None = None
+        try:
+            staged = swap.inspect_staged(work)
+        except (swap.Refused, OSError) as exc:  # OSError: gone, or the disk failed
+            refused = _as_refused(exc, "the staged file")
+        try:
+            sidecar = swap.read_sidecar(self.sidecar)
+        except (swap.Refused, OSError) as exc:
+            sidecar = swap.Sidecar(None, None)  # consumed like any, once its file is dealt with
+            refused = refused or _as_refused(exc, "the sidecar")
+        return _Claimed(work, staged, sidecar, refused)
 
-    async def _handle(self, work: Path, actual: str | None, sidecar: swap.Sidecar | None) -> None:
-        if actual is None:  # a symlink, a FIFO ...: never installed, never even read
-            expected = sidecar.sha256 if sidecar else None
-            await self._reject(work, "not_a_regular_file", expected, None, sidecar)
+    async def _handle(self, claimed: _Claimed) -> None:
+        """Every claimed version ends in a record: applied or rejected."""
+        work, staged, sidecar = claimed.work, claimed.staged, claimed.sidecar
+        actual = staged.sha256 if staged else None
+        expected = sidecar.sha256 if sidecar else None
+        if claimed.refused is not None or staged is None:
+            refused = claimed.refused or swap.Refused("unreadable", "the staged file")
+            await self._reject(work, refused.reason, expected, actual, sidecar, error=refused.error)
             return
         if sidecar is None or sidecar.sha256 is None:
             await self._reject(work, "missing_checksum", None, actual, sidecar)
@@ -462,11 +480,10 @@ class StagedFile(_Controller):
         if self.spec.validate is not None:
             verdict = await self.validate(work)
             if not verdict.ok:
-                expected = sidecar.sha256
                 said = {"exit_code": verdict.exit_code, "output_tail": verdict.output_tail}
                 await self._reject(work, "validation_failed", expected, actual, sidecar, **said)
                 return
-        await self._install(work, actual, sidecar)
+        await self._install(work, staged, sidecar)
 
     async def _reject(
         self,
@@ -478,7 +495,8 @@ class StagedFile(_Controller):
         **extra: Any,
     ) -> None:
         self.reject(reason, expected, actual, **extra)
-        await asyncio.to_thread(swap.set_aside, work, swap.rejected_of(self.staging))
+        with contextlib.suppress(FileNotFoundError):  # it may have vanished while checked
+            await asyncio.to_thread(swap.set_aside, work, swap.rejected_of(self.staging))
         if sidecar is not None:  # consumed with its file, never before it is dealt with
             await asyncio.to_thread(swap.consume_sidecar, self.sidecar, sidecar.text)
 
@@ -495,8 +513,8 @@ class StagedFile(_Controller):
         timer = asyncio.get_running_loop().call_later(SIDECAR_GRACE, drop)
         self._sidecar_timers.add(timer)
 
-    async def _install(self, work: Path, sha: str, sidecar: swap.Sidecar) -> None:
-        previous = self.live_sha
+    async def _install(self, work: Path, staged: swap.Staged, sidecar: swap.Sidecar) -> None:
+        previous, sha = self.live_sha, staged.sha256
         name = self.sync.program.name
         if sha == previous:  # nothing changes for the program: no swap, no probation
             await asyncio.to_thread(work.unlink)
@@ -504,7 +522,10 @@ class StagedFile(_Controller):
             self.record("config_applied", sha256=sha, previous_sha256=previous, unchanged=True)
             return
         try:
-            await asyncio.to_thread(self._locked_install, work, sha, sidecar)
+            await asyncio.to_thread(self._locked_install, work, staged, sidecar)
+        except swap.Refused as exc:  # the deployer swapped the claimed file meanwhile
+            await self._reject(work, exc.reason, sha, None, sidecar, error=exc.error)
+            return
         except OSError as exc:  # read-only target, disk full: the live file is untouched
             await self._reject(work, "install_failed", sha, sha, sidecar, error=str(exc))
             return
@@ -512,10 +533,10 @@ class StagedFile(_Controller):
         logger.info("{}: applied {} (sha256 {})", name, self.path, sha[:12])
         await self.judge(sha)
 
-    def _locked_install(self, work: Path, sha: str, sidecar: swap.Sidecar) -> None:
+    def _locked_install(self, work: Path, staged: swap.Staged, sidecar: swap.Sidecar) -> None:
         with self._files_lock:
-            swap.install(work, self.path)
-            self.live_sha = sha
+            swap.install(work, self.path, staged.identity)
+            self.live_sha = staged.sha256
         swap.consume_sidecar(self.sidecar, sidecar.text)  # only once its file is live
 
     async def newer_waiting(self) -> bool:
@@ -618,6 +639,23 @@ class LiveFile(_Controller):
 
     def restored(self, sha: str) -> None:
         self.applied_sha = sha
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """A staged version taken aside, as first seen: ``refused`` is the first
+    reason not to use it (the file's own before its sidecar's)."""
+
+    work: Path
+    staged: swap.Staged | None
+    sidecar: swap.Sidecar | None
+    refused: swap.Refused | None
+
+
+def _as_refused(exc: Exception, what: str) -> swap.Refused:
+    if isinstance(exc, swap.Refused):
+        return exc
+    return swap.Refused("unreadable", f"{what}: {exc}")
 
 
 def _resolved_dir(directory: Path) -> Path:

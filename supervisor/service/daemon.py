@@ -22,7 +22,7 @@ from loguru import logger
 from supervisor import __version__
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
-from supervisor.core import spawn
+from supervisor.core import output, sockets, spawn
 from supervisor.core.program import (
     CommandError,
     Context,
@@ -74,6 +74,8 @@ def privilege_errors(config: AppConfig) -> list[str]:
             errors.append(f"{config.path}: programs.{spec.name}.user: {exc}")
         except spawn.SpawnError:
             pass
+        for why in spawn.capability_errors(spec.capabilities):
+            errors.append(f"{config.path}: programs.{spec.name}.capabilities: {why}")
     return errors
 
 
@@ -131,7 +133,7 @@ class Supervisor:
         self.dev = dev
         sup = config.supervisor
         prepare_state_dir(sup.state_dir)
-        sup.log_dir.mkdir(parents=True, exist_ok=True)
+        output.prepare_log_dir(sup.log_dir)  # 0750, whatever the umask
         self.history = History(
             sup.state_dir / HISTORY_NAME,
             on_listener_error=_listener_failed,
@@ -139,8 +141,14 @@ class Supervisor:
             backups=sup.history_backups,
             on_write_error=_history_write_failed,
         )
+        # The listening sockets of every program (``sockets``): bound in run()
+        # and at each reload, kept across restarts, handed to the programs' runs.
+        self.listeners = sockets.Listeners()
         self.ctx = Context(
-            history=self.history, log_dir=sup.log_dir, echo_width=self._echo_width(config.programs)
+            history=self.history,
+            log_dir=sup.log_dir,
+            echo_width=self._echo_width(config.programs),
+            launcher=self.listeners.launch,
         )
         self.programs: dict[str, Program] = {}
         # program name -> its attachments, by the factory that made each
@@ -175,6 +183,10 @@ class Supervisor:
             for service in self.services:
                 await service.start()
                 self._running_services.append(service)
+            # After the services: the control socket refused a second gosup
+            # first, and the leftover sweep stopped a previous gosup's programs
+            # (which may still hold these ports). ConfigError when one cannot be bound.
+            self.listeners.open_for(self.config)
             # Recorded once the services are up: a gosup that the control
             # service refused (another one owns this state_dir) must leave no
             # started/stopped records in the running one's history.
@@ -331,6 +343,7 @@ class Supervisor:
         self._running_services.clear()
         for program in self.programs.values():
             await program.close()
+        self.listeners.close()
         if self._started:
             self.history.record(
                 "supervisor_stopped", version=__version__, config_sha256=self.config.sha256
@@ -397,6 +410,8 @@ class Supervisor:
             new = configmod.load(self.config.path)
             if errors := privilege_errors(new):
                 raise configmod.ConfigError(errors)
+            # A socket that cannot be bound refuses the reload, nothing changed.
+            self.listeners.open_for(new)
             if new.supervisor != self.config.supervisor:
                 logger.warning("[supervisor] changes take effect at the next gosup start")
             old_specs = {p.name: p for p in self.config.programs}
@@ -432,6 +447,7 @@ class Supervisor:
                     await self._add_program(new_specs[name])
             # Keep app.toml order for status listings.
             self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
+            self.listeners.release_unused(self.config)
             logger.info(
                 "reloaded: added {}, removed {}, restarted {}, updated in place {}",
                 added,

@@ -39,10 +39,12 @@ killed or crashed: ``supervisor_lost`` (its pid, the time of its last
 record) is written first, then an ``exited`` record with ``reason =
 "lost"`` for each program pids.json says it had running.
 
-**PID 1.** As a container's entrypoint, gosup inherits every orphan of the
-container and must reap them, or zombies pile up. It must not reap its own
-children, though: ``Popen`` (programs, builds and validators are all
-``Popen`` children) needs those exit statuses. So the reaper never calls
+**PID 1, and the subreaper.** As a container's entrypoint, gosup inherits
+every orphan of the container; as the child subreaper it is everywhere
+(``spawn.become_subreaper``), it inherits its programs' orphans. It must
+reap them, or zombies pile up. It must not reap its own children, though:
+``Popen`` (programs, builds and validators are all ``Popen`` children)
+needs those exit statuses. So the reaper never calls
 ``waitpid(-1)``: it looks at gosup's zombie children once a second and only
 reaps one that is not a program's current child, that was already a
 zombie at the previous look, and that no live ``Popen`` object still has
@@ -391,7 +393,7 @@ async def stop_leftovers(procs: list[psutil.Process], grace: float) -> bool:
 
 
 class Reaper:
-    """Reaps orphaned zombies when gosup is PID 1, never a child someone waits for."""
+    """Reaps orphaned zombies (gosup is PID 1 or a subreaper), never a child someone waits for."""
 
     def __init__(self, sup: Supervisor, interval: float = REAP_INTERVAL) -> None:
         self.sup = sup
@@ -462,8 +464,9 @@ class OrphanService:
         await self.clear_leftovers()
         self.pids.write()
         self.sup.history.add_listener(self.pids.on_record)
-        if os.getpid() == 1:
-            logger.info("running as PID 1: reaping orphaned zombies")
+        # A child subreaper (core/spawn.py): what a program double-forks stays
+        # ours, to be stopped with it; its zombies are ours to reap, as PID 1's.
+        if spawn.become_subreaper() or os.getpid() == 1:
             self.reaper = Reaper(self.sup)
             self.reaper.start()
 

@@ -1,0 +1,88 @@
+"""The parts of an overlap restart (``restart_mode = "overlap"``, DESIGN §3).
+
+A planned restart of a program with ``restart_mode = "overlap"`` starts the
+replacement first, with the same inherited sockets, and keeps the old
+process serving until the replacement is RUNNING (its readiness probe
+passed, else it stayed up ``start_seconds``). Then the old process gets its
+``stop_signal`` (a Go server calls ``http.Server.Shutdown`` and finishes its
+in-flight requests). A replacement that crashes or never gets ready is
+stopped instead, the old process keeps serving, and ``restart_failed`` says
+why.
+
+The Program's actor does the deciding (core/program.py: while the
+replacement starts, the program is STARTING with the replacement as its
+child and the old run kept here as an ``OldRun``). This module holds the two
+pieces of state it needs and the stop of a process beside the running one
+(``Retiring``): the old run after the takeover, or a replacement that
+failed. Such a stop is the same as any stop (stop_signal to the group and to
+descendants that left it, SIGKILL to the whole tree after stop_timeout),
+only it does not change the program's state.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from supervisor.core import spawn
+from supervisor.core.output import RunPipes
+
+
+@dataclass
+class OldRun:
+    """The process an overlap restart replaces; it serves until the takeover."""
+
+    child: spawn.Child
+    pipes: RunPipes  # its output, still feeding the program's log files
+    started_at: float | None
+    reason: str  # the restart's reason (operator, leak, unhealthy, config, build)
+    stop_signal: int  # what it is stopped with at the takeover (SIGQUIT for leak evidence)
+    request: Any = None  # the Restart message, answered once the old process is gone
+
+
+@dataclass
+class Retiring:
+    """A process being stopped beside the program's current run."""
+
+    child: spawn.Child
+    pipes: RunPipes
+    started_at: float | None
+    reason: str  # the stop's reason in the history ("restart (operator)", "restart_failed")
+    stop_signal: int
+    request: Any = None  # answered once it is gone
+    snapshot: list[psutil.Process] = field(default_factory=list)
+    killed: bool = False
+
+    def begin(self) -> None:
+        """Send the stop signal to its group and to descendants that left it."""
+        self.snapshot = self.child.tree()
+        self.child.signal_group(self.stop_signal)
+        self.child.signal_escaped(self.snapshot, self.stop_signal)
+
+    def kill(self) -> None:
+        """stop_timeout passed (or a Kill): SIGKILL the whole tree."""
+        self.killed = True
+        self.child.signal_group(signal.SIGKILL)
+        spawn.kill_tree(self.snapshot + self.child.tree())
+
+    def sweep(self) -> None:
+        """The main process is gone: what is left of its tree goes too."""
+        left = spawn.alive(self.snapshot + self.child.group_members())
+        if left:
+            self.killed = True
+            spawn.kill_tree(left)
+        self.snapshot = []
+
+    def exit_info(self, code: int, clock: Callable[[], float]) -> dict[str, Any]:
+        sig = -code if code < 0 else None
+        uptime = clock() - self.started_at if self.started_at is not None else 0.0
+        return {
+            "pid": self.child.pid,
+            "exit_code": code if code >= 0 else None,
+            "signal": spawn.signal_by_name(sig) if sig else None,
+            "uptime_s": round(uptime, 3),
+        }
