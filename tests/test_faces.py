@@ -451,3 +451,30 @@ def test_connections_close_the_idle_first_and_after_the_idle_timeout() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(main(os.path.join(tmp, "s.sock")))
+
+
+@pytest.mark.parametrize(
+    ("listen", "warned"),
+    [
+        ("127.0.0.1:9109", False),
+        ("[::1]:9109", False),
+        ("localhost:9109", False),
+        ("0.0.0.0:9109", True),
+        ("[::]:9109", True),
+        ("192.0.2.7:9109", True),
+    ],
+)
+def test_check_warns_when_metrics_listen_is_not_loopback(
+    tmp_path: Path, listen: str, warned: bool
+) -> None:
+    config = tmp_path / "app.toml"
+    config.write_text(f'[supervisor]\nmetrics_listen = "{listen}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    warning = f"warning: {config}: supervisor.metrics_listen: {listen} is not a loopback address"
+    assert (warning in result.stderr) is warned, result.stderr
