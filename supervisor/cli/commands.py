@@ -127,9 +127,16 @@ def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
-    for note in daemon.privilege_errors(config):  # `check` may run as another user than gosup
-        print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
+    # A user switch or capabilities gosup could not grant: `check` may run as
+    # another user than gosup (a warning then), but what root cannot grant, no
+    # gosup can: run as root, `check` refuses it like `run` would.
+    privileges = daemon.privilege_errors(config)
+    as_root = os.geteuid() == 0
+    if not as_root:
+        for note in privileges:
+            print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
     errors, warnings = daemon.preflight(config)
+    errors = [*privileges, *errors] if as_root else errors
     for note in warnings:
         print(f"warning: {note}", file=sys.stderr)
     if errors:
