@@ -18,6 +18,7 @@ from supervisor.cli.common import EXIT_USAGE, CLIError
 
 if TYPE_CHECKING:
     from supervisor.config import AppConfig
+    from supervisor.core.output import DroppingWriter
 
 
 class Daemon:
@@ -49,6 +50,11 @@ class Daemon:
         from supervisor.service import preflight
 
         return preflight.findings(config)
+
+    def log_writer(self, fd: int) -> DroppingWriter:
+        from supervisor.core.output import DroppingWriter
+
+        return DroppingWriter(fd, label="stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

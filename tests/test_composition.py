@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,40 @@ def test_a_removed_listener_is_not_called_and_a_failing_one_is_logged(
             sup.history.close()
 
     asyncio.run(main())
+
+
+def test_cancel_and_wait_never_swallows_the_callers_cancellation() -> None:
+    """A part closed by a shutdown that is itself cancelled must end: the old
+    ``cancel(); with suppress(CancelledError): await task`` swallowed the
+    caller's cancellation when it came while the task was still cleaning up
+    (a shutdown then waited forever, seen as 'gosup did not stop')."""
+    from supervisor.core.tasks import cancel_and_wait
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.2))  # cleanup that takes a moment
+
+    async def closer(task: asyncio.Task[None], swallowing: bool) -> str:
+        if swallowing:  # the pattern the helper replaces
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        else:
+            await cancel_and_wait(task)
+        return "went on"
+
+    async def main(swallowing: bool) -> str:
+        task = asyncio.create_task(slow_to_end())
+        await asyncio.sleep(0)
+        outer = asyncio.create_task(closer(task, swallowing))
+        await asyncio.sleep(0.05)
+        outer.cancel()  # the caller is cancelled while the task cleans up
+        try:
+            return await outer
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(main(swallowing=True)) == "went on"  # the defect
+    assert asyncio.run(main(swallowing=False)) == "cancelled"

@@ -272,7 +272,9 @@ def test_reload_applies_only_the_difference(gosup_factory: Factory, goapp: Path)
     )
     r = run(g, "reload")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "reloaded: added new; removed drop; changed change"
+    assert r.stdout.strip() == (
+        "reloaded: added new; removed drop; restarted change; updated in place -"
+    )
     now = {n: p for n, p in status(g).items()}
     assert list(now) == ["keep", "change", "new"]
     assert now["keep"]["pid"] == pids["keep"]

@@ -148,7 +148,9 @@ def test_reload_changing_a_program_on_probation(gosup_factory: Factory, goapp: P
     g.running_pid("api")
     stage(g, V1)
     g.wait_event("config_applied", "api", where=lambda r: r["sha256"] == sha(V1))
-    g.config.write_text(g.config.read_text().replace('"200ms"', '"300ms"', 1))
+    # A new command: a change that restarts (a new start_seconds would not, DESIGN §4).
+    text = g.config.read_text()
+    g.config.write_text(text.replace('"-report-signals"]', '"-report-signals", "-version", "2"]'))
     r = g.cli("reload")
     assert r.returncode == 0, r.stderr
     g.wait_event("running", "api", count=2)
@@ -195,7 +197,10 @@ def test_second_sigint_kills_during_a_slow_reload(gosup_factory: Factory, goapp:
     g = gosup_factory(prog(goapp, "a", "-ignore-term", stop_timeout='"60s"'))
     started(g)
     pid = wait_state(g, "a", "RUNNING")["pid"]
-    g.config.write_text(g.config.read_text().replace('"200ms"', '"300ms"', 1))
+    # A new command: a change that restarts (a new start_seconds would not, DESIGN §4).
+    g.config.write_text(
+        g.config.read_text().replace('"-ignore-term"', '"-ignore-term", "-version", "2"')
+    )
     g.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     g.wait_event("stopping", "a", where=lambda r: r["reason"] == "changed by reload")
     g.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]

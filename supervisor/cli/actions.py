@@ -73,7 +73,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
                 print(escape(error), file=sys.stderr)
             return EXIT_USAGE
         raise CLIError(str(reply.get("error")))
-    parts = [f"{k} {', '.join(data[k]) or '-'}" for k in ("added", "removed", "changed")]
+    # "changed": how they run changed, so they were restarted; "updated": the
+    # new settings apply to the running process (an older gosup sends none).
+    said = {
+        "added": "added",
+        "removed": "removed",
+        "changed": "restarted",
+        "updated": "updated in place",
+    }
+    parts = [f"{what} {', '.join(data.get(k) or []) or '-'}" for k, what in said.items()]
     print(escape("reloaded: " + "; ".join(parts)))
     return EXIT_OK
 

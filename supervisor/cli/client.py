@@ -46,7 +46,7 @@ def _read_state_dir(config: str) -> Path | None:
     try:
         with open(config, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, tomllib.TOMLDecodeError, RecursionError):
         return None
     section = data.get("supervisor", {})
     value = section.get("state_dir", DEFAULT_STATE_DIR) if isinstance(section, dict) else None

@@ -11,9 +11,10 @@ other commands' modules) entirely, so client commands start fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from supervisor import __version__
@@ -36,7 +37,20 @@ if TYPE_CHECKING:
 # -- run / check ----------------------------------------------------------------
 
 
-def setup_logging(verbose: bool) -> None:
+class LogWriter(Protocol):
+    """Where gosup's own log goes: ``write`` never blocks (DESIGN §1)."""
+
+    def write(self, data: bytes) -> object: ...
+
+    def close(self, timeout: float = 1.0) -> None: ...
+
+
+def setup_logging(verbose: bool, writer: LogWriter) -> Callable[[], None]:
+    """gosup's own log, on stderr through ``writer`` (the daemon's, see
+    ``Daemon.log_writer``): a queue that a thread writes from, so a reader
+    that stops reading (a paused ``| less``, a journald backlog) loses
+    messages, counted, and never stalls supervision. Returns the closer
+    ``run`` calls at exit (it waits a second at most for the queue)."""
     from loguru import logger
 
     logger.remove()
@@ -48,14 +62,25 @@ def setup_logging(verbose: bool) -> None:
             "<dim>{time:HH:mm:ss.SSS}</dim> <bold>gosup</bold> <level>{level: <7}</level> {message}"
         )
     )
-    logger.add(
-        sys.stderr,
+
+    def sink(message: str) -> None:
+        writer.write(message.encode("utf-8", "replace"))
+
+    sink_id = logger.add(
+        sink,
         level="DEBUG" if verbose else "INFO",
         format=fmt,
-        colorize=None if not under_systemd else False,
+        colorize=not under_systemd and sys.stderr.isatty(),
         backtrace=False,
         diagnose=False,
     )
+
+    def close() -> None:
+        with contextlib.suppress(ValueError):
+            logger.remove(sink_id)
+        writer.close()
+
+    return close
 
 
 class Daemon(Protocol):
@@ -78,12 +103,19 @@ class Daemon(Protocol):
         """(errors, warnings) a start would run into: missing or unexecutable binaries."""
         ...
 
+    def log_writer(self, fd: int) -> LogWriter:
+        """A writer for gosup's own log on ``fd`` that never blocks the daemon."""
+        ...
+
 
 def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
     config = load_config(args.config)
-    setup_logging(args.verbose)
+    close_log = setup_logging(args.verbose, daemon.log_writer(sys.stderr.fileno()))
     echo = sys.stdout.isatty() if args.echo is None else args.echo
-    return daemon.run(config, echo=echo, dev=args.dev)
+    try:
+        return daemon.run(config, echo=echo, dev=args.dev)
+    finally:
+        close_log()
 
 
 def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
@@ -95,9 +127,16 @@ def cmd_check(args: argparse.Namespace, daemon: Daemon) -> int:
             print(error, file=sys.stderr)
         return EXIT_USAGE
     config = configmod.load(args.config)
-    for note in daemon.privilege_errors(config):  # `check` may run as another user than gosup
-        print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
+    # A user switch or capabilities gosup could not grant: `check` may run as
+    # another user than gosup (a warning then), but what root cannot grant, no
+    # gosup can: run as root, `check` refuses it like `run` would.
+    privileges = daemon.privilege_errors(config)
+    as_root = os.geteuid() == 0
+    if not as_root:
+        for note in privileges:
+            print(f"warning: {note} (an error when gosup runs as this user)", file=sys.stderr)
     errors, warnings = daemon.preflight(config)
+    errors = [*privileges, *errors] if as_root else errors
     for note in warnings:
         print(f"warning: {note}", file=sys.stderr)
     if errors:

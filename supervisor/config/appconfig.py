@@ -228,6 +228,7 @@ class SupervisorSpec:
     shutdown_timeout: float = 30.0
     history_max_size: int = 64 * 1024**2  # history.jsonl rotates here ...
     history_backups: int = 5  # ... keeping this many older files
+    status_page: bool = False  # the read-only HTML page at metrics_listen "/"
 
 
 @dataclass(frozen=True)
@@ -512,7 +513,7 @@ class _Table:
 def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
     if t is None:
         t = _Table([], "", {}, "supervisor", None)  # all defaults
-    return SupervisorSpec(
+    spec = SupervisorSpec(
         state_dir=t.get("state_dir", _path(base), _path(base)(DEFAULT_STATE_DIR)),
         log_dir=t.get("log_dir", _path(base), _path(base)("logs")),
         metrics_listen=t.get("metrics_listen", _listen_address, None),
@@ -521,7 +522,11 @@ def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
         history_backups=t.get(
             "history_backups", _non_negative_integer, SupervisorSpec.history_backups
         ),
+        status_page=t.get("status_page", _boolean, False),
     )
+    if spec.status_page and spec.metrics_listen is None:
+        t.error("status_page", "needs metrics_listen (the page is served there, at /)")
+    return spec
 
 
 def _environment(t: _Table, key: str) -> Mapping[str, str]:
@@ -861,11 +866,35 @@ def _syntax_error(source: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
     return f"{source}: {message}"
 
 
+MAX_DEPTH = 16  # tables and arrays in tables: app.toml needs 5 at most
+
+
+def _too_deep(data: object) -> str | None:
+    """The key path of the first value nested deeper than MAX_DEPTH, if any."""
+    todo: list[tuple[object, str, int]] = [(data, "", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            return path
+        if isinstance(value, dict):
+            todo += ((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            todo += ((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+    return None
+
+
 def _parse(text: str, source: str, sha256: str) -> AppConfig:
+    # The file may come from anyone who can write it: nesting that exhausts
+    # the parser's recursion, or ours, is a config error, never a traceback.
+    too_deep = f"{source}: nested deeper than {MAX_DEPTH} levels"
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(source, text, exc)]) from None
+    except RecursionError:
+        raise ConfigError([f"{too_deep} (too deep to parse)"]) from None
+    if (where := _too_deep(data)) is not None:
+        raise ConfigError([f"{too_deep}: {where[:200]}"])
     path = Path(os.path.abspath(source))
     base = str(path.parent)
     errors: list[str] = []

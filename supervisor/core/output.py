@@ -479,5 +479,10 @@ class OutputCapture:
         self.stdout.file.close()
         self.stderr.file.close()
 
+    def set_rotation(self, max_size: int, backups: int) -> None:
+        """New ``[logs]`` settings (a reload), from the next write on."""
+        for stream in (self.stdout, self.stderr):
+            stream.file.max_size, stream.file.backups = max_size, backups
+
     def close(self) -> None:
         self.detach()

@@ -132,6 +132,16 @@ class SendSignal(Message):
 
 
 @dataclass
+class Reconfigure(Message):
+    """A reload changed settings that apply to the running process (limits,
+    probes, logs, backoff, config_files, stop settings ...): ``spec`` from now
+    on, without a restart. (A change of how the child runs, its command or
+    environment say, is a restart: the daemon decides which.)"""
+
+    spec: ProgramSpec | None = None
+
+
+@dataclass
 class Kill(Message):
     """SIGKILL the whole tree now (second SIGINT)."""
 
@@ -365,6 +375,8 @@ class Program:
             self._on_not_ready(msg)
         elif isinstance(msg, _RetireTimeout):
             self._on_retire_timeout(msg)
+        elif isinstance(msg, Reconfigure):
+            self._on_reconfigure(msg)
 
     def _reply(self, msg: Message, text: str) -> None:
         if msg.reply is not None and not msg.reply.done():
@@ -825,6 +837,15 @@ class Program:
         if self.state is not S.STOPPED:
             self._transition(S.STOPPED)
         await self._spawn()
+
+    def _on_reconfigure(self, msg: Reconfigure) -> None:
+        spec = msg.spec
+        if spec is None or spec.name != self.name:
+            raise CommandError(f"{self.name}: no spec for this program to use")
+        self.spec = spec  # the failure count and the current run carry on
+        self.policy = BackoffPolicy(spec.backoff, self.ctx.rng)
+        self.output.set_rotation(spec.logs.max_size, spec.logs.backups)
+        self._reply(msg, f"{self.name} updated in place")
 
     def _on_signal(self, msg: SendSignal) -> None:
         child = self.child

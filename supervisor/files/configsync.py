@@ -49,6 +49,7 @@ from supervisor.config import ConfigFileSpec
 from supervisor.core import spawn
 from supervisor.core.program import Program
 from supervisor.core.states import ProcessState
+from supervisor.core.tasks import cancel_and_wait
 from supervisor.files import configswap as swap
 from supervisor.files import validator, watching
 from supervisor.files.confirmed import Confirmed
@@ -236,14 +237,7 @@ class _Controller:
     async def close(self) -> None:
         if self._debounce is not None:
             self._debounce.cancel()
-        if self._baseline is not None:
-            self._baseline.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._baseline
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._baseline, self._task)
 
     async def check(self) -> None:
         raise NotImplementedError

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from supervisor.config import OnChange, ProbeSpec, ProgramSpec
 from supervisor.core.program import CommandError, Program, Restart, SendSignal
 from supervisor.core.states import ProcessState
+from supervisor.core.tasks import cancel_and_wait
 from supervisor.files.validator import Verdict
 
 S = ProcessState
@@ -148,11 +149,7 @@ class Probation:
                 assert newer is not None
                 woke = loop.create_task(newer())
         finally:
-            for t in (task, ended, woke):
-                if t is not None:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Abandoned):
-                        await t
+            await cancel_and_wait(task, ended, woke, expected=(Abandoned,))
         if self.abandoned:
             raise Abandoned("the program was stopped during probation")
         if self.failure is not None:

@@ -42,6 +42,8 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
+from supervisor.core.tasks import cancel_and_wait
+
 T = TypeVar("T")
 FORCE_POLLING_ENV = "GOSUP_FORCE_POLLING"
 EventFilter = list[type[FileSystemEvent]]
@@ -182,10 +184,7 @@ class Watch(FileSystemEventHandler, Generic[T]):
                 self._loop.call_soon_threadsafe(self.deliver, picked)
 
     async def close(self) -> None:
-        if self._rearm_task is not None:
-            self._rearm_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rearm_task
+        await cancel_and_wait(self._rearm_task)
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.stop()

@@ -10,10 +10,18 @@
 
 A failed scrape is an error to show, never a reason to kill: callers catch
 `ScrapeError`.
+
+The answer comes from a program, so it is untrusted input, and it is read
+with bounded work: at most ``METRICS_MAX_BYTES``; Prometheus text of at most
+``MAX_LINES`` lines of ``MAX_LINE`` bytes, scanned in linear time; expvar
+JSON nested no deeper than Python's JSON reader allows (a RecursionError is
+a scrape error like any other). An answer over ``THREAD_ABOVE`` bytes is
+parsed in a thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -22,11 +30,17 @@ from supervisor.health.gohttp import HttpClient, http_get, target_of
 from supervisor.health.gohttp import ScrapeError as ScrapeError
 
 METRICS_MAX_BYTES = 4 * 1024**2
+MAX_LINES = 200_000  # Prometheus text: a big Go service exports a few thousand
+MAX_LINE = 64 * 1024
+THREAD_ABOVE = 256 * 1024
 
+# Anchored at a line start, and a label set never crosses a newline: each
+# byte is looked at a bounded number of times, whatever the answer holds.
 _PROM_LINE = re.compile(
-    r"^(go_goroutines|go_memstats_heap_inuse_bytes)(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE
+    rb"^(go_goroutines|go_memstats_heap_inuse_bytes)(?:\{[^}\n]*\})?[ \t]+([^\s]+)",
+    re.MULTILINE,
 )
-_PROM_KEYS = {"go_goroutines": "goroutines", "go_memstats_heap_inuse_bytes": "heap_inuse_bytes"}
+_PROM_KEYS = {b"go_goroutines": "goroutines", b"go_memstats_heap_inuse_bytes": "heap_inuse_bytes"}
 _PPROF_TOTAL = re.compile(rb"^goroutine profile: total (\d+)")
 
 
@@ -41,9 +55,21 @@ def parse_metrics(body: bytes) -> dict[str, int]:
     return _parse_prometheus(text)
 
 
+def check_text(body: bytes) -> None:
+    """ScrapeError unless ``body`` is within the Prometheus text caps."""
+    lines = body.count(b"\n") + 1
+    if lines > MAX_LINES:
+        raise ScrapeError(f"answer has {lines} lines, more than {MAX_LINES}")
+    longest = max(map(len, body.split(b"\n")))
+    if longest > MAX_LINE:
+        raise ScrapeError(f"answer has a line of {longest} bytes, more than {MAX_LINE}")
+
+
 def _parse_expvar(text: bytes) -> dict[str, int]:
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ScrapeError("answer is JSON nested too deep to read") from None
     except ValueError:
         raise ScrapeError("answer looks like JSON but does not parse") from None
     found: dict[str, int] = {}
@@ -58,8 +84,9 @@ def _parse_expvar(text: bytes) -> dict[str, int]:
 
 
 def _parse_prometheus(text: bytes) -> dict[str, int]:
+    check_text(text)
     found: dict[str, int] = {}
-    for name, value in _PROM_LINE.findall(text.decode("utf-8", "replace")):
+    for name, value in _PROM_LINE.findall(text):
         try:
             number = float(value)
         except ValueError:
@@ -85,6 +112,8 @@ async def scrape(url: str, timeout: float, client: HttpClient | None = None) -> 
     if response.status != 200:
         raise ScrapeError(f"{url}: HTTP {response.status}")
     try:
+        if len(response.body) > THREAD_ABOVE:
+            return await asyncio.to_thread(parse_metrics, response.body)
         return parse_metrics(response.body)
     except ScrapeError as exc:
         raise ScrapeError(f"{url}: {exc}") from None

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor.config import MetricCheck, ProbeKind, ProbeSpec, ProgramSpec
 from supervisor.core import spawn
 from supervisor.health import gohttp
+from supervisor.health.gometrics import METRICS_MAX_BYTES, ScrapeError, check_text
 
 HTTP_MAX_BYTES = 64 * 1024  # a probe reads the status; the body only to keep the connection
-METRICS_MAX_BYTES = 4 * 1024**2
 EXEC_OUTPUT_BYTES = 512  # the end of a failing exec probe's output, for its error
 
 
@@ -144,6 +144,10 @@ def _kill_group(pgid: int) -> None:
 def metric_verdict(check: MetricCheck, body: bytes) -> str | None:
     """Compare the sample ``check`` names (labels a subset) in Prometheus text."""
     wanted = dict(check.labels)
+    try:
+        check_text(body)
+    except ScrapeError as exc:
+        return f"metrics are not readable ({exc})"
     try:
         for family in text_string_to_metric_families(body.decode("utf-8", "replace")):
             for sample in family.samples:

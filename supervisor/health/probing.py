@@ -28,6 +28,7 @@ from loguru import logger
 from supervisor.config import Evidence, LimitsSpec, ProbeSpec
 from supervisor.core.program import CommandError, NotReady, Program, Ready, Restart
 from supervisor.core.states import ProcessState
+from supervisor.core.tasks import cancel_and_wait
 from supervisor.health import evidence
 from supervisor.health.evidence import Dumps, SigquitCapture, restart_with_sigquit
 from supervisor.health.gohttp import ScrapeError
@@ -63,10 +64,7 @@ class ProbeWatch:
     async def close(self) -> None:
         with contextlib.suppress(ValueError):
             self.program.state_listeners.remove(self._on_state)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for prober in (self.ready, self.live):
             if prober is not None:
                 await prober.aclose()

@@ -144,7 +144,10 @@ class ResourceSampler:
         """Follow the supervisor's programs (a reload replaces changed ones)."""
         programs = self.programs()
         for name, old in list(self.sampled.items()):
-            if programs.get(name) is not old.program:  # removed, or replaced by a reload
+            program = programs.get(name)
+            # Removed or replaced by a reload, or its [limits] updated in place:
+            # followed afresh (new interval, counts start over).
+            if program is not old.program or program.spec.limits is not old.limits:
                 self._forget(old)
                 del self.sampled[name]
         for name, program in programs.items():

@@ -30,7 +30,10 @@ are disconnected. One gosup per state_dir: an abstract-namespace socket
 named after the state_dir's resolved path (``instance_name``, which a
 deleted and re-created directory does not free) and an flock on
 ``gosup.lock`` (which tells a stale socket from a live one), both held for
-gosup's life.
+gosup's life. At most ``MAX_CONNECTIONS`` are open at once: one idle
+for ``IDLE_TIMEOUT`` is closed, and when all are open the longest idle one
+makes room for a newcomer (``service/conncap.py``), so idle connections can
+never lock ``gosup status`` out.
 """
 
 from __future__ import annotations
@@ -58,9 +61,16 @@ from supervisor import history as events
 from supervisor.core.program import CommandError, Message, Restart, SendSignal, Start, Stop
 from supervisor.core.states import SIGNALLABLE_STATES
 from supervisor.protocol import LOCK_NAME, MAX_REQUEST, SOCKET_NAME, RequestError
+from supervisor.service.conncap import Connections
 from supervisor.service.daemon import StartupError, Supervisor
 
 MAX_REPLY = 1 << 20  # what the history command keeps its reply under
+# Connections (service/conncap.py): at most this many open; one that waits
+# longer than IDLE_TIMEOUT for its next request is closed; a reply the client
+# does not take within SEND_TIMEOUT ends the connection.
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 60.0
+SEND_TIMEOUT = 10.0
 MIN_RECORD = 40  # bytes: no history record is shorter, so a reply holds fewer than
 MAX_HISTORY = MAX_REPLY // MIN_RECORD  # this many records (more are never read)
 # Figures every status entry carries (null until a sampler fills them in), so
@@ -341,6 +351,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self.connections = Connections("control socket", MAX_CONNECTIONS, IDLE_TIMEOUT)
         self.handlers: dict[str, Handler] = dict(BUILTIN)
 
     def add_command(self, name: str, handler: Handler) -> None:
@@ -370,6 +381,7 @@ class ControlServer:
             writer.close()
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
+        self.connections.close_all()
         if self._server is not None:
             await self._server.wait_closed()
         self._unlink_socket()
@@ -439,6 +451,9 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if not self.connections.admit(writer.transport.abort):
+            await self._refuse(writer)
+            return
         self._conns[task] = writer
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
@@ -451,26 +466,39 @@ class ControlServer:
                 if reply is not None:
                     await self._send(writer, reply)
             await _hang_up(reader, writer)
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the client went away, or gosup is closing: nobody to answer
+        except (ConnectionError, TimeoutError, asyncio.CancelledError):
+            pass  # the client went away or idled, or gosup is closing: nobody to answer
         finally:
+            self.connections.leave()
             self._conns.pop(task, None)
             writer.close()
 
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Every open connection is busy: say so and hang up (never waits on the client)."""
+        busy = f"too many connections: {len(self.connections)} requests are being served; retry"
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(_encode(_error(busy)))  # a few bytes: the socket buffer takes them
+        writer.close()
+
     async def _send(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         writer.write(_encode(reply))
-        await writer.drain()
+        async with asyncio.timeout(SEND_TIMEOUT):  # a client that does not read ends here
+            await writer.drain()
 
     async def _next_reply(self, reader: asyncio.StreamReader) -> tuple[dict[str, Any] | None, bool]:
         """Read one request and serve it: (reply or None, keep the connection open)."""
         try:
-            line = await reader.readuntil(b"\n")
+            async with self.connections.waiting():
+                line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
             if not exc.partial.strip():
                 return None, False  # a clean end of the conversation
             return _error("truncated request: the connection ended before the newline"), False
         except asyncio.LimitOverrunError:
             return _error(f"request too large: at most {MAX_REQUEST} bytes per line"), False
+        except TimeoutError:
+            return None, False  # idle too long: hang up, the client may connect again
+        self.connections.busy()
         return await self.dispatch(line), True
 
     async def dispatch(self, line: bytes) -> dict[str, Any]:

@@ -23,11 +23,35 @@ from supervisor import __version__
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
 from supervisor.core import output, sockets, spawn
-from supervisor.core.program import CommandError, Context, Kill, Program, SendSignal, Start, Stop
-from supervisor.core.states import SIGNALLABLE_STATES
+from supervisor.core.program import (
+    CommandError,
+    Context,
+    Kill,
+    Program,
+    Reconfigure,
+    SendSignal,
+    Start,
+    Stop,
+)
+from supervisor.core.states import SIGNALLABLE_STATES, ProcessState
+from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import History
 from supervisor.protocol import HISTORY_NAME
 
+# How a program's child runs (DESIGN §4): a reload that changes one of these
+# restarts the program; any other change (limits, probes, logs, backoff,
+# config_files, stop and restart settings) is applied to the running process.
+# go_env is here because it changes the environment the child is given.
+RUN_FIELDS = (
+    "command",
+    "environment",
+    "directory",
+    "user",
+    "group",
+    "sockets",
+    "capabilities",
+    "go_env",
+)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, *FORWARDED_SIGNALS)
@@ -68,7 +92,9 @@ class Attachment(Service, Protocol):
     """Something that lives beside one program (config sync, dev-mode build).
 
     ``holds_autostart``: the attachment posts the program's first Start itself
-    (dev mode starts it only after a good build).
+    (dev mode starts it only after a good build). When a reload updates the
+    program in place, its attachments are closed and made again from the new
+    spec, except one with a ``keeps(spec)`` method that answers true.
     """
 
     holds_autostart: bool
@@ -76,6 +102,11 @@ class Attachment(Service, Protocol):
 
 # Makes a program's attachment, or None when the program needs none.
 AttachmentFactory = Callable[["Supervisor", Program], Attachment | None]
+
+
+def runs_differently(old: ProgramSpec, new: ProgramSpec) -> bool:
+    """True when ``new`` changes how the child runs (RUN_FIELDS): a restart."""
+    return any(getattr(old, key, None) != getattr(new, key, None) for key in RUN_FIELDS)
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -121,7 +152,8 @@ class Supervisor:
             launcher=self.listeners.launch,
         )
         self.programs: dict[str, Program] = {}
-        self.attachments: dict[str, list[Attachment]] = {}
+        # program name -> its attachments, by the factory that made each
+        self.attachments: dict[str, dict[AttachmentFactory, Attachment]] = {}
         self.services: list[Service] = []  # set by the composition root before run()
         self.attachment_factories: list[AttachmentFactory] = []  # likewise
         self.state_listeners: list[Callable[[Program, Any, Any], None]] = []
@@ -182,7 +214,7 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             # Our own tasks end before we close anything: a reload cancelled
             # here still runs its cleanup (a removed program's log files).
-            await _cancel_and_wait([dispatcher, *self._reloads])
+            await cancel_and_wait(dispatcher, *self._reloads)
             if self._shutdown_task is None:  # an error brought us here: still stop everything
                 await self._stop_all()
             else:
@@ -198,19 +230,52 @@ class Supervisor:
         program.state_listeners.append(self._state_changed)
         self.programs[spec.name] = program
         program.launch()
-        attached = []
-        for factory in self.attachment_factories:
-            att = factory(self, program)
-            if att is not None:
-                await att.start()
-                attached.append(att)
-        self.attachments[spec.name] = attached
+        attached = await self._attach(program, {})
         # An attachment that must act before the first start (dev mode's
         # initial build) holds the autostart and posts the Start itself.
-        held = any(att.holds_autostart for att in attached)
+        held = any(att.holds_autostart for att in attached.values())
         if spec.autostart and not held:
             program.post(Start(reason="autostart"))
         return program
+
+    async def _attach(
+        self, program: Program, kept: dict[AttachmentFactory, Attachment]
+    ) -> dict[AttachmentFactory, Attachment]:
+        """Start the attachments ``program`` needs (besides ``kept``) and note them."""
+        attached = dict(kept)
+        self.attachments[program.name] = attached
+        for factory in self.attachment_factories:
+            if factory in kept:
+                continue
+            att = factory(self, program)
+            if att is not None:
+                await att.start()
+                attached[factory] = att
+        return attached
+
+    async def _update_program(self, spec: ProgramSpec) -> None:
+        """Apply a changed spec to the running program: no restart, same pid.
+
+        Its attachments are made again from the new spec (a ConfigSync watches
+        the new config_files, probes use the new settings), except those that
+        say they keep (dev mode's build, when [build] did not change).
+        """
+        program = self.programs[spec.name]
+        old = program.spec
+        kept: dict[AttachmentFactory, Attachment] = {}
+        for factory, att in self.attachments.pop(spec.name, {}).items():
+            keeps = getattr(att, "keeps", None)
+            if keeps is not None and keeps(spec):
+                kept[factory] = att
+            else:
+                await _close_logged(att, spec.name)
+        try:
+            await program.request(Reconfigure(spec=spec))
+        except CommandError as exc:  # a bug: the old spec stays; say so
+            logger.error("{}: not updated: {}", spec.name, exc)
+        await self._attach(program, kept)
+        if spec.autostart and not old.autostart and program.state is ProcessState.STOPPED:
+            program.post(Start(reason="autostart"))
 
     def _state_changed(self, program: Program, old: Any, new: Any) -> None:
         for listener in list(self.state_listeners):
@@ -225,7 +290,7 @@ class Supervisor:
         program = self.programs.pop(name)
         self._leaving.add(program)  # still within kill_all's reach until it is stopped
         try:
-            for att in self.attachments.pop(name, []):
+            for att in self.attachments.pop(name, {}).values():
                 try:
                     await att.close()
                 except Exception as exc:  # still stop the program: never leave it unsupervised
@@ -250,8 +315,8 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         """Stop programs in reverse order of start, within shutdown_timeout; then kill."""
-        for name, att_list in self.attachments.items():
-            for att in att_list:
+        for name, attached in self.attachments.items():
+            for att in attached.values():
                 await _close_logged(att, name)
         self.attachments.clear()
         order = sorted(self.programs.values(), key=lambda p: p.start_seq, reverse=True)
@@ -334,13 +399,15 @@ class Supervisor:
         """Re-read app.toml and apply only the difference.
 
         An invalid file raises ConfigError before anything changes. Added
-        programs start, removed ones stop, changed ones restart with their new
-        spec, and untouched ones keep running with their pid.
+        programs start and removed ones stop. A changed program restarts only
+        when how its child runs changed (``changed``: RUN_FIELDS); any other
+        change is applied to the running process (``updated``, same pid).
+        Untouched programs keep running as they are.
         """
         async with self._reload_lock:
             if self.shutting_down:  # everything is being stopped: start nothing new
                 logger.warning("reload ignored: gosup is shutting down")
-                return {"added": [], "removed": [], "changed": []}
+                return {"added": [], "removed": [], "changed": [], "updated": []}
             new = configmod.load(self.config.path)
             if errors := privilege_errors(new):
                 raise configmod.ConfigError(errors)
@@ -352,7 +419,9 @@ class Supervisor:
             new_specs = {p.name: p for p in new.programs}
             removed = [n for n in old_specs if n not in new_specs]
             added = [n for n in new_specs if n not in old_specs]
-            changed = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]
+            different = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]
+            changed = [n for n in different if runs_differently(old_specs[n], new_specs[n])]
+            updated = [n for n in different if n not in changed]
             self.history.record(
                 "supervisor_reloaded",
                 version=__version__,
@@ -360,6 +429,7 @@ class Supervisor:
                 added=added,
                 removed=removed,
                 changed=changed,
+                updated=updated,
             )
             # The [supervisor] section in use stays the one gosup started with
             # (its state_dir holds our socket and history).
@@ -370,14 +440,23 @@ class Supervisor:
                 await self._remove_program(name, reason="changed by reload")
                 if not self.shutting_down:  # a stop may take long: gosup may be ending now
                     await self._add_program(new_specs[name])
+            for name in updated:
+                if not self.shutting_down and name in self.programs:
+                    await self._update_program(new_specs[name])
             for name in added:
                 if not self.shutting_down:
                     await self._add_program(new_specs[name])
             # Keep app.toml order for status listings.
             self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
             self.listeners.release_unused(self.config)
-            logger.info("reloaded: added {}, removed {}, changed {}", added, removed, changed)
-            return {"added": added, "removed": removed, "changed": changed}
+            logger.info(
+                "reloaded: added {}, removed {}, restarted {}, updated in place {}",
+                added,
+                removed,
+                changed,
+                updated,
+            )
+            return {"added": added, "removed": removed, "changed": changed, "updated": updated}
 
 
 def _listener_failed(exc: BaseException) -> None:
@@ -401,12 +480,3 @@ async def _close_logged(part: Service, owner: str) -> None:
         await part.close()
     except Exception as exc:
         logger.opt(exception=exc).error("{}: closing {} failed: {}", owner, part, exc)
-
-
-async def _cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel our own tasks and wait until they have ended (their cleanup ran)."""
-    for task in tasks:
-        task.cancel()
-    for result in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(result, Exception):
-            logger.opt(exception=result).error("a gosup task failed: {}", result)

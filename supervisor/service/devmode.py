@@ -34,7 +34,7 @@ from pathlib import Path
 from loguru import logger
 
 from supervisor import fileops
-from supervisor.config import BuildSpec, ConfigError
+from supervisor.config import BuildSpec, ConfigError, ProgramSpec
 from supervisor.core import spawn
 from supervisor.core.output import TerminalEcho
 from supervisor.core.program import CommandError, Message, Program, Restart, Start
@@ -109,6 +109,11 @@ class DevBuild:
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"build:{self.program.name}"
         )
+
+    def keeps(self, spec: ProgramSpec) -> bool:
+        """A reload that updates the program in place and leaves its [build]
+        as it is keeps this watch: nothing is rebuilt, nothing restarted."""
+        return spec.build == self.spec
 
     async def close(self) -> None:
         self._cancel_reason = "stopped"

@@ -11,7 +11,13 @@ The HTTP side is a few lines of asyncio rather than prometheus_client's
 reads state that the loop changes. Here the scrape runs on the loop, between
 two messages, so it sees a consistent picture without locks. One request per
 connection, GET and HEAD only, bounded headers and a read timeout: this is
-an endpoint for a scraper, not a web server.
+an endpoint for a scraper, not a web server. At most ``MAX_CONNECTIONS`` are
+open; when they are, the one that has waited longest for its request makes
+room (``service/conncap.py``), so idle connections cannot lock Prometheus
+out nor use up gosup's file descriptors.
+
+With ``[supervisor] status_page = true`` the same port serves the read-only
+HTML status page at ``/`` (``service/statuspage.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from supervisor.core.states import RUNNING_STATES, STATE_NUMBERS, ProcessState
+from supervisor.service.conncap import Connections
+from supervisor.service.looplag import LoopLag
+from supervisor.service.statuspage import HEADERS as PAGE_HEADERS
+from supervisor.service.statuspage import StatusPage
 
 if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
@@ -64,7 +74,10 @@ FIGURES = {
     "heap_inuse_bytes": "Go heap in use, from the program's Go runtime metrics.",
 }
 MAX_REQUEST = 8192
-READ_TIMEOUT = 10.0
+READ_TIMEOUT = 5.0  # for the request head; a scraper sends it at once
+SEND_TIMEOUT = 10.0  # for the answer to be taken
+MAX_CONNECTIONS = 32
+HTML = "text/html; charset=utf-8"
 
 
 class ProgramCollector(Collector):
@@ -191,6 +204,9 @@ class MetricsServer:
         self.sup = sup
         self.listen = listen
         self.registry, self.collector = build_registry(sup)
+        self.lag = LoopLag(self.registry)
+        self.page = StatusPage(sup) if sup.config.supervisor.status_page else None
+        self.connections = Connections(f"metrics_listen {listen}", MAX_CONNECTIONS, READ_TIMEOUT)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -201,25 +217,46 @@ class MetricsServer:
         except OSError as exc:
             self.sup.history.remove_listener(self.collector.on_record)
             raise OSError(exc.errno, f"metrics_listen {self.listen}: {exc.strerror}") from exc
+        self.lag.start()
         logger.info("metrics on http://{}/metrics", self.listen)
+        if self.page is not None:
+            await self.page.start()
+            logger.info("status page on http://{}/", self.listen)
 
     async def close(self) -> None:
+        self.lag.close()
+        if self.page is not None:
+            await self.page.close()
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.collector.on_record)
         if self._server is not None:
             self._server.close()
+            self.connections.close_all()
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.connections.admit(writer.transport.abort):
+            # Every connection is busy being answered: refuse without waiting on this one.
+            busy = b"too many connections\n"
+            writer.write(_response("503 Service Unavailable", "text/plain", busy, len(busy)))
+            writer.close()
+            return
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with self.connections.waiting():
                 head = await reader.readuntil(b"\r\n\r\n")
+            self.connections.busy()
             status, ctype, body, method = self._answer(head)
-            writer.write(_response(status, ctype, b"" if method == "HEAD" else body, len(body)))
-            await writer.drain()
+            extra = PAGE_HEADERS if ctype == HTML else {}
+            shown = b"" if method == "HEAD" else body
+            writer.write(_response(status, ctype, shown, len(body), extra))
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await writer.drain()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a client that went away or sent too much: nothing to answer
+            pass  # a client that went away, idled or sent too much: nothing to answer
         finally:
+            self.connections.leave()
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # it does not read: do not wait for it
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -230,8 +267,15 @@ class MetricsServer:
         path = rest.split(" ", 1)[0].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"GET /metrics\n", method
+        if path == "/" and self.page is not None:
+            try:
+                return "200 OK", HTML, self.page.render(), method
+            except Exception as exc:  # a bug must not take /metrics down with it
+                logger.opt(exception=exc).error("status page: rendering failed")
+                return "500 Internal Server Error", "text/plain", b"status page failed\n", method
         if path != "/metrics":
-            return "404 Not Found", "text/plain", b"see /metrics\n", method
+            see = b"see /metrics and /\n" if self.page is not None else b"see /metrics\n"
+            return "404 Not Found", "text/plain", see, method
         headers = dict(_header(line) for line in header_lines if ":" in line)
         # Prometheus asks for OpenMetrics; curl gets the classic text format.
         try:
@@ -253,9 +297,12 @@ def _header(line: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
-def _response(status: str, ctype: str, body: bytes, length: int) -> bytes:
+def _response(
+    status: str, ctype: str, body: bytes, length: int, extra: dict[str, str] | None = None
+) -> bytes:
+    more = "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{more}"
         f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body

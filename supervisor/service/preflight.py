@@ -10,18 +10,27 @@ it is an error; a warning instead when the program has a ``[build]`` section
 The binary is looked up with the helper that starts programs
 (`supervisor.core.spawn.resolve_executable`), against the program's
 directory and PATH, so the verdict is the one the start would give.
+
+``metrics_listen`` on an address other than loopback is a warning: the port
+has no authentication, and whoever reaches it reads /metrics (and the status
+page, when it is on). That may well be intended (a Prometheus on another
+host), so it is said, not refused (docs/security.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 from supervisor.config import AppConfig
 from supervisor.core import spawn
+from supervisor.service.metrics import split_listen
 
 
 def findings(config: AppConfig) -> tuple[list[str], list[str]]:
     """(errors, warnings) about the programs' binaries, each naming file and key."""
     errors: list[str] = []
-    warnings: list[str] = []
+    warnings: list[str] = metrics_warnings(config)
     base = spawn.base_environment()
     for spec in config.programs:
         env = {**base, **spec.environment}
@@ -34,3 +43,31 @@ def findings(config: AppConfig) -> tuple[list[str], list[str]]:
             else:
                 errors.append(f"{where}: {exc}")
     return errors, warnings
+
+
+def metrics_warnings(config: AppConfig) -> list[str]:
+    """A warning when ``metrics_listen`` answers beyond this host."""
+    listen = config.supervisor.metrics_listen
+    if listen is None or _loopback_only(split_listen(listen)[0]):
+        return []
+    page = " and the status page" if config.supervisor.status_page else ""
+    return [
+        f"{config.path}: supervisor.metrics_listen: {listen} is not a loopback address: "
+        f"/metrics{page} answer anyone who can reach it, without authentication "
+        "(fine for a Prometheus on another host behind a firewall; see docs/security.md)"
+    ]
+
+
+def _loopback_only(host: str) -> bool:
+    """Every address ``host`` stands for is a loopback one (a name is resolved)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False  # cannot tell: say so
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )

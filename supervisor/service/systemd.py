@@ -85,7 +85,10 @@ class Notifier:
         self.address = socket_address(raw) if raw else None
         self._sock: socket.socket | None = None
         if self.address is not None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a systemd that is slow to read its notify socket
+            # (a backlog) costs a lost message, never a stalled event loop.
+            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            self._sock = socket.socket(socket.AF_UNIX, kind)
 
     @property
     def enabled(self) -> bool:
@@ -97,7 +100,7 @@ class Notifier:
             return False
         try:
             self._sock.sendto("\n".join(lines).encode(), self.address)
-        except OSError as exc:  # systemd gone or socket full: never worth crashing for
+        except OSError as exc:  # systemd gone or its queue full: never worth waiting for
             logger.debug("sd_notify {} failed: {}", lines, exc)
             return False
         return True
