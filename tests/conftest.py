@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -291,3 +293,18 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+@pytest.fixture
+def public_goapp(goapp: Path) -> Iterator[Path]:
+    """goapp where an unprivileged user (nobody, a useradd user) may run it:
+    pytest's tmp dirs are 0700."""
+    directory = Path(tempfile.mkdtemp(prefix="gosup-public-"))
+    try:
+        directory.chmod(0o755)
+        binary = directory / "goapp"
+        shutil.copy2(goapp, binary)
+        binary.chmod(0o755)
+        yield binary
+    finally:
+        shutil.rmtree(directory)

@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,20 +41,6 @@ def unprivileged_user() -> Iterator[str]:
         yield USER
     finally:
         subprocess.run(["userdel", USER], capture_output=True, check=False)
-
-
-@pytest.fixture
-def public_goapp(goapp: Path) -> Iterator[Path]:
-    """goapp where the unprivileged user may run it (pytest's tmp dirs are 0700)."""
-    directory = Path(tempfile.mkdtemp(prefix="gosup-caps-"))
-    try:
-        directory.chmod(0o755)
-        binary = directory / "goapp"
-        shutil.copy2(goapp, binary)
-        binary.chmod(0o755)
-        yield binary
-    finally:
-        shutil.rmtree(directory)
 
 
 def _free_low_port(after: int = 899) -> int:

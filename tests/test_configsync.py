@@ -403,14 +403,24 @@ def test_burst_of_stages_last_one_wins(
     assert not staging.exists()
 
 
+@pytest.mark.parametrize(
+    ("rounds", "size", "seed", "window"),
+    [(8, 1 << 20, 4, 0.4), (30, 256 << 10, 16, 0.2)],  # the second: issue 16's 30 SIGKILLs
+    ids=["8x1MiB", "30x256KiB"],
+)
 def test_gosup_killed_mid_swap_leaves_a_whole_live_file(
-    gosup_factory: Callable[..., Gosup], goapp: Path
+    gosup_factory: Callable[..., Gosup],
+    goapp: Path,
+    rounds: int,
+    size: int,
+    seed: int,
+    window: float,
 ) -> None:
-    """SIGKILL gosup at random moments while it swaps 1 MiB files; a reader and
+    """SIGKILL gosup at random moments while it swaps files; a reader and
     every restart must only ever see one of the versions, whole."""
     g = gosup_factory(app_toml(goapp, program="autostart = false", on_change='"none"'))
-    rng = random.Random(4)
-    versions = [bytes([65 + i]) * (1 << 20) for i in range(6)]
+    rng = random.Random(seed)
+    versions = [bytes([65 + i]) * size for i in range(6)]
     hashes = {sha(v) for v in versions}
     live = make_live(g.dir, versions[0])
     torn: list[str] = []
@@ -428,10 +438,10 @@ def test_gosup_killed_mid_swap_leaves_a_whole_live_file(
     thread.start()
     try:
         last = versions[0]
-        for round_ in range(8):
+        for round_ in range(rounds):
             g.start()
             wait_for(lambda: g.history(event="supervisor_started"), what="gosup up")
-            kill_at = time.monotonic() + rng.uniform(0.0, 0.4)
+            kill_at = time.monotonic() + rng.uniform(0.0, window)
             while time.monotonic() < kill_at:
                 last = rng.choice(versions[1:])
                 stage(g, last, name=f"k{round_}.conf")

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -218,48 +216,6 @@ def test_no_temporary_file_after_a_rollback_then_an_apply(
 
 
 # -- what already held --------------------------------------------------------------------------
-
-
-def test_thirty_sigkills_during_swaps_never_tear_the_live_file(
-    gosup_factory: Factory, goapp: Path
-) -> None:
-    """SIGKILL gosup 30 times at random moments while it swaps 256 KiB files; a
-    reader only ever sees whole versions (test_configsync has an 8-round variant
-    that also checks .prev/.failed)."""
-    g = gosup_factory(app_toml(goapp, program="autostart = false", on_change='"none"'))
-    rng = random.Random(16)
-    versions = [bytes([65 + i]) * (256 << 10) for i in range(5)]
-    hashes = {sha(v) for v in versions}
-    live = make_live(g.dir, versions[0])
-    torn: list[str] = []
-    done = threading.Event()
-
-    def reader() -> None:
-        while not done.is_set():
-            with open(live, "rb") as f:
-                digest = sha(f.read())
-            if digest not in hashes:
-                torn.append(digest)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        for round_ in range(30):
-            g.start()
-            wait_for(lambda: g.history(event="supervisor_started"), what="gosup up")
-            kill_at = time.monotonic() + rng.uniform(0.0, 0.2)
-            while time.monotonic() < kill_at:
-                stage(g, rng.choice(versions[1:]), name=f"k{round_}.conf")
-            assert g.proc is not None
-            g.proc.send_signal(signal.SIGKILL)
-            g.proc.wait()
-            assert sha(live.read_bytes()) in hashes
-            (g.state_dir / "history.jsonl").unlink()
-    finally:
-        done.set()
-        thread.join()
-    assert not torn, f"a reader saw a torn live file: {torn[:3]}"
 
 
 def test_malformed_control_requests_are_answered_or_closed(

@@ -17,7 +17,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -313,20 +312,6 @@ def _status_ids(pid: int) -> dict[str, list[int]]:
         if key in ("Uid", "Gid", "Groups"):
             ids[key] = [int(v) for v in value.split()]
     return ids
-
-
-@pytest.fixture
-def public_goapp(goapp: Path) -> Iterator[Path]:
-    """goapp in a directory that user nobody may enter (pytest's tmp dirs are 0700)."""
-    directory = Path(tempfile.mkdtemp(prefix="gosup-public-"))
-    try:
-        directory.chmod(0o755)
-        binary = directory / "goapp"
-        shutil.copy2(goapp, binary)
-        binary.chmod(0o755)
-        yield binary
-    finally:
-        shutil.rmtree(directory)
 
 
 def test_programs_run_as_their_user_and_group(gosup_factory: Any, public_goapp: Path) -> None:
