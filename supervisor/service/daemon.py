@@ -408,8 +408,9 @@ class Supervisor:
             if self.shutting_down:  # everything is being stopped: start nothing new
                 logger.warning("reload ignored: gosup is shutting down")
                 return {"added": [], "removed": [], "changed": [], "updated": []}
-            new = configmod.load(self.config.path)
-            if errors := privilege_errors(new):
+            # Off the loop: reading app.toml, and the user lookups (NSS may ask LDAP).
+            new = await asyncio.to_thread(configmod.load, self.config.path)
+            if errors := await asyncio.to_thread(privilege_errors, new):
                 raise configmod.ConfigError(errors)
             # A socket that cannot be bound refuses the reload, nothing changed.
             self.listeners.open_for(new)
