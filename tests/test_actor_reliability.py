@@ -65,11 +65,6 @@ def _fill(disk: Path) -> Path:
 
 
 @pytest.mark.parametrize("ending", ["SIGTERM", "two SIGINTs"])
-def _exits_after(goapp: Path, after: str, starts: Path) -> list[str]:
-    """A crash loop: exit 1 after ``after``, noting each start in ``starts``."""
-    return [str(goapp), "-mode", "exit", "-code", "1", "-after", after, "-startfile", str(starts)]
-
-
 def test_a_full_disk_never_wedges_a_program(
     gosup_factory: Any, goapp: Path, small_disk: Path, tmp_path: Path, ending: str
 ) -> None:
