@@ -43,7 +43,8 @@ def test_log_rotation_keeps_backups_and_bounds_size(gosup_factory: Any, goapp: P
     files = [base, base.with_name(base.name + ".1"), base.with_name(base.name + ".2")]
     assert all(f.exists() for f in files)
     assert not base.with_name(base.name + ".3").exists()
-    assert all(f.stat().st_size <= MiB for f in files)
+    # rotated at a line boundary: at most the rest of one 100-byte line past max_size
+    assert all(f.stat().st_size <= MiB + 100 for f in files)
     # the newest lines are in the live file, in order, none torn
     lines = base.read_bytes().split(b"\n")[:-1]
     assert lines and all(len(line) == 99 for line in lines)
@@ -212,3 +213,20 @@ def test_dropping_writer_never_blocks_and_counts_what_it_dropped() -> None:
         os.close(r)  # the writer's thread sees EPIPE and ends
         writer.close(timeout=5)
         os.close(w)
+
+
+def test_rotation_never_splits_a_line_that_a_chunk_left_open(tmp_path: Path) -> None:
+    """A pipe chunk can end inside a line; if the next chunk has no newline in
+    the room left, the old file is finished with the rest of that line (a
+    little past max_size) instead of the line being split across two files
+    (seen under load: a live file starting with the tail of a torn line)."""
+    from supervisor.core.output import RotatingFile
+
+    log = RotatingFile(tmp_path / "x.log", max_size=100, backups=1)
+    line = b"L" * 29 + b"\n"  # 30 bytes
+    log.write(line * 3 + b"L" * 5)  # 95 bytes: the file now ends inside a line
+    log.write(b"L" * 24 + b"\n" + line)  # no newline within the 5 bytes left
+    log.close()
+    old = (tmp_path / "x.log.1").read_bytes()
+    new = (tmp_path / "x.log").read_bytes()
+    assert old == line * 4 and new == line  # every line whole, in order

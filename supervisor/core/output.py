@@ -71,6 +71,9 @@ def _open_log(path: Path) -> int:
     return fd
 
 
+LINE_FINISH = 64 << 10  # how far past max_size a line is finished before rotating
+
+
 class RotatingFile:
     """An append-only file rotated to ``name.1 .. name.N`` when it would pass ``max_size``.
 
@@ -87,6 +90,7 @@ class RotatingFile:
         self.backups = backups
         self.size = 0
         self.dropped = 0  # bytes lost to write errors, all told
+        self._mid_line = False  # the file ends inside a line (no newline yet)
         self._fd: int | None = None
         self._failed_at: float | None = None  # when the current burst of failures began
         self._burst = 0  # bytes dropped in the current burst
@@ -140,6 +144,11 @@ class RotatingFile:
             # Rotate at a line boundary: the part that fits, up to its last newline,
             # closes the old file. (Only on this rare path do we look at the bytes.)
             cut = data.rfind(b"\n", 0, max(self.max_size - self.size, 0)) + 1
+            if not cut and self._mid_line:
+                # The file ends inside a line (a chunk can end anywhere): finish
+                # that line here, a little past max_size, rather than split it
+                # across two files; a line longer than LINE_FINISH is split.
+                cut = data.find(b"\n", 0, LINE_FINISH) + 1
             if cut:
                 self._write_all(data[:cut])
                 data = data[cut:]
@@ -154,6 +163,8 @@ class RotatingFile:
             written = os.write(self._fd, view)
             self.size += written
             view = view[written:]
+        if data:
+            self._mid_line = not data.endswith(b"\n")
 
     def rotate(self) -> None:
         self.close()
@@ -166,6 +177,7 @@ class RotatingFile:
                     older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
             self.path.replace(self.path.with_name(f"{self.path.name}.1"))
         self.size = 0
+        self._mid_line = False
         self._fd = _open_log(self.path)
 
     def _failed(self, exc: OSError, lost: int) -> None:
