@@ -189,13 +189,17 @@ func metrics(w http.ResponseWriter, _ *http.Request) {
 		"# TYPE demo_requests_total counter\ndemo_requests_total %d\n", requests.Load())
 }
 
+// access is the request log, on stdout: stderr keeps what explains an exit
+// (gosup shows its last lines as the reason of a failed run).
+var access = log.New(os.Stdout, "", log.LstdFlags|log.Lmicroseconds)
+
 // logged counts and logs each request once it has been served.
 func logged(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		requests.Add(1)
 		next.ServeHTTP(w, r)
-		log.Printf("%s %s %s %s", r.RemoteAddr, r.Method, r.URL.RequestURI(), time.Since(start).Round(time.Microsecond))
+		access.Printf("%s %s %s %s", r.RemoteAddr, r.Method, r.URL.RequestURI(), time.Since(start).Round(time.Microsecond))
 	})
 }
 
@@ -251,7 +255,7 @@ func main() {
 		case err := <-errc:
 			log.Fatalf("http: %v", err)
 		case <-heartbeat.C:
-			log.Printf("heartbeat: goroutines=%d requests=%d", runtime.NumGoroutine(), requests.Load())
+			access.Printf("heartbeat: goroutines=%d requests=%d", runtime.NumGoroutine(), requests.Load())
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
 				if err := cfg.load(); err != nil {
