@@ -117,31 +117,37 @@ def test_cancel_and_wait_never_swallows_the_callers_cancellation() -> None:
     (a shutdown then waited forever, seen as 'gosup did not stop')."""
     from supervisor.core.tasks import cancel_and_wait
 
-    async def slow_to_end() -> None:
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            await asyncio.shield(asyncio.sleep(0.2))  # cleanup that takes a moment
-
-    async def closer(task: asyncio.Task[None], swallowing: bool) -> str:
-        if swallowing:  # the pattern the helper replaces
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        else:
-            await cancel_and_wait(task)
-        return "went on"
-
     async def main(swallowing: bool) -> str:
+        cleaning, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_to_end() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                cleaning.set()
+                await asyncio.shield(release.wait())  # cleanup that takes a moment
+
+        async def closer(task: asyncio.Task[None]) -> str:
+            if swallowing:  # the pattern the helper replaces
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            else:
+                await cancel_and_wait(task)
+            return "went on"
+
         task = asyncio.create_task(slow_to_end())
-        await asyncio.sleep(0)
-        outer = asyncio.create_task(closer(task, swallowing))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # it runs up to its sleep
+        outer = asyncio.create_task(closer(task))
+        await cleaning.wait()  # the closer cancelled it; it cleans up
         outer.cancel()  # the caller is cancelled while the task cleans up
+        release.set()
         try:
             return await outer
         except asyncio.CancelledError:
             return "cancelled"
+        finally:
+            await asyncio.gather(task, return_exceptions=True)
 
     assert asyncio.run(main(swallowing=True)) == "went on"  # the defect
     assert asyncio.run(main(swallowing=False)) == "cancelled"

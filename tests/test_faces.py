@@ -401,12 +401,14 @@ def test_connections_close_the_idle_first_and_after_the_idle_timeout() -> None:
     async def main(path: str) -> None:
         conns = Connections("test", limit=2, idle_timeout=0.5)
         served: list[str] = []
+        progress = asyncio.Event()  # set when a connection is admitted or a line served
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if not conns.admit(writer.transport.abort):
                 writer.write(b"refused\n")
                 writer.close()
                 return
+            progress.set()
             try:
                 while True:
                     async with conns.waiting():
@@ -415,6 +417,7 @@ def test_connections_close_the_idle_first_and_after_the_idle_timeout() -> None:
                         return
                     conns.busy()
                     served.append(line.decode().strip())
+                    progress.set()
                     if line.startswith(b"slow"):
                         await asyncio.sleep(1.0)  # busy: never pushed out meanwhile
                     writer.write(b"ok\n")
@@ -425,11 +428,17 @@ def test_connections_close_the_idle_first_and_after_the_idle_timeout() -> None:
                 conns.leave()
                 writer.close()
 
+        async def until(condition: Any) -> None:
+            async with asyncio.timeout(5):  # a deadline, not a guess at how long it takes
+                while not condition():
+                    progress.clear()
+                    await progress.wait()
+
         server = await asyncio.start_unix_server(serve, path)
         try:
             first = await asyncio.open_unix_connection(path)
             second = await asyncio.open_unix_connection(path)
-            await asyncio.sleep(0.05)
+            await until(lambda: len(conns) == 2)  # both admitted
             third = await asyncio.open_unix_connection(path)  # pushes `first` out
             assert await first[0].read() == b""
             third[1].write(b"hello\n")
@@ -437,7 +446,7 @@ def test_connections_close_the_idle_first_and_after_the_idle_timeout() -> None:
             # Busy ones stay: second and third busy, a fourth is refused.
             second[1].write(b"slow\n")
             third[1].write(b"slow\n")
-            await asyncio.sleep(0.1)
+            await until(lambda: served.count("slow") == 2)  # both busy
             fourth = await asyncio.open_unix_connection(path)
             assert await fourth[0].read() == b"refused\n"
             assert await second[0].readline() == b"ok\n"

@@ -291,10 +291,7 @@ class Supervisor:
         self._leaving.add(program)  # still within kill_all's reach until it is stopped
         try:
             for att in self.attachments.pop(name, {}).values():
-                try:
-                    await att.close()
-                except Exception as exc:  # still stop the program: never leave it unsupervised
-                    logger.opt(exception=exc).error("{}: closing {} failed", name, att)
+                await _close_logged(att, name)  # a failure still stops the program
             with contextlib.suppress(CommandError):
                 await program.request(Stop(reason=reason, join=True))
         finally:
@@ -463,7 +460,7 @@ class Supervisor:
 def _listener_failed(exc: BaseException) -> None:
     """A history listener (pid file, metrics, sd_notify) failed: the record is
     written all the same; the fault is logged with its traceback and counted
-    (``History.listener_errors``, exported as a metric)."""
+    (``History.listener_errors``)."""
     logger.opt(exception=exc).error("a history listener failed: {}", exc)
 
 

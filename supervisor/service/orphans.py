@@ -45,11 +45,12 @@ every orphan of the container; as the child subreaper it is everywhere
 reap them, or zombies pile up. It must not reap its own children, though:
 ``Popen`` (programs, builds and validators are all ``Popen`` children)
 needs those exit statuses. So the reaper never calls
-``waitpid(-1)``: it looks at gosup's zombie children once a second and only
-reaps one that is not a program's current child, that was already a
-zombie at the previous look, and that no live ``Popen`` object still has
-to wait for (a validator's is waited for only after its output reached EOF
-or its deadline, which a helper the child left behind can hold off).
+``waitpid(-1)``: it looks at gosup's zombie children once a second (the
+look walks all of /proc: in a thread) and only reaps one that is not a
+program's current child, that was already a zombie at the previous look,
+and that no live ``Popen`` object still has to wait for (a validator's is
+waited for only after its output reached EOF or its deadline, which a
+helper the child left behind can hold off).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from loguru import logger
 
 from supervisor.config import ProgramSpec
 from supervisor.core import spawn
+from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import Last
 
 if TYPE_CHECKING:
@@ -400,29 +402,33 @@ class Reaper:
         self.interval = interval
         self.reaped = 0
         self._seen: set[int] = set()
-        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._handle = asyncio.get_running_loop().call_later(self.interval, self.tick)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="reaper")
 
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
 
-    def tick(self) -> None:
-        try:
-            self.reap_once()
-        finally:
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self.tick)
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                # Listing our children walks all of /proc (psutil reads every
+                # process's parent): in a thread, never on the loop.
+                zombies = await asyncio.to_thread(_zombie_children)
+                self.reap_once(zombies)
+            except Exception as exc:  # the next look may do better
+                logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
 
-    def reap_once(self) -> None:
+    def reap_once(self, zombie_children: set[int] | None = None) -> None:
+        """Reap what was a zombie at the previous look too; ``zombie_children``
+        is the scan (``_zombie_children``), made here when not given."""
+        if zombie_children is None:
+            zombie_children = _zombie_children()
         ours = {p.pid for p in self.sup.programs.values() if p.pid is not None}
-        zombies = set()
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process().children():
-                with contextlib.suppress(psutil.Error):
-                    if child.status() == psutil.STATUS_ZOMBIE and child.pid not in ours:
-                        zombies.add(child.pid)
+        zombies = zombie_children - ours
         candidates = zombies & self._seen
         if candidates:  # (rare: the scan of the heap is only paid for a stale zombie)
             candidates -= _awaited()
@@ -432,6 +438,17 @@ class Reaper:
                     self.reaped += 1
                     logger.debug("reaped orphan pid {}", pid)
         self._seen = zombies
+
+
+def _zombie_children() -> set[int]:
+    """The pids of gosup's children that are zombies (a walk of all of /proc)."""
+    zombies = set()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    zombies.add(child.pid)
+    return zombies
 
 
 def _awaited() -> set[int]:
@@ -472,7 +489,7 @@ class OrphanService:
 
     async def close(self) -> None:
         if self.reaper is not None:
-            self.reaper.stop()
+            await self.reaper.stop()
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.pids.on_record)
         self.pids.flush()

@@ -44,6 +44,7 @@ from loguru import logger
 
 from supervisor.core.program import Program
 from supervisor.core.states import ProcessState
+from supervisor.service.statuspage import exit_reason
 
 if TYPE_CHECKING:
     from supervisor.service.daemon import Supervisor
@@ -225,19 +226,11 @@ def _up(program: Program) -> bool:
 
 
 def _why(program: Program) -> str:
-    """`` (exit code 1: bind: permission denied)`` from the last exit, if any."""
-    last = program.last_exit
-    if program.state in (S.STARTING, S.RUNNING) or not last:
+    """`` (exit code 1: bind: permission denied)`` from the last exit, if any
+    (worded as the status page words it)."""
+    if program.state in (S.STARTING, S.RUNNING) or not program.last_exit:
         return ""
-    if last.get("error"):
-        return f" ({last['error']})"
-    how = f"signal {last['signal']}" if last.get("signal") else f"exit code {last.get('exit_code')}"
-    if last.get("reason"):
-        how = f"{last['reason']}, {how}"
-    crash, tail = last.get("crash"), last.get("output_tail")
-    said = crash.get("message") if isinstance(crash, dict) else None
-    said = said or (tail.splitlines()[-1] if isinstance(tail, str) and tail else None)
-    return f" ({how}: {said[:200]})" if said else f" ({how})"
+    return f" ({exit_reason(program.last_exit)})"
 
 
 def make_service(sup: Supervisor) -> SystemdService | None:
