@@ -9,12 +9,12 @@ import re
 import stat
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from supervisor import history as hist
 from supervisor.cli import historyview
@@ -22,14 +22,6 @@ from supervisor.core.gopanic import Crash
 from supervisor.history import History
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        time.sleep(0.005)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
