@@ -18,7 +18,7 @@ deleted under us, and rotated at ``max_size`` keeping ``backups`` files
 (``history.jsonl.1`` the newest of them).
 
 This module is the writer (`History`), the record names and the one way to
-read the files (`Last`, `read`, `Tail`); formatting for humans is the
+read the files (`Last`, `Tail`); formatting for humans is the
 command line's (`supervisor/cli/historyview.py`). Reading the last N
 records costs what is printed, not the size of the history: the files are
 read backwards in blocks, at most ``scan_limit`` bytes of them, and then
@@ -311,7 +311,7 @@ class History:
 # Every reader of the files (the daemon's ``history`` command, ``gosup
 # history`` and its follower, ``gosup stage``, the next gosup looking for a
 # predecessor that died) parses lines with parse_line() and reads with
-# Last, read() or Tail, so they agree on what a record is.
+# Last or Tail, so they agree on what a record is.
 
 
 def parse_line(line: bytes) -> Record | None:
@@ -502,50 +502,6 @@ def _lines_forward(f: IO[bytes], end: int) -> Iterator[bytes]:
         yield from lines
     if partial:
         yield partial  # a last line without its newline: parse_line decides
-
-
-def read(
-    path: Path, n: int | None = None, program: str | None = None, scan_limit: int | None = None
-) -> list[Record]:
-    """The last `n` records (all when None), oldest first, of `program` if
-    given, across the rotated files. A missing history has none."""
-    if n is None:
-        records = []
-        files = _open_all(path)
-        try:
-            for f in reversed(files):
-                end = f.seek(0, os.SEEK_END)
-                f.seek(0)
-                records += [
-                    r
-                    for r in map(parse_line, _lines_forward(f, end))
-                    if r is not None and wanted(r, program)
-                ]
-        finally:
-            for f in files:
-                f.close()
-        return records
-    with Last(path, n, program, scan_limit=scan_limit) as last:
-        return list(last)
-
-
-def read_from(path: Path, offset: int) -> tuple[list[Record], int]:
-    """The records whose lines end after byte `offset`, and the offset after
-    the last whole line (where the next call starts).
-
-    A half-written last line is left for the next call. A missing file has
-    no records yet: ``([], offset)``. (Reads the rest of one file: for
-    following across rotations use Tail.)
-    """
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    records = (parse_line(line) for line in data[:end].split(b"\n"))
-    return [r for r in records if r is not None], offset + end
 
 
 class Tail:

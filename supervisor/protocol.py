@@ -7,6 +7,7 @@ is ``supervisor/cli/client.py``. Both take their names and limits from here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 SOCKET_NAME = "gosup.sock"  # <state_dir>/gosup.sock
@@ -15,6 +16,9 @@ HISTORY_NAME = "history.jsonl"  # <state_dir>/history.jsonl
 DEFAULT_STATE_DIR = ".gosup"  # relative to the config file's directory
 DEFAULT_CONFIG = "app.toml"
 MAX_REQUEST = 1 << 20  # bytes per request line (the newline excluded)
+# What a program may be called: app.toml's [programs.NAME], and so log file
+# names and the NAME of `gosup logs`.
+PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # Exit codes of every gosup command.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3

@@ -308,3 +308,35 @@ def public_goapp(goapp: Path) -> Iterator[Path]:
         yield binary
     finally:
         shutil.rmtree(directory)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted for this test, for a full disk (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill the file system of ``directory`` to the last byte; return the filler file."""
+    filler = directory / "filler"
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True, check=False
+    )
+    with contextlib.suppress(OSError), open(filler, "ab", buffering=0) as f:
+        while f.write(b"\0" * 64):  # the last partial page
+            pass
+    return filler

@@ -7,13 +7,14 @@ import json
 import os
 import re
 import stat
+import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from supervisor import history as hist
 from supervisor.cli import historyview
@@ -21,14 +22,6 @@ from supervisor.core.gopanic import Crash
 from supervisor.history import History
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        time.sleep(0.005)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -159,16 +152,22 @@ def write_many(path: Path, count: int) -> None:
             h.record("started", ("api", "worker", None)[i % 3], pid=i, attempt=1)
 
 
+def read(path: Path, n: int | None = None, program: str | None = None) -> list[dict[str, Any]]:
+    """The last ``n`` records (all when None), oldest first, as every reader gets them."""
+    with hist.Last(path, sys.maxsize if n is None else n, program, scan_limit=None) as last:
+        return list(last)
+
+
 def test_read_last_n_and_filter(path: Path) -> None:
     write_many(path, 10_000)
-    assert [r["pid"] for r in hist.read(path, n=5)] == [9995, 9996, 9997, 9998, 9999]
-    assert [r["pid"] for r in hist.read(path, n=3, program="api")] == [9993, 9996, 9999]
-    assert [r["pid"] for r in hist.read(path, n=2, program="worker")] == [9994, 9997]
-    assert len(hist.read(path)) == 10_000
-    assert len(hist.read(path, program="api")) == 3334
-    assert hist.read(path, n=0) == []
-    assert len(hist.read(path, n=20_000)) == 10_000
-    assert hist.read(path, n=5, program="nobody") == []
+    assert [r["pid"] for r in read(path, n=5)] == [9995, 9996, 9997, 9998, 9999]
+    assert [r["pid"] for r in read(path, n=3, program="api")] == [9993, 9996, 9999]
+    assert [r["pid"] for r in read(path, n=2, program="worker")] == [9994, 9997]
+    assert len(read(path)) == 10_000
+    assert len(read(path, program="api")) == 3334
+    assert read(path, n=0) == []
+    assert len(read(path, n=20_000)) == 10_000
+    assert read(path, n=5, program="nobody") == []
 
 
 def test_read_skips_garbage_and_a_truncated_last_line(path: Path) -> None:
@@ -178,9 +177,9 @@ def test_read_skips_garbage_and_a_truncated_last_line(path: Path) -> None:
     write_many(path, 2)
     with open(path, "ab") as f:
         f.write(b'{"ts":"2026-11-26T23:48:48.123Z","program":"api","event":"exi')
-    assert [r["pid"] for r in hist.read(path, n=3)] == [29, 0, 1]
-    assert len(hist.read(path)) == 32
-    assert [r["pid"] for r in hist.read(path, n=1, program="api")] == [0]
+    assert [r["pid"] for r in read(path, n=3)] == [29, 0, 1]
+    assert len(read(path)) == 32
+    assert [r["pid"] for r in read(path, n=1, program="api")] == [0]
 
 
 def test_read_lines_longer_than_a_block(path: Path) -> None:
@@ -188,31 +187,14 @@ def test_read_lines_longer_than_a_block(path: Path) -> None:
         h.record("build_failed", command=["go", "build"], output_tail="x" * 200_000)
         h.record("build_failed", command=["go", "build"], output_tail="y" * 100_000)
         h.record("build_succeeded", command=["go", "build"], duration_s=1.5)
-    tails = [r.get("output_tail", "")[:1] for r in hist.read(path, n=3)]
+    tails = [r.get("output_tail", "")[:1] for r in read(path, n=3)]
     assert tails == ["x", "y", ""]
 
 
 def test_read_missing_file(tmp_path: Path) -> None:
     # No history yet (or only backups after a deletion): no records, no error.
-    assert hist.read(tmp_path / "nope.jsonl", n=10) == []
-    assert hist.read(tmp_path / "nope.jsonl") == []
-
-
-def test_read_from_an_offset_holds_a_partial_line(path: Path) -> None:
-    assert hist.read_from(path, 0) == ([], 0)  # no file yet: nothing, same offset
-    write_many(path, 3)
-    first, offset = hist.read_from(path, 0)
-    assert [r["pid"] for r in first] == [0, 1, 2] and offset == path.stat().st_size
-    assert hist.read_from(path, offset) == ([], offset)
-    line = json.dumps({"ts": hist.now_rfc3339(), "event": "started", "pid": 7}).encode() + b"\n"
-    with open(path, "ab") as f:
-        f.write(b"garbage\n" + line[:10])
-        f.flush()
-        held, after = hist.read_from(path, offset)
-        assert held == [] and after == offset + len(b"garbage\n")  # the half line waits
-        f.write(line[10:])
-    rest, end = hist.read_from(path, after)
-    assert [r["pid"] for r in rest] == [7] and end == path.stat().st_size
+    assert read(tmp_path / "nope.jsonl", n=10) == []
+    assert read(tmp_path / "nope.jsonl") == []
 
 
 # ---------------------------------------------------------------- following
@@ -443,5 +425,5 @@ def test_read_program_filter_is_exact(path: Path) -> None:
         h.record("started", "api", pid=1)
         h.record("restart_requested", "api-v2", reason="api")
         h.record("signal_sent", "worker", signal="SIGHUP", reason="api")
-    assert [r["program"] for r in hist.read(path, n=5, program="api")] == ["api"]
-    assert [r["program"] for r in hist.read(path, program="api-v2")] == ["api-v2"]
+    assert [r["program"] for r in read(path, n=5, program="api")] == ["api"]
+    assert [r["program"] for r in read(path, program="api-v2")] == ["api-v2"]

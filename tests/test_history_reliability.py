@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import os
 import shutil
@@ -15,12 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, pid_alive, wait_for
+from conftest import Gosup, fill_disk, pid_alive, wait_for
 
 from supervisor import history as hist
 from supervisor.history import History
@@ -151,47 +149,15 @@ def _big_history(path: Path, size: int, program: str = "busy") -> int:
     return count + 1
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs mounted for this test (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    """Fill the file system of ``directory`` to the last byte."""
-    filler = directory / "filler"
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True, check=False
-    )
-    with contextlib.suppress(OSError), open(filler, "ab", buffering=0) as f:
-        while f.write(b"\0" * 64):  # the last partial page
-            pass
-    return filler
-
-
 # -- 15.1: a write that fails -------------------------------------------------------------
 
 
-def test_a_full_disk_never_raises_never_tears_a_line_and_recovers(tiny_tmpfs: Path) -> None:
-    path = tiny_tmpfs / "state" / "history.jsonl"
+def test_a_full_disk_never_raises_never_tears_a_line_and_recovers(small_disk: Path) -> None:
+    path = small_disk / "state" / "history.jsonl"
     messages: list[str] = []
     with History(path, on_write_error=messages.append) as history:
         history.record("supervisor_started", version="t")
-        filler = _fill(tiny_tmpfs)
+        filler = fill_disk(small_disk)
         # Records of ~300 bytes: one of them crosses the last page and is cut short.
         for i in range(40):
             history.record("exited", "api", pid=i, output_tail="y" * 250)
@@ -212,15 +178,15 @@ def test_a_full_disk_never_raises_never_tears_a_line_and_recovers(tiny_tmpfs: Pa
 
 
 def test_a_full_state_dir_degrades_the_history_never_supervision(
-    gosup_factory: Any, goapp: Path, tiny_tmpfs: Path
+    gosup_factory: Any, goapp: Path, small_disk: Path
 ) -> None:
-    state_dir = tiny_tmpfs / "state"
+    state_dir = small_disk / "state"
     config = f'[supervisor]\nstate_dir = "{state_dir}"\n' + _crash_loop(goapp)
     g = gosup_factory(config)
     g.state_dir = state_dir
     g.start()
     g.wait_event("exited", "flaky", count=2)
-    filler = _fill(tiny_tmpfs)
+    filler = fill_disk(small_disk)
     wait_for(lambda: "cannot write the history" in g.log(), 20, "the write error to be logged")
     # The program keeps crash-looping; gosup stays responsive.
     done = g.cli("status", "--json")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -50,13 +49,13 @@ from supervisor.cli.common import (
     escape,
     load_config,
 )
+from supervisor.protocol import PROGRAM_NAME
 
 STREAMS = ("stdout", "stderr")
 MARKS = {"stdout": b"out | ", "stderr": b"err | "}
 BLOCK = 64 << 10  # bytes read at a time, backwards
 LINE_MAX = 64 << 10  # bytes of one line kept when reading backwards (a longer one is cut)
 POLL = 0.2  # seconds between looks while following
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as config/appconfig.py allows
 
 
 def log_path(log_dir: Path, name: str, stream: str) -> Path:
@@ -248,7 +247,7 @@ def log_dir_of(args: argparse.Namespace) -> Path:
 def cmd_logs(args: argparse.Namespace) -> int:
     if args.n < 0:
         raise CLIError("-n must be >= 0", EXIT_USAGE)
-    if not _NAME.fullmatch(args.name):
+    if not PROGRAM_NAME.fullmatch(args.name):
         raise CLIError(f"{args.name!r} is not a program name", EXIT_USAGE)
     log_dir = log_dir_of(args)
     streams = [s for s in STREAMS if getattr(args, s)] or list(STREAMS)

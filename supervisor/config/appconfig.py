@@ -44,7 +44,7 @@ from supervisor.config.probespec import (
     parse_metric_check,
 )
 from supervisor.config.units import parse_duration, parse_signal, parse_size
-from supervisor.protocol import DEFAULT_STATE_DIR
+from supervisor.protocol import DEFAULT_STATE_DIR, PROGRAM_NAME
 
 __all__ = [
     "CAPABILITIES",
@@ -800,9 +800,6 @@ def _capabilities(value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
-_PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
 def _program(
     name: str, t: _Table, base: str, seen: dict[Path, str], seen_sockets: dict[str, str]
 ) -> ProgramSpec:
@@ -845,7 +842,7 @@ def _programs(table: _Table | None, base: str) -> tuple[ProgramSpec, ...]:
     seen_sockets: dict[str, str] = {}
     programs = []
     for name, _ in table.items():
-        if not _PROGRAM_NAME.fullmatch(name):
+        if not PROGRAM_NAME.fullmatch(name):
             table.error(name, "program names are letters, digits, '_', '.', '-'")
         t = table.table(name, _PROGRAM_KEYS)
         if t is not None:
