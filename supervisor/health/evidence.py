@@ -49,7 +49,6 @@ DUMPABLE_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
 _STACKS = re.compile(rb"^goroutine (\d+ [^\n]*\[[^\n]*\]:|profile: total )", re.MULTILINE)
 GOROUTINE_KINDS = frozenset({"pprof", "sigquit"})  # the kinds that must hold stacks
 GLIMPSE = 160  # bytes of a non-dump quoted in evidence_failed
-DUMP_KEEP = 10  # a program without [limits]: LimitsSpec's dump_keep default
 
 _DUMP_NAME = re.compile(r"^(?P<program>.+)-(?P<stamp>\d{8}T\d{6}\.\d{3}Z(?:\.\d+)?)-[a-z_]+\.")
 
