@@ -49,7 +49,6 @@ DUMPABLE_STATES = frozenset({ProcessState.STARTING, ProcessState.RUNNING})
 _STACKS = re.compile(rb"^goroutine (\d+ [^\n]*\[[^\n]*\]:|profile: total )", re.MULTILINE)
 GOROUTINE_KINDS = frozenset({"pprof", "sigquit"})  # the kinds that must hold stacks
 GLIMPSE = 160  # bytes of a non-dump quoted in evidence_failed
-DUMP_KEEP = 10  # a program without [limits]: LimitsSpec's dump_keep default
 
 _DUMP_NAME = re.compile(r"^(?P<program>.+)-(?P<stamp>\d{8}T\d{6}\.\d{3}Z(?:\.\d+)?)-[a-z_]+\.")
 
@@ -274,14 +273,35 @@ class Dumps:
             )
         if program.state not in DUMPABLE_STATES:
             raise RequestError(f"{name} is not running ({program.state.value})")
-        url = pprof_url(limits.go_metrics, GOROUTINE_DUMP_PATH)
-        path = self.path(name, "goroutines.txt")
         try:
-            await fetch_dump(url, path, limits.dump_max_size, DUMP_TIMEOUT)
+            path = await self.fetch_goroutines(name, limits.go_metrics, limits, DUMP_TIMEOUT)
         except ScrapeError as exc:
             raise RequestError(f"dump {name}: {exc}") from None
         self.saved(program, limits, path, "pprof", reason="operator")
         return {"path": str(path)}
+
+    async def fetch_goroutines(
+        self, program: str, go_metrics: str, limits: LimitsSpec, timeout: float
+    ) -> Path:
+        """A goroutine dump (pprof debug=2) saved under a fresh name; ScrapeError
+        or OSError when it cannot be fetched or written. Not yet recorded."""
+        url = pprof_url(go_metrics, GOROUTINE_DUMP_PATH)
+        path = self.path(program, "goroutines.txt")
+        return await fetch_dump(url, path, limits.dump_max_size, timeout)
+
+    async def restart_with_sigquit(
+        self, program: Program, pid: int, reason: str, /, **extra: Any
+    ) -> None:
+        """`restart_with_sigquit`, its stderr saved as a ``sigquit`` dump (recorded
+        with ``extra``) under the program's dump_max_size and dump_keep."""
+        limits = program.spec.limits or LimitsSpec()
+        capture = SigquitCapture(
+            program.name,
+            self.path(program.name, "sigquit.txt"),
+            limits.dump_max_size,
+            lambda path: self.saved(program, limits, path, "sigquit", **extra),
+        )
+        await restart_with_sigquit(program, pid, reason, capture)
 
 
 async def restart_with_sigquit(

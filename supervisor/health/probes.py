@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,7 +33,7 @@ class Prober:
         self.probe = probe
         self.program = program
         self._client: gohttp.HttpClient | None = None
-        self._url = ""
+        self._url = self._target = ""
         if probe.kind is ProbeKind.HTTP:
             assert isinstance(probe.target, str)
             self._url = probe.target
@@ -44,6 +43,7 @@ class Prober:
             self._url = limits.go_metrics
         if self._url:
             self._client = gohttp.HttpClient(self._url)
+            self._target = gohttp.target_of(self._url)
 
     async def run(self) -> str | None:
         """One attempt within ``timeout``: None when it passed, else the error."""
@@ -56,7 +56,7 @@ class Prober:
                 assert isinstance(probe.target, tuple)
                 return await run_exec(probe.target, self.program, probe.timeout)
             assert self._client is not None
-            response = await self._client.get(_target(self._url), probe.timeout, self._max_bytes)
+            response = await self._client.get(self._target, probe.timeout, self._max_bytes)
         except gohttp.ScrapeError as exc:
             return str(exc)
         if probe.kind is ProbeKind.HTTP:
@@ -74,11 +74,6 @@ class Prober:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
-
-
-def _target(url: str) -> str:
-    parts = urlsplit(url)
-    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 async def tcp(address: str, timeout: float) -> str | None:

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 from loguru import logger
 
-from supervisor.config import Evidence, LimitsSpec, ProbeSpec
+from supervisor.config import Evidence, ProbeSpec
 from supervisor.core.program import CommandError, NotReady, Program, Ready, Restart
 from supervisor.core.states import ProcessState
 from supervisor.core.tasks import cancel_and_wait
-from supervisor.health import evidence
-from supervisor.health.evidence import Dumps, SigquitCapture, restart_with_sigquit
+from supervisor.health.evidence import Dumps
 from supervisor.health.gohttp import ScrapeError
 from supervisor.health.probes import Prober
 from supervisor.history import History
@@ -169,48 +167,23 @@ class ProbeWatch:
             return  # it went by itself meanwhile: the Program handles that exit
         try:
             if use_sigquit:
-                await self._restart_with_sigquit(pid)
+                await self.dumps.restart_with_sigquit(program, pid, "unhealthy", reason="unhealthy")
             else:
                 await program.request(Restart(reason="unhealthy", pid=pid))
         except CommandError as exc:
             logger.warning("{}: unhealthy restart: {}", program.name, exc)
-
-    def _dump_settings(self) -> tuple[int, int]:
-        limits = self.program.spec.limits or LimitsSpec()
-        return limits.dump_max_size, limits.dump_keep
-
-    def _keep(self, path: Path, kind: str) -> bool:
-        """Record the dump as evidence when it is one (else evidence_failed)."""
-        keep = self._dump_settings()[1]
-        return self.dumps.record(self.program.name, path, kind, keep, reason="unhealthy")
-
-    def _keep_sigquit(self, path: Path) -> None:
-        self._keep(path, "sigquit")
 
     async def _pprof_dump(self) -> bool:
         limits = self.program.spec.limits
         if limits is None or limits.go_metrics is None:
             return False
         name = self.program.name
-        url = evidence.pprof_url(limits.go_metrics, evidence.GOROUTINE_DUMP_PATH)
-        path = self.dumps.path(name, "goroutines.txt")
         try:
-            await evidence.fetch_dump(url, path, limits.dump_max_size, PPROF_TIMEOUT)
+            path = await self.dumps.fetch_goroutines(name, limits.go_metrics, limits, PPROF_TIMEOUT)
         except (ScrapeError, OSError) as exc:
             self.dumps.failed(name, "pprof", f"{exc}; a SIGQUIT dump instead")
             return False
-        return self._keep(path, "pprof")
-
-    async def _restart_with_sigquit(self, pid: int) -> None:
-        """SIGQUIT as the stop signal of the restart; the run's stderr is the dump."""
-        program = self.program
-        capture = SigquitCapture(
-            program.name,
-            self.dumps.path(program.name, "sigquit.txt"),
-            self._dump_settings()[0],
-            self._keep_sigquit,
-        )
-        await restart_with_sigquit(program, pid, "unhealthy", capture)
+        return self.dumps.record(name, path, "pprof", limits.dump_keep, reason="unhealthy")
 
 
 def build_for(history: History, program: Program, dumps: Dumps) -> ProbeWatch | None:

@@ -10,8 +10,9 @@ starts). Programs without a ``[limits]`` section are still sampled every
 
 A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
-``TREE_REFRESH`` seconds, and scrapes a program's Go metrics over one
-kept-alive connection. What it finds is kept in ``program.observations``.
+``TREE_REFRESH`` seconds (a pass over all of /proc, in a thread), and
+scrapes a program's Go metrics over one kept-alive connection. What it
+finds is kept in ``program.observations``.
 
 Every task the sampler starts (its loop, a scrape, a leak response) is
 owned by it: a failure is logged as it happens, and ``close`` cancels and
@@ -122,12 +123,15 @@ class ResourceSampler:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
+            self._wake.clear()  # a state change from here on (the tree pass awaits): one more round
             try:
                 self._sync(now)
                 # Up to EARLY x interval ahead of time: programs fall into batches
                 # that share one wake-up (and one tree refresh) instead of waking
                 # the loop once per program.
                 due = [s for s in self.sampled.values() if s.next_due <= now + EARLY * s.interval]
+                if now - self._children_at >= TREE_REFRESH and any(s.tree for s in due):
+                    await self._refresh_trees(now)
                 if due:
                     self._sample(due, now)
             except Exception as exc:  # a bug: log it, keep sampling the others next time
@@ -135,7 +139,6 @@ class ResourceSampler:
                 for one in self.sampled.values():
                     one.next_due = max(one.next_due, now + one.interval)
             wake_at = min((s.next_due for s in self.sampled.values()), default=math.inf)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):  # the earliest program is due
                 async with asyncio.timeout(min(wake_at - loop.time(), DEFAULT_INTERVAL)):
                     await self._wake.wait()
@@ -179,12 +182,18 @@ class ResourceSampler:
 
     # -- sampling ----------------------------------------------------------------------
 
+    async def _refresh_trees(self, now: float) -> None:
+        """Look for new descendants of every sampled process. The pass reads a
+        file of every process on the machine: a thread does it, off the loop.
+        A run that ends meanwhile is caught by the sample (its pid and start
+        time no longer match) and by `_evaluate`."""
+        self._children = await asyncio.to_thread(children_map)
+        self._children_at = now
+        for one in self.sampled.values():
+            if one.tree is not None:
+                one.tree.refresh(self._children)
+
     def _sample(self, due: list[_Sampled], now: float) -> None:
-        if now - self._children_at >= TREE_REFRESH and any(s.tree for s in due):
-            self._children, self._children_at = children_map(), now
-            for one in self.sampled.values():
-                if one.tree is not None:
-                    one.tree.refresh(self._children)
         for one in due:
             one.next_due = now + one.interval  # never a burst to catch up
             if one.tree is None or one.scraping:

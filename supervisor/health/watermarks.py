@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from loguru import logger
 
-from supervisor.config import Evidence, LimitsSpec
+from supervisor.config import Evidence
 from supervisor.core.program import CommandError, Program, Restart
-from supervisor.health.evidence import Dumps, SigquitCapture, restart_with_sigquit
+from supervisor.health.evidence import Dumps
 from supervisor.health.sampling import Breach
 from supervisor.history import History, now_rfc3339
 
@@ -49,21 +49,8 @@ class LeakResponse:
             return
         try:
             if limits.evidence is Evidence.SIGQUIT:
-                await self._restart_with_sigquit(program, limits, pid)
+                await self.dumps.restart_with_sigquit(program, pid, "leak")
             else:
                 await program.request(Restart(reason="leak", pid=pid))
         except CommandError as exc:
             logger.warning("{}: leak restart: {}", program.name, exc)
-
-    async def _restart_with_sigquit(self, program: Program, limits: LimitsSpec, pid: int) -> None:
-        """SIGQUIT as the stop signal of the leak restart: the Go runtime writes
-        every goroutine's stack to stderr and exits; the program's task sees a
-        requested stop, not a crash. The capture is saved when that run is over,
-        before the new process starts (see `SigquitCapture`)."""
-        capture = SigquitCapture(
-            program.name,
-            self.dumps.path(program.name, "sigquit.txt"),
-            limits.dump_max_size,
-            lambda path: self.dumps.saved(program, limits, path, "sigquit"),
-        )
-        await restart_with_sigquit(program, pid, "leak", capture)
