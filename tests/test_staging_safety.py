@@ -306,6 +306,6 @@ def test_stage_resolves_a_relative_live_path_against_the_config(
         text=True,
         timeout=60,
     )
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # staged; no gosup to confirm it
     assert (app / "config" / "app.conf.new").read_bytes() == V1
-    assert "gosup is not running" in r.stdout
+    assert "gosup is not running: no verdict" in r.stdout

@@ -163,7 +163,7 @@ def _add_config(p: argparse.ArgumentParser, positional: bool = False) -> None:
             "-c",
             "--config",
             default=DEFAULT_CONFIG,
-            help="the app.toml of the gosup to talk to (default: ./app.toml)",
+            help="the app.toml of that gosup (default: ./app.toml)",
         )
 
 
@@ -283,8 +283,8 @@ def _add_stage_parser(sub: Subparsers) -> None:
         help="hand a new config version to gosup (verified, validated, swapped atomically)",
         description="Copy NEW_FILE to the staging path of LIVE_PATH with its .sha256 "
         "sidecar, then wait for the program's verdict. Exit 0 confirmed (or only "
-        "queued: --no-wait, or no gosup running), 1 rejected, rolled back, superseded "
-        "or no verdict in time (the reason is printed), 2 usage error.",
+        "queued, with --no-wait), 1 rejected, rolled back, superseded, no verdict in "
+        "time, or no gosup running to give one (the reason is printed), 2 usage error.",
     )
     p.add_argument("new_file", metavar="NEW_FILE", help="the new version")
     p.add_argument(

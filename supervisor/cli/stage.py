@@ -315,7 +315,11 @@ def _stage_and_wait(
         print(f"staged (sha256 {sha}); not waiting for the verdict (--no-wait)")
         return cli.EXIT_OK
     if not gosup_running(target.state_dir):
-        print(f"staged (sha256 {sha}); gosup is not running: it applies the file at start")
-        return cli.EXIT_OK
+        # Queued, not confirmed: only --no-wait makes queuing a success.
+        print(
+            f"staged (sha256 {sha}); gosup is not running: no verdict "
+            "(checked and applied at its next start)"
+        )
+        return cli.EXIT_FAILED
     rec, applied = wait_verdict(tail, target, sha, wait)
     return report(rec, applied, sha, wait)

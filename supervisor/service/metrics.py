@@ -110,7 +110,7 @@ class ProgramCollector(Collector):
         state = GaugeMetricFamily("gosup_program_state", STATE_HELP, labels=["program"])
         restarts = CounterMetricFamily(
             "gosup_program_restarts_total",
-            "Restarts by reason (crash, leak, config, build, operator).",
+            f"Restarts by reason ({', '.join(RESTART_REASONS)}).",
             labels=["program", "reason"],
         )
         for p in programs:
