@@ -89,4 +89,3 @@ class Confirmed:
             return None
         swap.restore_copy(self.content, self.live)
         return sha
-
