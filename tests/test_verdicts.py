@@ -115,6 +115,24 @@ def back_to(live: Path, content: bytes) -> None:
     wait_for(lambda: live.read_bytes() == content, what=f"{live.name} restored")
 
 
+def serving(g: Gosup, content: bytes = V1, timeout: float = 15.0) -> tuple[Path, int]:
+    """gosup started with ``content`` live: the live file and api's first pid."""
+    live = live_file(g, content)
+    g.start()
+    return live, g.running_pid("api", timeout=timeout)
+
+
+def refused(
+    g: Gosup, live: Path, content: bytes, reason: str, *args: str, was: bytes = V1
+) -> subprocess.CompletedProcess[str]:
+    """Stage ``content``: `gosup stage` exits 1 for ``reason`` and ``was`` is live again."""
+    out = stage(g, content, *args)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"rolled back: {reason}" in out.stdout
+    back_to(live, was)
+    return out
+
+
 # -- config --------------------------------------------------------------------------
 
 
@@ -175,17 +193,12 @@ def test_reload_command_refusal_is_rolled_back(
     """caddy's case: a reload command that says no. Before: `applied`, exit 0."""
     reload = f'reload_command = ["{goapp}", "-reload", "{{pid}}"]'
     g = gosup_factory(app(goapp, free_port(), program=reload))
-    live = live_file(g)
-    g.start()
-    pid = g.running_pid("api")
-    out = stage(g, REFUSE)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "rolled back: reload_failed" in out.stdout
+    live, pid = serving(g)
+    out = refused(g, live, REFUSE, "reload_failed")
     assert "refused" in out.stdout  # what the reload command said
     rec = rolled_back(g, "reload_failed")
     assert rec["sha256"] == sha(REFUSE) and rec["restored_sha256"] == sha(V1)
     assert rec["exit_code"] == 1
-    back_to(live, V1)
     assert g.history("api", "running")[-1]["pid"] == pid  # a reload: the same run
     assert not g.history("api", "signal_sent")  # the command replaces the signal
     # A good version through the same command is confirmed.
@@ -200,9 +213,7 @@ def test_silent_reload_failure_is_unconfirmed(
     """prometheus' case: SIGHUP, the program keeps its old config, the metric says 0."""
     confirm = f'confirm = {{ metric = "{OK_METRIC}", interval = "200ms" }}'
     g = gosup_factory(app(goapp, free_port(), file=confirm))
-    live = live_file(g)
-    g.start()
-    g.running_pid("api")
+    live, _ = serving(g)
     began = time.monotonic()
     out = stage(g, REFUSE)
     took = time.monotonic() - began
@@ -224,13 +235,8 @@ def test_reload_that_breaks_readiness_is_not_ready(
 ) -> None:
     ready = f'[programs.api.ready]\nmetric = "{VERSION_METRIC}"\ninterval = "100ms"\n'
     g = gosup_factory(app(goapp, free_port(), sections=ready, probation="300ms"))
-    live = live_file(g)
-    g.start()
-    pid = g.running_pid("api")
-    out = stage(g, UNREADY)
-    assert out.returncode == 1, out.stdout
-    assert "rolled back: not_ready" in out.stdout
-    back_to(live, V1)
+    live, pid = serving(g)
+    refused(g, live, UNREADY, "not_ready")
     assert g.history("api", "running")[-1]["pid"] == pid
 
 
@@ -241,13 +247,8 @@ def test_restart_that_never_gets_ready_is_not_ready(
         f'[programs.api.ready]\nmetric = "{VERSION_METRIC}"\ninterval = "100ms"\nwithin = "1s"\n'
     )
     g = gosup_factory(app(goapp, free_port(), sections=ready, on_change="restart"))
-    live = live_file(g)
-    g.start()
-    first = g.running_pid("api")
-    out = stage(g, UNREADY)
-    assert out.returncode == 1, out.stdout
-    assert "rolled back: not_ready" in out.stdout
-    back_to(live, V1)
+    live, first = serving(g)
+    refused(g, live, UNREADY, "not_ready")
     wait_for(lambda: g.history("api", "running")[-1]["pid"] != first, what="a run of V1")
     assert any(r.get("reason") == "not_ready" for r in g.history("api", "exited"))
 
@@ -259,13 +260,8 @@ def test_reload_that_fails_liveness_is_unhealthy(
         f'[programs.api.live]\nmetric = "{VERSION_METRIC}"\ninterval = "150ms"\nfailures = 2\n'
     )
     g = gosup_factory(app(goapp, free_port(), sections=live_probe, probation="5s"))
-    live = live_file(g)
-    g.start()
-    first = g.running_pid("api")
-    out = stage(g, UNREADY)
-    assert out.returncode == 1, out.stdout
-    assert "rolled back: unhealthy" in out.stdout
-    back_to(live, V1)
+    live, first = serving(g)
+    refused(g, live, UNREADY, "unhealthy")
     records = g.history("api")
     events = [r["event"] for r in records]
     assert events.index("probe_failed") < events.index("config_rolled_back")
@@ -279,13 +275,9 @@ def test_restart_into_a_refused_config_is_exited(
 ) -> None:
     """The issue's second case. Before: `applied`, exit 0 in 0.2 s, rollback 94 ms later."""
     g = gosup_factory(app(goapp, free_port(), on_change="restart"))
-    live = live_file(g)
-    g.start()
-    g.running_pid("api")
-    out = stage(g, REFUSE, "--wait", "25s")
-    assert out.returncode == 1, out.stdout
-    assert "rolled back: exited" in out.stdout and "exit code 1" in out.stdout
-    back_to(live, V1)
+    live, _ = serving(g)
+    out = refused(g, live, REFUSE, "exited", "--wait", "25s")
+    assert "exit code 1" in out.stdout
     g.wait_event("running", "api", count=2)
 
 
@@ -294,9 +286,7 @@ def test_good_version_is_confirmed_and_remembered(
 ) -> None:
     confirm = f'confirm = {{ metric = "{OK_METRIC}", interval = "200ms" }}'
     g = gosup_factory(app(goapp, free_port(), file=confirm, probation="500ms"))
-    live = live_file(g)
-    g.start()
-    g.running_pid("api")
+    live, _ = serving(g)
     out = stage(g, V2)
     assert out.returncode == 0, out.stdout
     assert f"confirmed (sha256 {sha(V2)}) after 0.5s of probation" in out.stdout
@@ -330,9 +320,7 @@ def test_crash_loop_restores_last_confirmed_version(
     or a file edited in place): the next restart crash-loops; before FATAL the
     last confirmed version comes back and the program gets one more series."""
     g = gosup_factory(app(goapp, free_port(), probation="300ms", on_change="none", staging=staging))
-    live = live_file(g)
-    g.start()
-    pid = g.running_pid("api")
+    live, pid = serving(g)
     # The version it started with is confirmed once the run stayed up probation.
     g.wait_event("config_confirmed", "api", where=lambda r: r["sha256"] == sha(V1))
     if staging:
@@ -386,13 +374,8 @@ def test_prometheus_refusing_a_config_on_reload(
         confirm = {{ metric = "prometheus_config_last_reload_successful == 1" }}
         """)
     )
-    live = live_file(g, good.encode())
-    g.start()
-    g.running_pid("api", timeout=60)
-    out = stage(g, bad.encode())
-    assert out.returncode == 1, out.stdout
-    assert "rolled back: unconfirmed" in out.stdout
-    back_to(live, good.encode())
+    live, _ = serving(g, good.encode(), timeout=60)
+    refused(g, live, bad.encode(), "unconfirmed", was=good.encode())
 
 
 def test_caddy_reload_command(gosup_factory: Callable[..., Gosup], tmp_path: Path) -> None:
@@ -419,12 +402,8 @@ def test_caddy_reload_command(gosup_factory: Callable[..., Gosup], tmp_path: Pat
         probation = "1s"
         """)
     )
-    live = live_file(g, caddyfile('respond "v1"'))
-    g.start()
-    g.running_pid("api", timeout=30)
-    out = stage(g, caddyfile("this_is_not_a_directive"))
-    assert out.returncode == 1, out.stdout
-    assert "rolled back: reload_failed" in out.stdout
-    back_to(live, caddyfile('respond "v1"'))
+    v1 = caddyfile('respond "v1"')
+    live, _ = serving(g, v1, timeout=30)
+    refused(g, live, caddyfile("this_is_not_a_directive"), "reload_failed", was=v1)
     out = stage(g, caddyfile('respond "v2"'))
     assert out.returncode == 0, out.stdout

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,13 +393,23 @@ def install(work: Path, live: Path, identity: Identity | None = None) -> None:
 
 def restore(live: Path) -> None:
     """Roll back: ``<live>.prev`` becomes live again, the current one ``<live>.failed``."""
-    target = live_target(live)
     prev = prev_of(live)
     if not prev.exists():
         raise FileNotFoundError(errno.ENOENT, "no previous version to restore", str(prev))
+    _put_back(prev, live, _link_into_place)
+
+
+def restore_copy(kept: Path, live: Path) -> None:
+    """Like ``restore``, from a copy kept elsewhere (``confirmed``): copied, so that
+    the kept one stays intact whatever is later done to the live file."""
+    _put_back(kept, live, _copy_into_place)
+
+
+def _put_back(source: Path, live: Path, place: Callable[[Path, Path], None]) -> None:
+    target = live_target(live)
     failed = failed_of(live)
     if target.exists():
         _link_into_place(target, failed)
-    _link_into_place(prev, target)
-    for directory in {target.parent, prev.parent}:
+    place(source, target)
+    for directory in {target.parent, failed.parent}:
         fileops.fsync_dir(directory)

@@ -55,6 +55,7 @@ from supervisor.files import validator, watching
 from supervisor.files.confirmed import Confirmed
 from supervisor.files.probation import (
     RELOAD_TIMEOUT,
+    SETTLE_MARGIN,
     Abandoned,
     Failure,
     Probation,
@@ -67,7 +68,6 @@ S = ProcessState
 POLL_INTERVAL = 0.1  # seconds between directory scans of the polling observer
 DEBOUNCE = 0.25  # quiet time before acting on an event a writer may still be causing
 SIDECAR_GRACE = 1.0  # how long a sidecar naming another file may wait for that file
-SETTLE_MARGIN = 5.0  # beyond start_seconds, how long a reload waits for STARTING to end
 COMPLETE_EVENTS = frozenset({"moved", "closed"})
 # No opened/closed_no_write: every read of the config by the program would wake us.
 _EVENT_FILTER = [wd.FileMovedEvent, wd.FileCreatedEvent, wd.FileModifiedEvent, wd.FileClosedEvent]

@@ -21,7 +21,6 @@ per crash loop.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -88,23 +87,5 @@ class Confirmed:
                 return None
         except FileNotFoundError:
             return None
-        target = swap.live_target(self.live)
-        failed = swap.failed_of(self.live)
-        tmp = target.with_name(f".{target.name}.gosup-tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(_copy(target, failed.with_name(f".{failed.name}.tmp")), failed)
-        os.replace(_copy(self.content, tmp), target)
-        fileops.fsync_dir(target.parent)
+        swap.restore_copy(self.content, self.live)
         return sha
-
-
-def _copy(src: Path, dest: Path) -> Path:
-    """``src`` copied to ``dest`` with its mode, fsynced; returns ``dest``."""
-    shutil.copyfile(src, dest)
-    shutil.copymode(src, dest)
-    fd = os.open(dest, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return dest
