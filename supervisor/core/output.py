@@ -95,10 +95,6 @@ class RotatingFile:
         self._failed_at: float | None = None  # when the current burst of failures began
         self._burst = 0  # bytes dropped in the current burst
 
-    @property
-    def is_open(self) -> bool:
-        return self._fd is not None
-
     def open(self) -> None:
         """Open the file, or re-open it when its path no longer names the open file."""
         if self._fd is not None and self._still_ours():

@@ -142,11 +142,6 @@ def _sha_key(path: str) -> tuple[str, int, int, int]:
     return (path, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def cached_sha256(path: str) -> str | None:
-    """The binary's hash if this exact file (inode, size, mtime) was hashed before."""
-    return _sha_cache.get(_sha_key(path))
-
-
 def binary_sha256(path: str) -> str:
     """SHA-256 of the binary, cached by (path, inode, size, mtime): restarts stay fast."""
     key = _sha_key(path)
