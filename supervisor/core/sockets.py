@@ -149,4 +149,3 @@ def _unlink_if_socket(path: Path) -> None:
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()
-
