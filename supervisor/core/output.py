@@ -95,10 +95,6 @@ class RotatingFile:
         self._failed_at: float | None = None  # when the current burst of failures began
         self._burst = 0  # bytes dropped in the current burst
 
-    @property
-    def is_open(self) -> bool:
-        return self._fd is not None
-
     def open(self) -> None:
         """Open the file, or re-open it when its path no longer names the open file."""
         if self._fd is not None and self._still_ours():
@@ -352,6 +348,10 @@ class Stream:
             self.echo.feed(data)
         if self.tail is not None:
             self.tail.feed(data)
+        if self._taps:  # the hot path: no copy of an empty list per chunk
+            self._feed_taps(data)
+
+    def _feed_taps(self, data: bytes) -> None:
         for tap in list(self._taps):
             try:
                 tap(data)
@@ -415,6 +415,10 @@ class RunPipes:
         """Wait (at most ``timeout``) for both pipes to reach EOF, then close them."""
         if self.done:
             await asyncio.wait(self.done, timeout=timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading the pipes."""
         for transport in self.transports:
             transport.close()
         self.transports, self.done = [], []
@@ -437,8 +441,7 @@ class OutputCapture:
         self.stderr = Stream(
             RotatingFile(log_dir / f"{name}.stderr.log", max_size, backups), echo(), keep_tail=True
         )
-        self._transports: list[asyncio.BaseTransport] = []
-        self._done: list[asyncio.Future[None]] = []
+        self._pipes = RunPipes([], [])  # the current run's
 
     async def attach(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         """Open the log files (re-created if they or log_dir vanished) and start
@@ -453,35 +456,30 @@ class OutputCapture:
             at_end = stream.echo.flush if stream.echo is not None else None
             protocol = PipeReader(stream.feed, done, at_end)
             transport, _ = await loop.connect_read_pipe(_given(protocol), pipe)
-            self._transports.append(transport)
-            self._done.append(done)
+            self._pipes.transports.append(transport)
+            self._pipes.done.append(done)
 
     async def drain(self, timeout: float) -> None:
         """Wait for both pipes to reach EOF (so a crash's last words are read), then
         close them; a descendant that keeps the pipe open cannot hold us longer than ``timeout``."""
-        if self._done:
-            await asyncio.wait(self._done, timeout=timeout)
+        await self._pipes.drain(timeout)
         self.detach()
 
     def hand_over(self) -> RunPipes:
         """Set the current run's pipes apart (they keep feeding the log files),
         so that the next run can attach while this one still runs."""
-        pipes = RunPipes(self._transports, self._done)
-        self._transports, self._done = [], []
+        pipes, self._pipes = self._pipes, RunPipes([], [])
         return pipes
 
     def adopt(self, pipes: RunPipes) -> None:
         """Make pipes set apart the current run's again (its replacement failed)."""
-        self._transports += pipes.transports
-        self._done += pipes.done
+        self._pipes.transports += pipes.transports
+        self._pipes.done += pipes.done
         pipes.transports, pipes.done = [], []
 
     def detach(self) -> None:
         """Stop reading the run's pipes and close the log files until the next run."""
-        for transport in self._transports:
-            transport.close()
-        self._transports.clear()
-        self._done.clear()
+        self._pipes.close()
         self.stdout.untap_all()  # a tap lasts one run
         self.stderr.untap_all()
         if self.stdout.echo is not None:

@@ -70,7 +70,8 @@ class Retiring:
         spawn.kill_tree(self.snapshot + self.child.tree())
 
     def sweep(self) -> None:
-        """The main process is gone: what is left of its tree goes too."""
+        """The main process is gone: what is left of its tree goes too (in a
+        thread: finding its group's members scans the process table)."""
         left = spawn.alive(self.snapshot + self.child.group_members())
         if left:
             self.killed = True
@@ -78,11 +79,5 @@ class Retiring:
         self.snapshot = []
 
     def exit_info(self, code: int, clock: Callable[[], float]) -> dict[str, Any]:
-        sig = -code if code < 0 else None
         uptime = clock() - self.started_at if self.started_at is not None else 0.0
-        return {
-            "pid": self.child.pid,
-            "exit_code": code if code >= 0 else None,
-            "signal": spawn.signal_by_name(sig) if sig else None,
-            "uptime_s": round(uptime, 3),
-        }
+        return spawn.exit_fields(self.child.pid, code, uptime)

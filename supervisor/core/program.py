@@ -329,7 +329,7 @@ class Program:
         try:
             child = self.child
             if child is not None and not child.alive():
-                child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+                self._watch_exit(child)
             elif child is None and self.state is S.STOPPING:  # STOPPING -> STOPPED: gone
                 self._deadline = None
                 self._transition(S.STOPPED)
@@ -474,7 +474,7 @@ class Program:
             return
         # Its exit is watched before anything else can fail: never STARTING with a dead pid.
         self.child = child
-        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+        self._watch_exit(child)
         self.start_seq = _next_start_seq()
         self.started_at = self.ctx.clock()
         self.starts += 1
@@ -516,6 +516,10 @@ class Program:
         """Whether the child runs: its exit may have happened (gosup stopped by
         SIGSTOP, say) before the loop heard of it; then its exit is next."""
         return self.child is not None and self.child.alive()
+
+    def _watch_exit(self, child: spawn.Child) -> None:
+        """Post the child's exit to the inbox once it happens (a duplicate is ignored)."""
+        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
 
     def _on_not_ready(self, msg: NotReady) -> None:
         if self.state is S.STARTING and msg.pid == self.pid:
@@ -573,7 +577,6 @@ class Program:
             await self._finish_stop(child, info, leftovers)
             return
         healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
-        was_running = self.state is S.RUNNING
         self._transition(S.EXITED, "exited", **info)
         # A crashed program's helpers must not outlive it, even those that left its
         # group; finding them scans the process table: off the loop.
@@ -583,7 +586,7 @@ class Program:
             logger.opt(exception=exc).error("{}: sweeping the run's leftovers failed", self.name)
         logger.warning("{}: exited: {}", self.name, _exit_summary(info))
         if self._should_restart(code):
-            self._after_failed_run(healthy=healthy and was_running)
+            self._after_failed_run(healthy=healthy)
         await self._run_ended(child, None)
 
     def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
@@ -597,18 +600,12 @@ class Program:
         spawn.kill_tree(procs)
 
     def _exit_info(self, child: spawn.Child, code: int, uptime: float) -> dict[str, Any]:
-        sig = -code if code < 0 else None
-        info: dict[str, Any] = {
-            "pid": child.pid,
-            "exit_code": code if code >= 0 else None,
-            "signal": spawn.signal_by_name(sig) if sig else None,
-            "uptime_s": round(uptime, 3),
-        }
+        info = spawn.exit_fields(child.pid, code, uptime)
         crash = None
         if code != 0 and self.state is not S.STOPPING:
             crash = gopanic.parse(self.output.stderr.tail_text())
             oom = cgroup.oom_kills() > self._oom_kills_at_start
-            if crash is None and sig == signal.SIGKILL and not self._killed and oom:
+            if crash is None and code == -signal.SIGKILL and not self._killed and oom:
                 crash = gopanic.oom_crash()
         if crash is not None:
             info["crash"] = crash.to_dict()
@@ -679,11 +676,8 @@ class Program:
             if not msg.join:
                 raise CommandError(f"{self.name} is already stopping")
             pending, self._start_after_stop = self._start_after_stop, None
-            if pending is not None and pending.reply is not None and not pending.reply.done():
-                # The restart under way will not start again: say so, or its caller waits forever.
-                pending.reply.set_exception(
-                    CommandError(f"{self.name}: restart cancelled ({msg.reason})")
-                )
+            # The restart under way will not start again: say so, or its caller waits forever.
+            self._refuse(pending, f"restart cancelled ({msg.reason})")
             self._wait_for(msg, frozenset({S.STOPPED}))
             return
         if self.state is S.STOPPED:
@@ -716,7 +710,7 @@ class Program:
             child.signal_group(signal.SIGKILL)
             spawn.kill_tree(self._snapshot + child.tree())
             if not child.alive():  # gone already: make sure its exit is handled
-                child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+                self._watch_exit(child)
 
     def _kill_pending(self) -> bool:
         return any(isinstance(m, Kill) for m in self._inbox)
@@ -792,8 +786,7 @@ class Program:
         if self._failed_stop is not None:
             _, request = self._failed_stop
             self._failed_stop = None
-            if request is not None and request.reply is not None and not request.reply.done():
-                request.reply.set_exception(CommandError(f"{self.name}: restart cancelled ({why})"))
+            self._refuse(request, f"restart cancelled ({why})")
 
     async def _run_ended(self, child: spawn.Child, stop_signal: int | None) -> None:
         """Resolve the `exited` futures of this run, and let their callbacks run
@@ -927,7 +920,8 @@ class Program:
         await self.output.drain(DRAIN_TIMEOUT)
         info = self._exit_info(child, code, self.ctx.clock() - (self.started_at or 0.0))
         self._record("exited", **info)
-        spawn.kill_tree(child.group_members())
+        # finding the group's members scans the process table: off the loop
+        await asyncio.to_thread(lambda: spawn.kill_tree(child.group_members()))
         self.child = None
         self._overlap_failed("exited", _exit_summary(info), None)
         await self._run_ended(child, None)
@@ -966,7 +960,7 @@ class Program:
             await old.pipes.drain(DRAIN_TIMEOUT)
             retiring = Retiring(child, old.pipes, old.started_at, "", old.stop_signal)
             self._record("exited", **retiring.exit_info(code, self.ctx.clock))
-            retiring.sweep()
+            await asyncio.to_thread(retiring.sweep)  # scans the process table
             if old.request is not None:
                 self._wait_for(old.request, frozenset({S.RUNNING}))
             await self._run_ended(child, None)
@@ -977,7 +971,7 @@ class Program:
         retiring = found[0]
         self._retiring.remove(retiring)
         await retiring.pipes.drain(DRAIN_TIMEOUT)
-        retiring.sweep()
+        await asyncio.to_thread(retiring.sweep)
         info = retiring.exit_info(code, self.ctx.clock)
         self._record("exited", **info)
         self._record("stopped", pid=child.pid, reason=retiring.reason, killed=retiring.killed)

@@ -128,10 +128,6 @@ class Listeners:
         """The program's sockets in its order (fd 3 is the first)."""
         return [self._held[s.text][1] for s in spec.sockets if s.text in self._held]
 
-    def addresses(self) -> Mapping[str, str]:
-        """Canonical address -> where the kernel says it listens (port 0 resolved)."""
-        return {text: _name(sock) for text, (_, sock) in self._held.items()}
-
     async def launch(
         self, spec: ProgramSpec, extra_env: Mapping[str, str]
     ) -> tuple[spawn.Child, str]:
@@ -143,20 +139,13 @@ class Listeners:
             spec, sock = self._held.pop(text)
             if spec.family == "unix":
                 assert isinstance(spec.address, str)
-                _unlink_if_ours(Path(spec.address), sock)
+                _unlink_if_socket(Path(spec.address))
             sock.close()
 
 
-def _unlink_if_ours(path: Path, sock: socket.socket) -> None:
-    """Remove the socket file, unless something else was put there meanwhile."""
+def _unlink_if_socket(path: Path) -> None:
+    """Remove the socket file, unless something other than a socket was put there
+    meanwhile (another socket at the same path is not told apart from ours)."""
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()
-
-
-def _name(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        host = f"[{name[0]}]" if ":" in name[0] else name[0]
-        return f"{host}:{name[1]}"
-    return str(name)

@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
@@ -140,11 +140,6 @@ _sha_cache: dict[tuple[str, int, int, int], str] = {}
 def _sha_key(path: str) -> tuple[str, int, int, int]:
     st = os.stat(path)
     return (path, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def cached_sha256(path: str) -> str | None:
-    """The binary's hash if this exact file (inode, size, mtime) was hashed before."""
-    return _sha_cache.get(_sha_key(path))
 
 
 def binary_sha256(path: str) -> str:
@@ -719,6 +714,17 @@ def signal_by_name(sig: int) -> str:
         if signal.SIGRTMIN < sig < signal.SIGRTMAX:
             return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
         return f"signal {sig}"
+
+
+def exit_fields(pid: int, code: int, uptime: float) -> dict[str, Any]:
+    """An exit record's own fields: ``code`` as Popen gives it (negative: the
+    signal that ended the process, named), and the run's uptime."""
+    return {
+        "pid": pid,
+        "exit_code": code if code >= 0 else None,
+        "signal": signal_by_name(-code) if code < 0 else None,
+        "uptime_s": round(uptime, 3),
+    }
 
 
 class _LoopPulse:

@@ -57,10 +57,6 @@ TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
 SIGNALLABLE_STATES = frozenset({S.STARTING, S.RUNNING, S.STOPPING})
 # States in which the program counts as "up" for READY=1 and metrics.
 RUNNING_STATES = frozenset({S.RUNNING})
-# States from which an operator's start has something to do.
-STARTABLE_STATES = frozenset({S.STOPPED, S.EXITED, S.FATAL, S.BACKOFF})
-# States a program may settle in without anyone acting on it.
-SETTLED_STATES = frozenset({S.STOPPED, S.EXITED, S.FATAL, S.RUNNING})
 
 STATE_NUMBERS = {state: number for number, state in enumerate(ProcessState)}
 
