@@ -16,6 +16,9 @@ HISTORY_NAME = "history.jsonl"  # <state_dir>/history.jsonl
 DEFAULT_STATE_DIR = ".gosup"  # relative to the config file's directory
 DEFAULT_CONFIG = "app.toml"
 MAX_REQUEST = 1 << 20  # bytes per request line (the newline excluded)
+# seconds a reload_command may take before the reload counts as failed
+# (files/probation.py); `gosup stage` counts it in how long it waits.
+RELOAD_COMMAND_TIMEOUT = 30.0
 # What a program may be called: app.toml's [programs.NAME], and so log file
 # names and the NAME of `gosup logs`.
 PROGRAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import TAG_VAR, Gosup, pid_alive, wait_for
+from conftest import TAG_VAR, Gosup, fill_disk, pid_alive, wait_for
 
 
 def _program(name: str, argv: list[str], extra: str = "") -> str:
@@ -39,14 +39,6 @@ def _lines(path: Path) -> int:
 
 
 # -- a full disk (issue 15.1) -----------------------------------------------------
-
-
-def _fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True, check=False
-    )
-    return filler
 
 
 @pytest.mark.parametrize("ending", ["SIGTERM", "two SIGINTs"])
@@ -79,7 +71,7 @@ def test_a_full_disk_never_wedges_a_program(
     g.state_dir, g.log_dir = small_disk / "state", small_disk / "logs"
     g.start()
     g.wait_event("exited", "loop")
-    filler = _fill(small_disk)
+    filler = fill_disk(small_disk)
     before = _lines(starts)
     # Crash after crash on a full disk: history and log writes all fail.
     wait_for(lambda: _lines(starts) >= before + 8, 60, "8 runs on the full disk")
@@ -291,6 +283,7 @@ def test_sigstop_of_gosup_records_the_run_as_it_was(gosup_factory: Any, goapp: P
         os.kill(g.pid, signal.SIGCONT)
     exited = g.wait_event("exited", "short")[0]
     running = g.history("short", "running")
-    # the run lasted 300 ms, not the 3 s stop; and never RUNNING: that pid was dead
-    assert (exited["uptime_s"] < 1.5, running) == (True, []), (exited, running)
+    # the run lasted 300 ms, not the 3 s stop (the bound leaves a loaded machine
+    # most of the difference); and never RUNNING: that pid was dead
+    assert (exited["uptime_s"] < 2.5, running) == (True, []), (exited, running)
     assert g.stop() == 0

@@ -170,8 +170,8 @@ def test_file_staged_while_gosup_is_down_is_applied_at_start(
     live = make_live(g.dir)
     new = put(g, "v1.conf", V1)
     out = g.cli("stage", str(new), "config/app.conf")
-    assert out.returncode == 0, out.stderr
-    assert "not running" in out.stdout
+    assert out.returncode == 1, out.stderr  # staged, but nobody confirmed it yet
+    assert "not running: no verdict" in out.stdout
     g.start()
     g.running_pid("api")
     records = g.history("api")

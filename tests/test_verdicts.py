@@ -222,6 +222,12 @@ def test_silent_reload_failure_is_unconfirmed(
     assert "the sample is 0" in out.stdout
     rec = rolled_back(g, "unconfirmed")
     assert rec["restored_sha256"] == sha(V1)
+    # the probe's own verdict comes first (DESIGN §5: probe_failed, probe confirm)
+    (failed,) = g.history("api", "probe_failed")
+    assert (failed["probe"], failed["target"]) == ("confirm", OK_METRIC)
+    assert "the sample is 0" in failed["error"] and failed["failures"] >= 1
+    events = [r["event"] for r in g.history("api")]
+    assert events.index("probe_failed") < events.index("config_rolled_back")
     back_to(live, V1)
     # The restored file is reloaded again: the program says its reload worked.
     wait_for(lambda: len(g.history("api", "signal_sent")) == 2, what="the second reload")

@@ -32,11 +32,10 @@ from typing import Any
 from supervisor import fileops, history
 from supervisor.cli import common as cli
 from supervisor.config import ConfigFileSpec, OnChange, ProgramSpec, parse_duration
-from supervisor.protocol import HISTORY_NAME, SOCKET_NAME
+from supervisor.protocol import HISTORY_NAME, RELOAD_COMMAND_TIMEOUT, SOCKET_NAME
 
 POLL = 0.02  # seconds between looks at the history while waiting
 WAIT_MARGIN = 10.0  # beyond the program's own budgets, how long --wait's default allows
-RELOAD_COMMAND_BUDGET = 30.0  # what gosup gives a reload_command (files/probation.py)
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ def verdict_budget(program: ProgramSpec, file: ConfigFileSpec) -> float:
     if file.on_change is OnChange.RESTART:
         tell = program.stop_timeout + start
     elif program.reload_command is not None:
-        tell = RELOAD_COMMAND_BUDGET
+        tell = RELOAD_COMMAND_TIMEOUT
     checks = [p for p in (file.confirm, program.ready) if p is not None]
     final = sum(3 * (p.interval + p.timeout) for p in checks)
     validate = file.validate_timeout if file.validate else 0.0

@@ -36,10 +36,12 @@ from supervisor.core.program import CommandError, Program, Restart, SendSignal
 from supervisor.core.states import ProcessState
 from supervisor.core.tasks import cancel_and_wait
 from supervisor.files.validator import Verdict
+from supervisor.history import History
+from supervisor.protocol import RELOAD_COMMAND_TIMEOUT
 
 S = ProcessState
 REASONS = ("reload_failed", "unconfirmed", "not_ready", "unhealthy", "exited")
-RELOAD_TIMEOUT = 30.0  # seconds a reload_command may take before it counts as failed
+RELOAD_TIMEOUT = RELOAD_COMMAND_TIMEOUT
 SETTLE_MARGIN = 5.0  # beyond the program's own start budget, how long to wait for RUNNING
 FINAL_TRIES = 3  # attempts (one interval apart) a final confirm/ready check gets
 
@@ -59,6 +61,7 @@ class Owner(Protocol):
     """What a probation needs from its file's ConfigSync."""
 
     program: Program
+    history: History
 
     async def settled_state(self) -> ProcessState: ...
 
@@ -210,6 +213,19 @@ class Probation:
                 return True
         return False
 
+    def _probe_failed(self, probe: str, spec: ProbeSpec, error: str, failures: int) -> Failure:
+        """``probe_failed`` (DESIGN §5: probe ready, live or confirm), then the
+        Failure that rolls the version back."""
+        self.sync.history.record(
+            "probe_failed",
+            self.sync.program.name,
+            probe=probe,
+            target=spec.describe(),
+            error=error,
+            failures=failures,
+        )
+        return Failure(_FAILURE_REASON[probe], error)
+
     async def _watch(self, make_prober: ProberFactory, confirm: ProbeSpec | None) -> Failure | None:
         """Probation proper: ``confirm`` every interval, then the final checks."""
         program = self.sync.program
@@ -226,13 +242,13 @@ class Probation:
                 error = await prober.run()
                 failures = failures + 1 if error else 0
                 if error and failures >= confirm.failures:
-                    return Failure("unconfirmed", error)
+                    return self._probe_failed("confirm", confirm, error, failures)
                 await asyncio.sleep(min(confirm.interval, max(0.0, until - loop.time())))
             if prober and confirm and (error := await final_check(prober, confirm)):
-                return Failure("unconfirmed", error)
+                return self._probe_failed("confirm", confirm, error, FINAL_TRIES)
             ready_spec = program.spec.ready
             if ready and ready_spec and (error := await final_check(ready, ready_spec)):
-                return Failure("not_ready", error)
+                return self._probe_failed("ready", ready_spec, error, FINAL_TRIES)
         finally:
             for p in (prober, ready):
                 if p is not None:
@@ -242,6 +258,9 @@ class Probation:
         if program.state is not S.RUNNING or program.pid != self.pid:
             return Failure("exited", f"not running at the end of probation ({program.state.value})")
         return None
+
+
+_FAILURE_REASON = {"confirm": "unconfirmed", "ready": "not_ready"}
 
 
 async def final_check(prober: ProbeRunner, spec: ProbeSpec) -> str | None:
