@@ -21,6 +21,7 @@ only it does not change the program's state.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,17 +58,19 @@ class Retiring:
     snapshot: list[psutil.Process] = field(default_factory=list)
     killed: bool = False
 
-    def begin(self) -> None:
-        """Send the stop signal to its group and to descendants that left it."""
-        self.snapshot = self.child.tree()
+    async def begin(self) -> None:
+        """Send the stop signal to its group and to descendants that left it
+        (its tree is taken first, in a thread: a walk of all of /proc)."""
+        self.snapshot = await asyncio.to_thread(self.child.tree)
         self.child.signal_group(self.stop_signal)
         self.child.signal_escaped(self.snapshot, self.stop_signal)
 
-    def kill(self) -> None:
-        """stop_timeout passed (or a Kill): SIGKILL the whole tree."""
+    async def kill(self) -> None:
+        """stop_timeout passed (or a Kill): SIGKILL the whole tree (in a thread)."""
         self.killed = True
         self.child.signal_group(signal.SIGKILL)
-        spawn.kill_tree(self.snapshot + self.child.tree())
+        snapshot, child = self.snapshot, self.child
+        await asyncio.to_thread(lambda: spawn.kill_tree(snapshot + child.tree()))
 
     def sweep(self) -> None:
         """The main process is gone: what is left of its tree goes too (in a
