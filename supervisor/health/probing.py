@@ -183,7 +183,7 @@ class ProbeWatch:
         except (ScrapeError, OSError) as exc:
             self.dumps.failed(name, "pprof", f"{exc}; a SIGQUIT dump instead")
             return False
-        return self.dumps.record(name, path, "pprof", limits.dump_keep, reason="unhealthy")
+        return await self.dumps.record(name, path, "pprof", limits.dump_keep, reason="unhealthy")
 
 
 def build_for(history: History, program: Program, dumps: Dumps) -> ProbeWatch | None:

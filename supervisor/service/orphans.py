@@ -7,7 +7,10 @@ flock of ``control.ControlServer``, taken before this service starts):
 every program whose child runs, its pid, start time, process group and
 session. A history listener keeps it current from the ``started``,
 ``exited`` and ``stopped`` records, so it is written exactly when the
-history says a child came or went. A clean exit removes the file.
+history says a child came or went. A clean exit removes the file. The
+writes run in gosup's disk threads (``core/offload.py``), one at a time: a
+slow or stalled disk delays the file, never the loop, and the changes made
+meanwhile are written together once it can be.
 
 **Clearing leftovers at start.** A gosup killed with SIGKILL cannot stop
 anything. Its direct children (programs, builds, validators) die with it
@@ -73,6 +76,7 @@ from loguru import logger
 
 from supervisor.config import ProgramSpec
 from supervisor.core import spawn
+from supervisor.core.offload import DISK
 from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import Last
 
@@ -135,6 +139,8 @@ class PidFile:
         self.me = ProcessRecord.of(os.getpid())
         self._pending: list[tuple[str, str, int]] = []
         self._failing = False
+        self._dirty = False  # a change not written yet
+        self._writer: asyncio.Task[None] | None = None
 
     @staticmethod
     def read(path: Path) -> tuple[ProcessRecord | None, dict[str, ProcessRecord]]:
@@ -168,7 +174,7 @@ class PidFile:
                 asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        """Apply the pending events and rewrite the file."""
+        """Apply the pending events; the file is rewritten off the loop."""
         pending, self._pending = self._pending, []
         for event, name, pid in pending:
             if event == "started":
@@ -179,16 +185,37 @@ class PidFile:
                 old = self.programs.get(name)
                 if old is not None and old.pid == pid:
                     del self.programs[name]
-        self.write()
+        self.write_soon()
 
-    def write(self) -> None:
-        """Rewrite the file; a failure (disk full, the state_dir deleted and
-        not re-creatable) is logged once per burst, never raised: the next
-        change rewrites it whole."""
-        data = {
+    async def drain(self) -> None:
+        """Wait until every change made so far is written (or failed to be)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    def write_soon(self) -> None:
+        """Rewrite the file off the loop: one writer at a time, and the changes
+        made while it writes go in its next round."""
+        self._dirty = True
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_rounds())
+
+    async def _write_rounds(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await DISK.run(self.write, self._data())
+
+    def _data(self) -> dict[str, Any]:
+        return {
             "supervisor": asdict(self.me) if self.me else None,
             "programs": {name: asdict(rec) for name, rec in self.programs.items()},
         }
+
+    def write(self, data: dict[str, Any] | None = None) -> None:
+        """Rewrite the file with ``data`` (now's, when None): blocking, so in a
+        thread. A failure (disk full, the state_dir deleted and not
+        re-creatable) is logged once per burst, never raised: the next change
+        rewrites it whole."""
+        data = self._data() if data is None else data
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -479,7 +506,7 @@ class OrphanService:
 
     async def start(self) -> None:
         await self.clear_leftovers()
-        self.pids.write()
+        self.pids.write_soon()  # a stalled disk delays the file, not the start
         self.sup.history.add_listener(self.pids.on_record)
         # A child subreaper (core/spawn.py): what a program double-forks stays
         # ours, to be stopped with it; its zombies are ours to reap, as PID 1's.
@@ -493,10 +520,9 @@ class OrphanService:
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.pids.on_record)
         self.pids.flush()
+        await self.pids.drain()  # no write in flight may bring the file back
         if not self.pids.programs:
-            self.pids.remove()
-        else:  # a child we could not stop: leave it for the next gosup to find
-            self.pids.write()
+            await DISK.run(self.pids.remove)
 
     def marks(self, spec: ProgramSpec) -> dict[str, str]:
         """An environment provider: our state_dir and the program's name."""
