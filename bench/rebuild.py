@@ -235,6 +235,7 @@ def measure(go: str, debounce: str, modes: list[str], iterations: int, keep: boo
         g = DevGosup(wd, go, debounce, tag)
         direct = DirectBuild(wd / "direct", go, tag)
         try:
+            direct.run("d1", "in-place")  # warm: its first build is not timed, as gosup's
             common.wait_for(lambda: g.started_line("v1"), STEP_TIMEOUT, "the first build")
             common.wait_for(lambda: g.records("running"), STEP_TIMEOUT, "devapp running")
             n = 1
