@@ -648,8 +648,8 @@ class Program:
         crash = None
         if code != 0 and self.state is not S.STOPPING:
             crash = gopanic.parse(self.output.stderr.tail_text())
-            oom = cgroup.oom_kills() > self._oom_kills_at_start
-            if crash is None and code == -signal.SIGKILL and not self._killed and oom:
+            sigkill = code == -signal.SIGKILL and not self._killed  # only then read the count
+            if crash is None and sigkill and cgroup.oom_kills() > self._oom_kills_at_start:
                 crash = gopanic.oom_crash()
         if crash is not None:
             info["crash"] = crash.to_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,14 +138,35 @@ def _go_size(n: int) -> str:
 
 
 class GoEnv:
-    """The environment provider: ``GoEnv(programs)(spec)`` before each start."""
+    """The environment provider: ``GoEnv(programs)(spec)`` before each start.
+
+    The cgroup's limits are read again only when our cgroup's path changed
+    (``cgroup.cgroup_paths``, itself re-read every ``cgroup.REREAD_AFTER``
+    seconds), a reload asked (``cgroup.forget``), or they are older than
+    ``cgroup.REREAD_AFTER``: a crash loop of 200 programs does not walk the
+    cgroup files at each start.
+    """
 
     def __init__(self, programs: Callable[[], Mapping[str, Program]]) -> None:
         self.programs = programs  # the supervisor's programs now (a reload replaces some)
         self._logged: dict[str, dict[str, str]] = {}
+        self._limits: tuple[float, int, dict[str, str], CgroupLimits] | None = None
+
+    def limits(self) -> CgroupLimits:
+        """Our cgroup's limits, from the cache while it holds."""
+        now, paths = time.monotonic(), cgroup.cgroup_paths()
+        cached = self._limits
+        if (
+            cached is None
+            or not 0 <= now - cached[0] <= cgroup.REREAD_AFTER
+            or cached[1] != cgroup.generation
+            or cached[2] != paths
+        ):
+            cached = self._limits = (now, cgroup.generation, paths, cgroup_limits())
+        return cached[3]
 
     def __call__(self, spec: ProgramSpec) -> dict[str, str]:
-        env = go_env(spec, cgroup_limits())
+        env = go_env(spec, self.limits())
         program = self.programs().get(spec.name)
         if program is not None:
             program.observations.go_env = env
