@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 from conftest import Gosup, pid_alive, wait_for
 
+from supervisor.config import appconfig
 from supervisor.core import cgroup
 from supervisor.health import goenv
 from supervisor.service import orphans
@@ -237,3 +238,70 @@ def test_the_reaper_reads_no_state_of_the_children_it_is_told_to_skip() -> None:
             p.kill()
             p.wait()
         os.waitpid(orphan, 0)
+
+
+# -- the config parse at a reload ---------------------------------------------------------------
+
+
+def _config(tmp_path: Path, programs: dict[str, str]) -> Path:
+    path = tmp_path / "app.toml"
+    text = "".join(f'[programs.{name}]\ncommand = ["./{name}"]\n{extra}\n' for name, extra in
+                   programs.items())  # fmt: skip
+    path.write_text(text)
+    return path
+
+
+def _fresh(path: Path) -> Any:
+    appconfig._SPECS.clear()
+    try:
+        return appconfig.load(path)
+    except appconfig.ConfigError as exc:
+        return exc.errors
+
+
+def test_a_reparse_keeps_the_specs_of_unchanged_programs(tmp_path: Path) -> None:
+    programs = {f"p{i}": f'environment = {{ N = "{i}" }}' for i in range(20)}
+    first = appconfig.load(_config(tmp_path, programs))
+    programs["p7"] = 'environment = { N = "changed" }'
+    second = appconfig.load(path := _config(tmp_path, programs))
+    for old, new in zip(first.programs, second.programs, strict=True):
+        assert (new is old) == (new.name != "p7")
+    assert second.program("p7").environment == {"N": "changed"}
+    assert second == _fresh(path)  # the same config as a parse with nothing kept
+
+
+def test_a_kept_spec_still_meets_a_later_clash(tmp_path: Path) -> None:
+    """A kept program whose socket or config file another program now
+    claims first is reported exactly as a parse with nothing kept does."""
+    b = 'sockets = ["tcp://127.0.0.1:9100"]\n[[programs.b.config_files]]\npath = "b.yaml"\n'
+    appconfig.load(_config(tmp_path, {"b": b}))
+    a = 'sockets = ["tcp://127.0.0.1:9100"]\n[[programs.a.config_files]]\npath = "b.yaml"\n'
+    path = _config(tmp_path, {"a": a, "b": b})
+    appconfig.load(_config(tmp_path, {"b": b}))  # b is kept again
+    path = _config(tmp_path, {"a": a, "b": b})
+    try:
+        appconfig.load(path)
+        raise AssertionError("the clash was not reported")
+    except appconfig.ConfigError as exc:
+        kept = exc.errors
+    assert kept == _fresh(path)
+    assert any("programs.b.sockets[0]" in e for e in kept)
+    assert any("programs.b.config_files[0].path" in e for e in kept)
+
+
+def test_nesting_is_judged_as_before_without_a_path_per_value() -> None:
+    def errors(text: str) -> list[str]:
+        try:
+            appconfig.loads(text, "/x/app.toml")
+        except appconfig.ConfigError as exc:
+            return exc.errors
+        return []
+
+    deep = appconfig.MAX_DEPTH
+    assert errors("x = " + "[" * deep + "1" + "]" * deep) == [
+        f"/x/app.toml: nested deeper than {deep} levels: x" + "[0]" * deep
+    ]
+    assert errors("x = " + "[" * deep + "]" * deep) == ["/x/app.toml: x: unknown key"]
+    assert errors("x = " + "[" * (deep - 1) + "1" + "]" * (deep - 1)) == [
+        "/x/app.toml: x: unknown key"
+    ]

@@ -436,8 +436,11 @@ _fraction = _checked(_number, lambda v: 0 <= v < 1, "must be >= 0 and < 1")
 # --- reading tables ---------------------------------------------------------
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _quote(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
 
 
 class _Table:
@@ -454,6 +457,11 @@ class _Table:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 self.error(key, f"unknown key{hint}")
+
+    @property
+    def errors(self) -> list[str]:
+        """Every error found so far in the file (this table's and the others')."""
+        return self._errors
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{_quote(key)}" if self.path else _quote(key)
@@ -835,19 +843,63 @@ def _program(
     return spec
 
 
-def _programs(table: _Table | None, base: str) -> tuple[ProgramSpec, ...]:
+# The specs built from the last parses of each file: (source, base) -> program
+# name -> (its table as TOML gave it, the spec). A reload of 1,000 programs
+# that changes one converts that one; the others are the same objects as
+# before, so comparing them with the running specs is free too. Only specs
+# built without an error are kept, and a kept one is used only while it
+# claims no config file or socket another program claimed first (else it is
+# converted again, to report that exactly as before).
+_SPECS: dict[tuple[str, str], dict[str, tuple[object, ProgramSpec]]] = {}
+_SPECS_FILES = 4  # the files remembered (gosup reads one; tests, many)
+
+
+def _programs(table: _Table | None, base: str, source: str) -> tuple[ProgramSpec, ...]:
     if table is None:
         return ()
     seen: dict[Path, str] = {}
     seen_sockets: dict[str, str] = {}
+    before = _SPECS.get((source, base), {})
+    built: dict[str, tuple[object, ProgramSpec]] = {}
     programs = []
-    for name, _ in table.items():
+    for name, raw in table.items():
         if not PROGRAM_NAME.fullmatch(name):
             table.error(name, "program names are letters, digits, '_', '.', '-'")
         t = table.table(name, _PROGRAM_KEYS)
-        if t is not None:
-            programs.append(_program(name, t, base, seen, seen_sockets))
+        if t is None:
+            continue
+        known = before.get(name)
+        if known is not None and known[0] == raw and _claim(t, known[1], seen, seen_sockets):
+            spec = known[1]
+        else:
+            errors = len(t.errors)
+            spec = _program(name, t, base, seen, seen_sockets)
+            if len(t.errors) > errors:
+                programs.append(spec)
+                continue
+        built[name] = (raw, spec)
+        programs.append(spec)
+    _SPECS.pop((source, base), None)
+    while len(_SPECS) >= _SPECS_FILES:
+        del _SPECS[next(iter(_SPECS))]
+    _SPECS[(source, base)] = built
     return tuple(programs)
+
+
+def _claim(
+    t: _Table, spec: ProgramSpec, seen: dict[Path, str], seen_sockets: dict[str, str]
+) -> bool:
+    """Note the config files and sockets of a kept ``spec`` as ``_program``
+    does; False (nothing noted) when another program has one of them."""
+    if any(f.path in seen for f in spec.config_files):
+        return False
+    if any(s.text in seen_sockets for s in spec.sockets):
+        return False
+    for i, f in enumerate(spec.config_files):
+        seen[f.path] = f"{t.key_path('config_files')}[{i}].path"
+    for i, s in enumerate(spec.sockets):
+        seen_sockets[s.text] = f"{t.key_path('sockets')}[{i}]"
+    return True
 
 
 # --- entry points -----------------------------------------------------------
@@ -868,6 +920,8 @@ MAX_DEPTH = 16  # tables and arrays in tables: app.toml needs 5 at most
 
 def _too_deep(data: object) -> str | None:
     """The key path of the first value nested deeper than MAX_DEPTH, if any."""
+    if not _deeper_than(data, MAX_DEPTH):
+        return None  # (the common case, without building a path for every value)
     todo: list[tuple[object, str, int]] = [(data, "", 0)]
     while todo:
         value, path, depth = todo.pop()
@@ -878,6 +932,16 @@ def _too_deep(data: object) -> str | None:
         elif isinstance(value, list):
             todo += ((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
     return None
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether a value sits more than ``limit`` tables or arrays below ``value``."""
+    values = value.values() if isinstance(value, dict) else value
+    if not isinstance(values, (list, type({}.values()))) or not values:
+        return False
+    if limit <= 0:
+        return True
+    return any(_deeper_than(item, limit - 1) for item in values if isinstance(item, (dict, list)))
 
 
 def _parse(text: str, source: str, sha256: str) -> AppConfig:
@@ -900,7 +964,7 @@ def _parse(text: str, source: str, sha256: str) -> AppConfig:
         path=path,
         sha256=sha256,
         supervisor=_supervisor(root.table("supervisor", _SUPERVISOR_KEYS), base),
-        programs=_programs(root.table("programs", None), base),
+        programs=_programs(root.table("programs", None), base, source),
     )
     if errors:
         raise ConfigError(errors)
