@@ -305,3 +305,13 @@ def test_nesting_is_judged_as_before_without_a_path_per_value() -> None:
     assert errors("x = " + "[" * (deep - 1) + "1" + "]" * (deep - 1)) == [
         "/x/app.toml: x: unknown key"
     ]
+
+
+def test_the_start_and_a_reload_share_the_kept_specs(tmp_path: Path, monkeypatch: Any) -> None:
+    """gosup loads ``app.toml`` as named on its command line, a reload by its
+    absolute path: the same file, the same kept specs."""
+    path = _config(tmp_path, {"a": "", "b": ""})
+    monkeypatch.chdir(tmp_path)
+    first = appconfig.load("app.toml")
+    second = appconfig.load(path.resolve())
+    assert all(new is old for old, new in zip(first.programs, second.programs, strict=True))

@@ -843,7 +843,8 @@ def _program(
     return spec
 
 
-# The specs built from the last parses of each file: (source, base) -> program
+# The specs built from the last parses of each file: (its absolute path, the
+# directory paths are relative to) -> program
 # name -> (its table as TOML gave it, the spec). A reload of 1,000 programs
 # that changes one converts that one; the others are the same objects as
 # before, so comparing them with the running specs is free too. Only specs
@@ -854,12 +855,12 @@ _SPECS: dict[tuple[str, str], dict[str, tuple[object, ProgramSpec]]] = {}
 _SPECS_FILES = 4  # the files remembered (gosup reads one; tests, many)
 
 
-def _programs(table: _Table | None, base: str, source: str) -> tuple[ProgramSpec, ...]:
+def _programs(table: _Table | None, base: str, path: str) -> tuple[ProgramSpec, ...]:
     if table is None:
         return ()
     seen: dict[Path, str] = {}
     seen_sockets: dict[str, str] = {}
-    before = _SPECS.get((source, base), {})
+    before = _SPECS.get((path, base), {})
     built: dict[str, tuple[object, ProgramSpec]] = {}
     programs = []
     for name, raw in table.items():
@@ -879,10 +880,10 @@ def _programs(table: _Table | None, base: str, source: str) -> tuple[ProgramSpec
                 continue
         built[name] = (raw, spec)
         programs.append(spec)
-    _SPECS.pop((source, base), None)
+    _SPECS.pop((path, base), None)
     while len(_SPECS) >= _SPECS_FILES:
         del _SPECS[next(iter(_SPECS))]
-    _SPECS[(source, base)] = built
+    _SPECS[(path, base)] = built
     return tuple(programs)
 
 
@@ -941,7 +942,8 @@ def _deeper_than(value: object, limit: int) -> bool:
         return False
     if limit <= 0:
         return True
-    return any(_deeper_than(item, limit - 1) for item in values if isinstance(item, (dict, list)))
+    nested = [item for item in values if isinstance(item, (dict, list))]
+    return any(_deeper_than(item, limit - 1) for item in nested)
 
 
 def _parse(text: str, source: str, sha256: str) -> AppConfig:
@@ -964,7 +966,7 @@ def _parse(text: str, source: str, sha256: str) -> AppConfig:
         path=path,
         sha256=sha256,
         supervisor=_supervisor(root.table("supervisor", _SUPERVISOR_KEYS), base),
-        programs=_programs(root.table("programs", None), base, source),
+        programs=_programs(root.table("programs", None), base, str(path)),
     )
     if errors:
         raise ConfigError(errors)
