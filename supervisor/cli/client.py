@@ -1,38 +1,43 @@
 """The control client: finding a running gosup's socket and talking to it.
 
-Stdlib only, and nothing heavier than ``socket`` and ``json``: ``gosup
+Stdlib only, and nothing heavier than ``_socket`` and ``json``: ``gosup
 status`` must feel instant, so this module never imports asyncio, psutil or
-loguru. The protocol (one JSON request per line, one reply line each) is
-described in docs/control.md; its names and limits are in
-``supervisor.protocol``.
+loguru (nor argparse, typing, tomllib or socket.py's wrappers). The
+protocol (one JSON request per line, one reply line each) is described in
+docs/control.md; its names and limits are in ``supervisor.protocol``.
 """
 
 from __future__ import annotations
 
-import argparse
+import _socket  # socket.py's wrappers (enums, makefile, selectors) cost a third of the imports
 import json
 import os
-import socket
-import tomllib
 from pathlib import Path
-from typing import Any
 
 from supervisor.cli.common import EXIT_NOT_RUNNING, CLIError, load_config
 from supervisor.protocol import DEFAULT_STATE_DIR, SOCKET_NAME
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    import argparse
+    from types import SimpleNamespace
+    from typing import Any
 
 STATUS_TIMEOUT = 30.0  # seconds; a command that starts or stops waits as long as it takes
 MAX_REPLY = 64 << 20  # bytes; a status of thousands of programs stays far below
 
 
-def socket_path(args: argparse.Namespace) -> Path:
+def socket_path(args: argparse.Namespace | SimpleNamespace) -> Path:
     """``--socket``, or ``<state_dir>/gosup.sock`` (SOCKET_NAME) of the config ``-c`` names.
 
     Only ``[supervisor] state_dir`` is read, not the whole config: a running
     gosup must stay reachable while its app.toml is being edited (that is
     when ``gosup reload`` is needed most), and supervisor.config's import
-    alone would be ~40% of ``gosup status``'s time. Paths resolve exactly as
-    supervisor.config resolves them; when the key cannot be read, the full
-    loader names the problem (exit 2).
+    alone would be ~40% of ``gosup status``'s time. A file that does not
+    even spell ``state_dir`` (nor a TOML ``\\u`` escape, which could spell
+    it) uses the default without being parsed: tomllib's import is another
+    tenth. Paths resolve exactly as supervisor.config resolves them; when the
+    key cannot be read, the full loader names the problem (exit 2).
     """
     if args.socket:
         return Path(args.socket)
@@ -45,11 +50,19 @@ def socket_path(args: argparse.Namespace) -> Path:
 def _read_state_dir(config: str) -> Path | None:
     try:
         with open(config, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, RecursionError):
+            raw = f.read()
+    except OSError:
         return None
-    section = data.get("supervisor", {})
-    value = section.get("state_dir", DEFAULT_STATE_DIR) if isinstance(section, dict) else None
+    value: object = DEFAULT_STATE_DIR
+    if b"state_dir" in raw or b"\\u" in raw or b"\\U" in raw:
+        import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+            return None
+        section = data.get("supervisor", {})
+        value = section.get("state_dir", DEFAULT_STATE_DIR) if isinstance(section, dict) else None
     if not isinstance(value, str):
         return None
     base = os.path.dirname(os.path.abspath(config))
@@ -61,7 +74,7 @@ class Connection:
 
     def __init__(self, path: Path, timeout: float | None = None) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self._buf = b""
         try:
@@ -120,7 +133,7 @@ class Connection:
         return line
 
 
-def call(args: argparse.Namespace, cmd: str, **fields: Any) -> Any:
+def call(args: argparse.Namespace | SimpleNamespace, cmd: str, **fields: Any) -> Any:
     """One request; the reply's data, or CLIError with the server's error."""
     with Connection(socket_path(args), STATUS_TIMEOUT) as conn:
         reply = conn.request(cmd, **fields)

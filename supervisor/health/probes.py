@@ -15,8 +15,6 @@ import contextlib
 import os
 import signal
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from supervisor.config import MetricCheck, ProbeKind, ProbeSpec, ProgramSpec
 from supervisor.core import spawn
 from supervisor.health import gohttp
@@ -138,6 +136,9 @@ def _kill_group(pgid: int) -> None:
 
 def metric_verdict(check: MetricCheck, body: bytes) -> str | None:
     """Compare the sample ``check`` names (labels a subset) in Prometheus text."""
+    # prometheus_client (its parser) only for a program that has a metric probe.
+    from prometheus_client.parser import text_string_to_metric_families
+
     wanted = dict(check.labels)
     try:
         check_text(body)

@@ -10,7 +10,8 @@ starts). Programs without a ``[limits]`` section are still sampled every
 
 A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
-``TREE_REFRESH`` seconds (a pass over all of /proc, in a thread), and
+``TREE_REFRESH`` seconds (a pass over all of /proc, in a thread, unless
+no process was made on the machine since the last pass), and
 scrapes a program's Go metrics over one kept-alive connection. What it
 finds is kept in ``program.observations``.
 
@@ -35,7 +36,7 @@ from supervisor.core.program import Program
 from supervisor.core.states import ProcessState
 from supervisor.health import gometrics
 from supervisor.health.gohttp import HttpClient, ScrapeError
-from supervisor.health.sampling import Hysteresis, ProcessTree, children_map
+from supervisor.health.sampling import Hysteresis, ProcessTree, children_map, last_pid
 from supervisor.health.watermarks import LeakResponse
 
 S = ProcessState
@@ -81,6 +82,7 @@ class ResourceSampler:
         self.sampled: dict[str, _Sampled] = {}
         self._children: dict[int, list[int]] = {}
         self._children_at = -math.inf
+        self._children_last_pid: int | None = None  # the kernel's last pid at that pass
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -186,9 +188,14 @@ class ResourceSampler:
         """Look for new descendants of every sampled process. The pass reads a
         file of every process on the machine: a thread does it, off the loop.
         A run that ends meanwhile is caught by the sample (its pid and start
-        time no longer match) and by `_evaluate`."""
-        self._children = await asyncio.to_thread(children_map)
+        time no longer match) and by `_evaluate`. When no process was made
+        since the last pass, the trees cannot have grown: no pass."""
         self._children_at = now
+        newest = last_pid()
+        if newest is not None and newest == self._children_last_pid:
+            return
+        self._children = await asyncio.to_thread(children_map)
+        self._children_last_pid = newest
         for one in self.sampled.values():
             if one.tree is not None:
                 one.tree.refresh(self._children)

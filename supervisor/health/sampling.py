@@ -13,7 +13,9 @@ of programs:
   that the sampler shares between all programs and redoes only now and
   then: a Go service's tree rarely changes, and a full pass per sample would
   cost more than all the rest (``/proc/PID/task/*/children`` would be
-  cheaper, but needs a kernel built with CONFIG_PROC_CHILDREN).
+  cheaper, but needs a kernel built with CONFIG_PROC_CHILDREN), and is
+  skipped altogether when no process was made anywhere since the last one
+  (`last_pid`: the kernel's most recent pid, one read of /proc/loadavg).
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ def children_map() -> dict[int, list[int]]:
             continue  # gone, or not ours to read
         out.setdefault(ppid, []).append(int(name))
     return out
+
+
+def last_pid() -> int | None:
+    """The pid the kernel handed out last (in gosup's pid namespace), from
+    /proc/loadavg; None when unreadable. Unchanged means no process (nor
+    thread) was made since: no new descendant can have appeared."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[4])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ProcessTree:
