@@ -147,19 +147,27 @@ def test_status_imports_only_what_it_prints(tmp_path: Path) -> None:
 
 
 def test_status_still_finds_the_configured_state_dir(tmp_path: Path) -> None:
-    """The short cut (no tomllib when the file never spells state_dir) must
-    not lose a state_dir, however the key is written."""
-    for name, text in (
-        ("plain", '[supervisor]\nstate_dir = "run/one"\n'),
-        ("dotted", 'supervisor.state_dir = "run/two"\n'),
-        ("escaped", '[supervisor]\n"state\\u005fdir" = "run/three"\n'),
+    """The short cut (no tomllib for a plain ``state_dir = "..."`` line under
+    ``[supervisor]``) must not lose a state_dir, however the key is written."""
+    for name, text, parsed in (
+        ("plain", '[supervisor]  # ours\r\nstate_dir = "run/one"  # here\r\n', False),
+        ("literal", "[programs.a]\nx = 1\n[ supervisor ]\nstate_dir = 'run/two'\n", False),
+        ("dotted", 'supervisor.state_dir = "run/three"\n', True),
+        ("escaped", '[supervisor]\n"state\\u005fdir" = "run/four"\n', True),
+        ("inline", 'supervisor = { state_dir = "run/five" }\n', True),
+        (
+            "hidden",
+            '[supervisor]\nstate_dir = "run/six"\n[programs.a]\nx = """\n[supervisor]\n'
+            'state_dir = "run/not-this"\n"""\n',
+            True,
+        ),
     ):
         config = tmp_path / f"{name}.toml"
         config.write_text(text)
         r, imported = _status(tmp_path, "-c", str(config))
-        want = tmp_path / "run" / text.split('"run/')[1].split('"')[0] / "gosup.sock"
-        assert r.returncode == 3 and str(want) in r.stderr, (name, r.stderr)
-        assert "tomllib" in imported
+        want = tmp_path / "run" / text.split("run/")[1].split(text[text.index("run/") - 1])[0]
+        assert r.returncode == 3 and str(want / "gosup.sock") in r.stderr, (name, r.stderr)
+        assert ("tomllib" in imported) == parsed, name
     # A config gosup cannot read at all is still a config error (exit 2).
     r, _ = _status(tmp_path, "-c", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and "missing.toml" in r.stderr
