@@ -10,8 +10,10 @@ starts). Programs without a ``[limits]`` section are still sampled every
 
 A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
-``TREE_REFRESH`` seconds (a pass over all of /proc, in a thread, unless
-no process was made on the machine since the last pass), and
+``TREE_REFRESH`` seconds where a limit is enforced, every
+``FIGURES_TREE_REFRESH`` where figures are only shown (a pass over all of
+/proc, in a thread, skipped when no process was made on the machine since
+the last pass), and
 scrapes a program's Go metrics over one kept-alive connection. What it
 finds is kept in ``program.observations``.
 
@@ -41,7 +43,8 @@ from supervisor.health.watermarks import LeakResponse
 
 S = ProcessState
 DEFAULT_INTERVAL = 5.0  # programs without [limits]: figures for status and metrics
-TREE_REFRESH = 10.0  # how often descendants are looked for
+TREE_REFRESH = 10.0  # how often descendants are looked for, for a program with limits
+FIGURES_TREE_REFRESH = 60.0  # ... and for figures only (no limit to enforce)
 EARLY = 0.1  # a sample may be taken this fraction of its interval early
 SAMPLED_STATES = frozenset({S.STARTING, S.RUNNING})
 
@@ -132,7 +135,7 @@ class ResourceSampler:
                 # that share one wake-up (and one tree refresh) instead of waking
                 # the loop once per program.
                 due = [s for s in self.sampled.values() if s.next_due <= now + EARLY * s.interval]
-                if now - self._children_at >= TREE_REFRESH and any(s.tree for s in due):
+                if self._tree_refresh_due(due, now):
                     await self._refresh_trees(now)
                 if due:
                     self._sample(due, now)
@@ -183,6 +186,15 @@ class ResourceSampler:
         one.program.observations.run_ended()
 
     # -- sampling ----------------------------------------------------------------------
+
+    def _tree_refresh_due(self, due: list[_Sampled], now: float) -> bool:
+        """Descendants matter most where a limit is enforced (every TREE_REFRESH);
+        for figures on show, every FIGURES_TREE_REFRESH is enough."""
+        sampled = [s for s in due if s.tree is not None]
+        if not sampled:
+            return False
+        every = TREE_REFRESH if any(s.limits for s in sampled) else FIGURES_TREE_REFRESH
+        return now - self._children_at >= every
 
     async def _refresh_trees(self, now: float) -> None:
         """Look for new descendants of every sampled process. The pass reads a
