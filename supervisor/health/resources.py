@@ -5,8 +5,9 @@ the leak response (`supervisor.health.watermarks`).
 One sampler task serves every program. Each program has its own next-due
 time on the loop's clock, so programs with different intervals share the
 task, and the task sleeps until the earliest one is due (or a program
-starts). Programs without a ``[limits]`` section are still sampled every
-``DEFAULT_INTERVAL`` for ``gosup status`` and the metrics.
+starts). Programs without a ``[limits]`` section are still sampled, first
+``FIRST_SAMPLE`` after a start and then every ``DEFAULT_INTERVAL``, for
+``gosup status`` and the metrics.
 
 A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
@@ -42,7 +43,12 @@ from supervisor.health.sampling import Hysteresis, ProcessTree, children_map, la
 from supervisor.health.watermarks import LeakResponse
 
 S = ProcessState
-DEFAULT_INTERVAL = 5.0  # programs without [limits]: figures for status and metrics
+# Programs without [limits]: figures for status and metrics only, so a sample
+# 5 s after a start (the figures appear soon), then every 15 s: a figure on
+# show needs no 5 s freshness, and an idle gosup's CPU is mostly this
+# (docs/benchmarks.md, "Idle overhead as shipped").
+FIRST_SAMPLE = 5.0
+DEFAULT_INTERVAL = 15.0
 TREE_REFRESH = 10.0  # how often descendants are looked for, for a program with limits
 FIGURES_TREE_REFRESH = 60.0  # ... and for figures only (no limit to enforce)
 EARLY = 0.1  # a sample may be taken this fraction of its interval early
@@ -168,7 +174,8 @@ class ResourceSampler:
                 one.tree = ProcessTree(pid)
                 one.tree.refresh(self._children)
                 one.hysteresis = Hysteresis(one.limits) if one.limits else None
-                one.next_due = now + one.interval
+                first = one.interval if one.limits else min(one.interval, FIRST_SAMPLE)
+                one.next_due = now + first
 
     @staticmethod
     def _follow(program: Program, now: float) -> _Sampled:
