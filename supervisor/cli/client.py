@@ -2,7 +2,7 @@
 
 Stdlib only, and nothing heavier than ``_socket`` and ``json``: ``gosup
 status`` must feel instant, so this module never imports asyncio, psutil or
-loguru (nor argparse, typing, tomllib or socket.py's wrappers). The
+loguru (nor argparse, typing or socket.py's wrappers). The
 protocol (one JSON request per line, one reply line each) is described in
 docs/control.md; its names and limits are in ``supervisor.protocol``.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import _socket  # socket.py's wrappers (enums, makefile, selectors) cost a third of the imports
 import json
 import os
-import re
 from pathlib import Path
 
 from supervisor.cli.common import EXIT_NOT_RUNNING, CLIError, load_config
@@ -34,12 +33,11 @@ def socket_path(args: argparse.Namespace | SimpleNamespace) -> Path:
     Only ``[supervisor] state_dir`` is read, not the whole config: a running
     gosup must stay reachable while its app.toml is being edited (that is
     when ``gosup reload`` is needed most), and supervisor.config's import
-    alone would be ~40% of ``gosup status``'s time. Even tomllib (its import
-    compiles regexes: a quarter of what status costs beyond Python's start)
-    is used only when the file says ``state_dir`` in an unusual way
-    (`_simple_state_dir`). Paths resolve exactly as supervisor.config
-    resolves them; when the key cannot be read, the full loader names the
-    problem (exit 2).
+    alone would be ~40% of ``gosup status``'s time. The file is still
+    parsed whole (tomllib): one that is not TOML is a config error (exit 2)
+    rather than a guess at the default socket. Paths resolve exactly as
+    supervisor.config resolves them; when the key cannot be read, the full
+    loader names the problem (exit 2).
     """
     if args.socket:
         return Path(args.socket)
@@ -55,52 +53,18 @@ def _read_state_dir(config: str) -> Path | None:
             raw = f.read()
     except OSError:
         return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    value = _simple_state_dir(text)
-    if value is _UNSURE:
-        import tomllib
+    import tomllib  # here: a command given --socket never pays for its import
 
-        try:
-            data = tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, RecursionError):
-            return None
-        section = data.get("supervisor", {})
-        value = section.get("state_dir", DEFAULT_STATE_DIR) if isinstance(section, dict) else None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+        return None
+    section = data.get("supervisor", {})
+    value = section.get("state_dir", DEFAULT_STATE_DIR) if isinstance(section, dict) else None
     if not isinstance(value, str):
         return None
     base = os.path.dirname(os.path.abspath(config))
     return Path(os.path.abspath(os.path.join(base, value)))
-
-
-_UNSURE = object()
-_HEADER = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(?:#.*)?")
-_STATE_DIR = re.compile(r"""\s*state_dir\s*=\s*(?:"([^"\\]*)"|'([^']*)')\s*(?:#.*)?""")
-
-
-def _simple_state_dir(text: str) -> object:
-    """``[supervisor] state_dir`` when app.toml says it the usual way, one
-    ``state_dir = "..."`` line (no escapes) under a plain ``[supervisor]``
-    header, or the default when the file never spells ``state_dir``; else
-    ``_UNSURE`` (tomllib decides). Whatever could hide or fake such a line
-    (multi-line strings, ``\\u`` escapes that could spell the key, dotted
-    or quoted keys, inline tables, a second one) is left to tomllib."""
-    if '"""' in text or "'''" in text or "\\u" in text or "\\U" in text:
-        return _UNSURE
-    table, found = "", None
-    for line in text.split("\n"):  # TOML's newlines only (splitlines knows more)
-        line = line.removesuffix("\r")
-        if "state_dir" in line:
-            m = _STATE_DIR.fullmatch(line)
-            if m is None or table != "supervisor" or found is not None:
-                return _UNSURE
-            found = m.group(1) if m.group(1) is not None else m.group(2)
-        elif line.lstrip().startswith("["):
-            header = _HEADER.fullmatch(line)
-            table = header.group(1) if header else "?"  # [[x]], [a.b], ["a"]: not ours
-    return DEFAULT_STATE_DIR if found is None else found
 
 
 class Connection:
