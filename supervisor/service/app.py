@@ -9,9 +9,11 @@ Order matters and is spelled out:
 - services start in this order and close in reverse: the control socket
   first (its lock refuses a second gosup before anything else is touched),
   clearing a previous gosup's leftovers last (it needs the config, and
-  nothing may start a program before it has run);
+  nothing may start a program before it has run); the sd_notify socket
+  for the programs (``[ready] notify``) right after the control socket;
 - a child's extra environment comes from the providers in this order, a
-  later one winning: the Go runtime settings, then gosup's marks.
+  later one winning: the Go runtime settings, gosup's marks, then the
+  program's NOTIFY_SOCKET (gosup's, never systemd's: spawn drops that one).
 
 A part that only some configurations use is imported only when the
 configuration uses it, still here and by name: ``/metrics`` (and with it
@@ -27,11 +29,11 @@ import os
 from typing import Any
 
 from supervisor.config import AppConfig
+from supervisor.core.notify import SOCKET_NAME, NotifySocket
 from supervisor.core.program import Program
 from supervisor.health import probing
 from supervisor.health.evidence import Dumps
 from supervisor.health.goenv import GoEnv
-from supervisor.health.probes import Prober
 from supervisor.health.resources import ResourceSampler
 from supervisor.health.watermarks import LeakResponse
 from supervisor.protocol import RequestError
@@ -55,6 +57,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     )
     go_env = GoEnv(lambda: sup.programs)
     leftovers = orphans.OrphanService(sup)
+    notify = NotifySocket(state_dir / SOCKET_NAME)
 
     async def handle_dump(sup: Supervisor, req: control.Request) -> Any:
         name = req.get("name", str)
@@ -70,6 +73,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
 
     services: list[Service | None] = [
         server,
+        notify,
         sampler,
         systemd.make_service(sup),
         _metrics(sup),
@@ -77,7 +81,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
         leftovers,
     ]
     sup.services = [s for s in services if s is not None]
-    sup.ctx.env_providers = (go_env, leftovers.marks)
+    sup.ctx.env_providers = (go_env, leftovers.marks, notify.environment)
     sup.ctx.marked_escapees = leftovers.escapees
 
     def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
@@ -86,10 +90,10 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
         from supervisor.files.configsync import ConfigSync  # watchdog: only when used
 
         marks = leftovers.marks(program.spec)
-        return ConfigSync(sup.history, program, marks, state_dir, Prober)
+        return ConfigSync(sup.history, program, marks, state_dir, probing.pid_probers(program))
 
     def probes(sup: Supervisor, program: Program) -> Attachment | None:
-        return probing.build_for(sup.history, program, dumps)
+        return probing.build_for(sup.history, program, dumps, notify)
 
     sup.attachment_factories = [config_sync, probes, _dev_build]
     return sup
