@@ -162,4 +162,35 @@ def test_status_through_the_short_path_prints_like_argparse(
     assert json.loads(short.stdout)["programs"][0]["pid"] == pid
     assert json.loads(full.stdout)["programs"][0]["name"] == "a"
     assert g.cli("status", "--bogus").returncode == 2  # argparse's usage error, as before
+    # A running gosup whose app.toml says state_dir plainly: found without tomllib.
+    r, imported = _status(g.config.parent, "-c", str(g.config))
+    assert r.returncode == 0, r.stderr
+    assert not imported & (HEAVY_FOR_STATUS | {"tomllib"}), sorted(imported)
     assert g.stop() == 0
+
+
+def test_status_guesses_the_socket_only_from_a_plain_state_dir(tmp_path: Path) -> None:
+    """The guess (no tomllib) must not lose a state_dir however the key is
+    written, and nobody at the guessed socket means the file is parsed whole:
+    a file that is not TOML is a config error (exit 2), never "not running"."""
+    for name, text in (
+        ("plain", '[supervisor]  # ours\r\nstate_dir = "run/one"  # here\r\n'),
+        ("literal", "[programs.a]\nx = 1\n[ supervisor ]\nstate_dir = 'run/two'\n"),
+        ("dotted", 'supervisor.state_dir = "run/three"\n'),
+        ("escaped", '[supervisor]\n"state\\u005fdir" = "run/four"\n'),
+        ("inline", 'supervisor = { state_dir = "run/five" }\n'),
+        (
+            "hidden",
+            '[supervisor]\nstate_dir = "run/six"\n[programs.a]\nx = """\n[supervisor]\n'
+            'state_dir = "run/not-this"\n"""\n',
+        ),
+    ):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(text)
+        r, _ = _status(tmp_path, "-c", str(config))
+        want = tmp_path / "run" / text.split("run/")[1].split(text[text.index("run/") - 1])[0]
+        assert r.returncode == 3 and str(want / "gosup.sock") in r.stderr, (name, r.stderr)
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[supervisor]\nstate_dir = "run/seven"\n[programs\n')
+    r, _ = _status(tmp_path, "-c", str(broken))
+    assert r.returncode == 2 and "broken.toml" in r.stderr, r.stderr
