@@ -51,14 +51,15 @@ every orphan of the container; as the child subreaper it is everywhere
 reap them, or zombies pile up. It must not reap its own children, though:
 ``Popen`` (programs, builds and validators are all ``Popen`` children)
 needs those exit statuses. So the reaper never calls
-``waitpid(-1)``: it looks at gosup's zombie children once a second (in
-a thread: it reads ``/proc/self/task/*/children``, and the state of each
-child that is not a program's current one, so its cost does not grow with
-the number of programs) and only reaps one that is not a
-program's current child, that was already a zombie at the previous look,
-and that no live ``Popen`` object still has to wait for (a validator's is
-waited for only after its output reached EOF or its deadline, which a
-helper the child left behind can hold off).
+``waitpid(-1)``: it looks at gosup's zombie children (in a thread: it
+reads ``/proc/self/task/*/children``, and the state of each child that is
+not a program's current one, so a look costs the same with 1,000 programs
+as with one) and only reaps one that is not a program's current child,
+that was already a zombie at the previous look, and that no live ``Popen``
+object still has to wait for (a validator's is waited for only after its
+output reached EOF or its deadline, which a helper the child left behind
+can hold off). It looks when SIGCHLD says a child ended, then once a
+second for as long as a zombie is left: an idle gosup does not wake up for it.
 
 The same adoption makes a crash cheap: the helpers a crashed run left
 (``escapees``, swept before the next start) are among those adopted
@@ -520,14 +521,32 @@ class Reaper:
         self._task = None
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                # Reads a file per child gosup did not start: in a thread.
-                zombies = await asyncio.to_thread(_zombie_children, self._ours())
-                self.reap_once(zombies)
-            except Exception as exc:  # the next look may do better
-                logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
+        # A zombie only appears after a SIGCHLD: wait for one, then look again
+        # every ``interval`` while a zombie is left (the second look reaps it).
+        # Without the handler (not the main thread) every ``interval``, as before.
+        loop = asyncio.get_running_loop()
+        ended, polling = asyncio.Event(), False
+        ended.set()  # a first look: orphans inherited before the handler
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, ended.set)
+        except (RuntimeError, ValueError):
+            polling = True
+        try:
+            while True:
+                if polling or self._seen or ended.is_set():
+                    await asyncio.sleep(self.interval)
+                else:
+                    await ended.wait()
+                ended.clear()
+                try:
+                    # Reads a file per child gosup did not start: in a thread.
+                    zombies = await asyncio.to_thread(_zombie_children, self._ours())
+                    self.reap_once(zombies)
+                except Exception as exc:  # the next look may do better
+                    logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
+        finally:
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGCHLD)
 
     def reap_once(self, zombie_children: set[int] | None = None) -> None:
         """Reap what was a zombie at the previous look too; ``zombie_children``
