@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 from supervisor import fileops
 from supervisor.config.probespec import (
     LIVE_DEFAULTS,
+    PID,
     READY_DEFAULTS,
     MetricCheck,
     ProbeKind,
@@ -258,8 +259,9 @@ _LOG_KEYS = _keys(LogSpec)
 _LIMITS_KEYS = _keys(LimitsSpec)
 _CONFIG_FILE_KEYS = _keys(ConfigFileSpec)
 _BUILD_KEYS = _keys(BuildSpec)
-_PROBE_TARGETS = frozenset(kind.value for kind in ProbeKind)
-_READY_KEYS = _PROBE_TARGETS | {"interval", "timeout", "within"}
+# notify (READY=1 over sd_notify) says when a run got ready, not whether it is still live.
+_PROBE_TARGETS = frozenset(kind.value for kind in ProbeKind if kind is not ProbeKind.NOTIFY)
+_READY_KEYS = _PROBE_TARGETS | {"notify", "interval", "timeout", "within"}
 _LIVE_KEYS = _PROBE_TARGETS | {"interval", "timeout", "failures"}
 _CONFIRM_KEYS = _LIVE_KEYS
 # confirm: probed through probation; `failures` in a row end it early (unconfirmed).
@@ -714,11 +716,29 @@ def _metric_check(value: object) -> MetricCheck:
     return parse_metric_check(_string(value))
 
 
+def _notify(value: object) -> str:
+    if not _boolean(value):
+        raise ValueError("false is no probe: leave the key out, or name another target")
+    return "READY=1"
+
+
+def _no_pid(convert: Converter[str]) -> Converter[str]:
+    """A target where ``{pid}`` means nothing (tcp, metric): refuse it, not probe it literally."""
+
+    def run(value: object) -> str:
+        if isinstance(value, str) and PID in value:
+            raise ValueError(f"{PID} is for http and exec probes, not this kind")
+        return convert(value)
+
+    return run
+
+
 _PROBE_CONVERTERS: dict[ProbeKind, Converter[str | tuple[str, ...] | MetricCheck]] = {
     ProbeKind.HTTP: _metrics_url,
-    ProbeKind.TCP: _tcp_address,
+    ProbeKind.TCP: _no_pid(_tcp_address),
     ProbeKind.EXEC: _argv,
     ProbeKind.METRIC: _metric_check,
+    ProbeKind.NOTIFY: _notify,
 }
 
 
@@ -728,10 +748,12 @@ def _probe(parent: _Table, key: str, known: frozenset[str]) -> ProbeSpec | None:
     if t is None:
         return None
     defaults = _PROBE_DEFAULTS[key]
-    kinds = [kind for kind in ProbeKind if kind.value in t]
+    kinds = [kind for kind in ProbeKind if kind.value in t and kind.value in known]
     if len(kinds) != 1:
         found = ", ".join(k.value for k in kinds) or "none"
-        parent.error(key, f"needs exactly one target: http, tcp, exec or metric (found: {found})")
+        names = "http, tcp, exec, metric or notify" if "notify" in known else ""
+        names = names or "http, tcp, exec or metric"
+        parent.error(key, f"needs exactly one target: {names} (found: {found})")
         return None
     kind = kinds[0]
     target = t.get(kind.value, _PROBE_CONVERTERS[kind], None)

@@ -77,6 +77,15 @@ class CommandError(Exception):
     """A request that cannot be carried out in the program's current state."""
 
 
+class RestartFailed(CommandError):
+    """An overlap restart whose replacement failed; the old process serves on."""
+
+    def __init__(self, message: str, reason: str, error: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # as in restart_failed: exited, not_ready, spawn_failed
+        self.error = error
+
+
 @dataclass
 class Context:
     """What every program shares with its supervisor."""
@@ -972,10 +981,10 @@ class Program:
             await self._retire(
                 Retiring(replacement, new_pipes, self.ctx.clock(), "restart_failed", stop_signal)
             )
-        self._refuse(
-            old.request,
-            f"restart failed ({reason}): {error}; pid {old.child.pid} keeps serving",
-        )
+        request = old.request
+        if request is not None and request.reply is not None and not request.reply.done():
+            why = f"restart failed ({reason}): {error}; pid {old.child.pid} keeps serving"
+            request.reply.set_exception(RestartFailed(f"{self.name}: {why}", reason, error))
 
     async def _replacement_crashed(self, child: spawn.Child, code: int) -> None:
         """The replacement exited while STARTING: its exit, then the old run goes on."""

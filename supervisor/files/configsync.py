@@ -293,7 +293,7 @@ class _Controller:
             return  # decided, and rolled back, by the state listener
         if failure is None:
             await self.confirm(sha)
-        elif await self.roll_back(sha, failure):
+        elif await self.roll_back(sha, failure) and not failure.untouched:
             await self.sync.tell_again(self.spec)
 
     async def newer_waiting(self) -> bool:

@@ -48,12 +48,13 @@ every orphan of the container; as the child subreaper it is everywhere
 reap them, or zombies pile up. It must not reap its own children, though:
 ``Popen`` (programs, builds and validators are all ``Popen`` children)
 needs those exit statuses. So the reaper never calls
-``waitpid(-1)``: it looks at gosup's zombie children once a second (the
-look walks all of /proc: in a thread) and only reaps one that is not a
-program's current child, that was already a zombie at the previous look,
-and that no live ``Popen`` object still has to wait for (a validator's is
-waited for only after its output reached EOF or its deadline, which a
-helper the child left behind can hold off).
+``waitpid(-1)``: it looks at gosup's zombie children (``/proc/self/task/*/children``
+and their states, in a thread) and only reaps one that is not a program's
+current child, that was already a zombie at the previous look, and that no
+live ``Popen`` object still has to wait for (a validator's is waited for only
+after its output reached EOF or its deadline, which a helper the child left
+behind can hold off). It looks when SIGCHLD says a child ended, then once a
+second for as long as a zombie is left: an idle gosup does not wake up for it.
 """
 
 from __future__ import annotations
@@ -439,15 +440,32 @@ class Reaper:
         self._task = None
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                # Listing our children walks all of /proc (psutil reads every
-                # process's parent): in a thread, never on the loop.
-                zombies = await asyncio.to_thread(_zombie_children)
-                self.reap_once(zombies)
-            except Exception as exc:  # the next look may do better
-                logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
+        # A zombie only appears after a SIGCHLD: wait for one, then look again
+        # every ``interval`` while a zombie is left (the second look reaps it).
+        # Without the handler (not the main thread) every ``interval``, as before.
+        loop = asyncio.get_running_loop()
+        ended, polling = asyncio.Event(), False
+        ended.set()  # a first look: orphans inherited before the handler
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, ended.set)
+        except (RuntimeError, ValueError):
+            polling = True
+        try:
+            while True:
+                if polling or self._seen or ended.is_set():
+                    await asyncio.sleep(self.interval)
+                else:
+                    await ended.wait()
+                ended.clear()
+                try:
+                    # Reads a file per child of gosup: in a thread, never on the loop.
+                    zombies = await asyncio.to_thread(_zombie_children)
+                    self.reap_once(zombies)
+                except Exception as exc:  # the next look may do better
+                    logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
+        finally:
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGCHLD)
 
     def reap_once(self, zombie_children: set[int] | None = None) -> None:
         """Reap what was a zombie at the previous look too; ``zombie_children``
@@ -468,13 +486,12 @@ class Reaper:
 
 
 def _zombie_children() -> set[int]:
-    """The pids of gosup's children that are zombies (a walk of all of /proc)."""
+    """The pids of gosup's children that are zombies (a file read per child)."""
     zombies = set()
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children():
-            with contextlib.suppress(psutil.Error):
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    zombies.add(child.pid)
+    for pid in spawn.own_children():
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                zombies.add(pid)
     return zombies
 
 
