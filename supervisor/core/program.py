@@ -222,6 +222,7 @@ class Program:
         # A crashed run whose leftovers are still to be swept (with the snapshot
         # taken at its stop), and the sweeps running beside a new run.
         self._crashed: tuple[spawn.Child, list[psutil.Process]] | None = None
+        self._exit_log: dict[str, Any] | None = None  # an exit logged after its restart began
         self._sweeps: set[asyncio.Future[None]] = set()
 
     # -- the outside world's side --------------------------------------------
@@ -360,6 +361,7 @@ class Program:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+        self._log_exit(None)
         await self._sweep_crashed(None)  # a message before the restart: sweep first
         return self._inbox.popleft()
 
@@ -464,6 +466,7 @@ class Program:
         try:
             child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
         except Exception as exc:  # SpawnError, OSError (EMFILE ...), ValueError from Popen
+            self._log_exit(None)
             await self._sweep_crashed(None)
             logger.error("{}: cannot start: {}", self.name, exc)
             if self._old is not None:
@@ -484,6 +487,7 @@ class Program:
         # Its exit is watched before anything else can fail: never STARTING with a dead pid.
         self.child = child
         self._watch_exit(child)
+        self._log_exit(None)
         await self._sweep_crashed(started_from)  # not awaited: it runs beside the new run
         self.start_seq = _next_start_seq()
         self.started_at = self.ctx.clock()
@@ -592,7 +596,7 @@ class Program:
         self._crashed = (child, list(self._snapshot))
         if not at_once:
             await self._sweep_crashed(None, leftovers)
-        logger.warning("{}: exited: {}", self.name, _exit_summary(info))
+        self._log_exit(info, later=at_once)
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy)
         await self._run_ended(child, None)
@@ -603,6 +607,16 @@ class Program:
         except Exception as exc:
             logger.opt(exception=exc).error("{}: cannot list what is left of the run", self.name)
             return list(self._snapshot)
+
+    def _log_exit(self, info: dict[str, Any] | None, later: bool = False) -> None:
+        """Log an exit; ``later``: once the restart at once has begun (a log line
+        is a fraction of a millisecond the replacement need not wait for)."""
+        if later:
+            self._exit_log = info
+            return
+        info, self._exit_log = info or self._exit_log, None
+        if info is not None:
+            logger.warning("{}: exited: {}", self.name, _exit_summary(info))
 
     def _leftovers(
         self, child: spawn.Child, snapshot: list[psutil.Process]

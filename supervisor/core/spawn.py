@@ -15,7 +15,9 @@ tree, is found by ``adopted`` and stopped with its program.
 Nothing here that can stall runs on the loop: user lookups (NSS may ask
 LDAP), the ``setpriv --help`` probe and the binary's hash happen in a
 thread (``launch``); only the fork/exec itself runs on the loop thread, which
-owns the parent-death signal.
+owns the parent-death signal. A restart that needs none of them (no user to
+switch to, a binary whose hash is known for its inode, size and mtime) is
+prepared on the loop: the stat calls it makes are the ones the exec makes.
 
 Why not ``asyncio.create_subprocess_exec``: its child watchers either start a
 thread per child or are deprecated, and they reap with ``waitpid(-1)`` in some

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 MEMLIMIT_FRACTION = 0.9  # headroom for what the Go heap limit does not cover (stacks, cgo)
 MIB = 1024**2
+# How long one reading of the cgroup's limits serves the starts that follow:
+# reading them takes about a millisecond, on the way from a crash to its restart.
+LIMITS_MAX_AGE = 5.0
 
 
 # -- the cgroup's limits -------------------------------------------------------------
@@ -137,14 +141,23 @@ def _go_size(n: int) -> str:
 
 
 class GoEnv:
-    """The environment provider: ``GoEnv(programs)(spec)`` before each start."""
+    """The environment provider: ``GoEnv(programs)(spec)`` before each start.
+    The cgroup's limits are read again when the last reading is older than
+    ``LIMITS_MAX_AGE`` (a changed limit applies to the starts after that)."""
 
     def __init__(self, programs: Callable[[], Mapping[str, Program]]) -> None:
         self.programs = programs  # the supervisor's programs now (a reload replaces some)
         self._logged: dict[str, dict[str, str]] = {}
+        self._limits: tuple[float, CgroupLimits] | None = None  # (monotonic time read, limits)
+
+    def limits(self) -> CgroupLimits:
+        now = time.monotonic()
+        if self._limits is None or now - self._limits[0] > LIMITS_MAX_AGE:
+            self._limits = (now, cgroup_limits())
+        return self._limits[1]
 
     def __call__(self, spec: ProgramSpec) -> dict[str, str]:
-        env = go_env(spec, cgroup_limits())
+        env = go_env(spec, self.limits())
         program = self.programs().get(spec.name)
         if program is not None:
             program.observations.go_env = env
