@@ -6,9 +6,11 @@ program has ``[limits] rss``; gosup restarts it each time (reason "leak") and
 the new process leaks again, so one run gives several cycles. We watch the
 child's RSS ourselves every 10 ms to know when it crossed the limit; gosup's
 history gives ``limit_exceeded`` (detected) and ``stopped`` (killed and gone)
-for the same pid. Detection must come within interval x sustain of the
-crossing: the first sample over the limit is at most one interval late, and
-sustain - 1 more samples follow.
+for the same run: each crossing is paired with the records of its own pid's
+run, and a crossing with no kill is reported missing (never dropped).
+Detection must come within interval x sustain of the crossing: the first
+sample over the limit is at most one interval late, and sustain - 1 more
+samples follow.
 
     python bench/leak_detection.py [--quick] [--cycles 5]
 """
@@ -61,7 +63,8 @@ def _history(wd: Path) -> list[dict[str, Any]]:
 def _watch(
     startfile: Path, wd: Path, cycles: int, timeout: float, d: drivers.Driver
 ) -> dict[int, float]:
-    """pid -> wall clock when its RSS first reached LIMIT, until ``cycles`` leak stops."""
+    """pid -> wall clock when its RSS first reached LIMIT, until ``cycles`` leak
+    stops, and until every crossing we saw has been acted on (its pid stopped)."""
     crossed: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,14 +77,59 @@ def _watch(
                     crossed[pid] = time.time()
             except psutil.Error:
                 continue
-        if len(_leak_stops(_history(wd))) >= cycles:
+        stops = _leak_stops(_history(wd))
+        stopped = {int(r["pid"]) for r in stops}
+        if len(stops) >= cycles and stopped >= set(crossed):
             return crossed
         time.sleep(0.01)
     raise common.BenchError(f"fewer than {cycles} leak restarts within {timeout:g}s")
 
 
+def _is_gone(rec: dict[str, Any]) -> bool:
+    """The record that says a leaking run was killed and is gone: ``stopped`` with a
+    leak reason, or (the history since the restart path was reworked) ``exited``
+    with ``reason = "leak"``."""
+    return rec.get("event") in ("stopped", "exited") and "leak" in str(rec.get("reason"))
+
+
 def _leak_stops(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in history if r.get("event") == "stopped" and "leak" in str(r.get("reason"))]
+    return [r for r in history if _is_gone(r)]
+
+
+def pair(history: list[dict[str, Any]], crossed: dict[int, float]) -> dict[str, Any]:
+    """Each run (a ``started`` pid) with its own crossing, detection and kill.
+
+    ``limit_exceeded`` carries the pid it measured; without one it belongs to
+    the run whose ``started`` precedes it (records of one program are in order). A run we saw cross
+    whose kill is not in the history is reported missing; a leak kill whose
+    crossing we did not see (it crossed between two of our looks and was
+    killed before we saw it) is counted as unobserved. Nothing is dropped
+    silently.
+    """
+    runs: dict[int, dict[str, Any]] = {}
+    current: int | None = None
+    for rec in history:
+        event = rec.get("event")
+        if event == "started":
+            current = int(rec["pid"])
+            runs[current] = {}
+        elif event == "limit_exceeded" and (pid := rec.get("pid", current)) is not None:
+            runs.setdefault(int(pid), {}).setdefault("found", rec)
+        elif _is_gone(rec):
+            runs.setdefault(int(rec["pid"]), {}).setdefault("stopped", rec)
+    pairs, missing, unobserved = [], [], []
+    for pid, run in runs.items():
+        t_cross = crossed.get(pid)
+        if t_cross is None:
+            if "stopped" in run:
+                unobserved.append(pid)
+            continue
+        if "found" not in run or "stopped" not in run:
+            missing.append({"pid": pid, "detected": "found" in run, "stopped": "stopped" in run})
+            continue
+        pairs.append((pid, _ts(run["found"]) - t_cross, _ts(run["stopped"]) - t_cross))
+    missing += [{"pid": p, "detected": False, "stopped": False} for p in crossed if p not in runs]
+    return {"pairs": pairs, "missing": missing, "unobserved": unobserved}
 
 
 def measure(goapp: Path, wd: Path, interval: float, sustain: int, cycles: int) -> dict[str, Any]:
@@ -99,23 +147,18 @@ def measure(goapp: Path, wd: Path, interval: float, sustain: int, cycles: int) -
     with LeakDriver(wd, [drivers.Program("leak", argv)], interval, sustain) as d:
         crossed = _watch(startfile, wd, cycles, timeout, d)
         history = _history(wd)
-    detect, kill = [], []
-    exceeded = [r for r in history if r.get("event") == "limit_exceeded"]
-    stopping = [
-        r for r in history if r.get("event") == "stopping" and "leak" in str(r.get("reason"))
-    ]
-    for found, stop, stopped in zip(exceeded, stopping, _leak_stops(history), strict=False):
-        t_cross = crossed.get(int(stop["pid"]))
-        if t_cross is None:
-            continue  # crossed between two of our looks and killed before we saw it
-        detect.append(_ts(found) - t_cross)
-        kill.append(_ts(stopped) - t_cross)
+    paired = pair(history, crossed)
+    detect = [found for _, found, _ in paired["pairs"]]
+    kill = [stopped for _, _, stopped in paired["pairs"]]
     bound = interval * sustain
     return {
         "interval_s": interval,
         "sustain": sustain,
         "bound_s": bound,
         "cycles": len(detect),
+        "crossings_seen": len(crossed),
+        "missing": paired["missing"],
+        "unobserved_kills": len(paired["unobserved"]),
         "detect_s": [round(x, 3) for x in detect],
         "stopped_s": [round(x, 3) for x in kill],
         "detect": common.describe(detect),
@@ -129,20 +172,22 @@ def build(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str,
     rows, targets = [], []
     for r in results:
         if "error" in r:
-            rows.append([r["interval_s"], r["sustain"], None, None, None, None, r["error"]])
+            rows.append([r["interval_s"], r["sustain"], *[None] * 7, r["error"]])
             targets.append({"target": _target(r), "measured": "-", "met": None})
             continue
         dt, st = r["detect"], r["stopped"]
         ok = f"{r['within_bound']}/{r['cycles']}"
         rows.append([
             r["interval_s"], r["sustain"], r["bound_s"], dt.get("p50"), dt.get("max"),
-            st.get("max"), ok,
+            st.get("max"), ok, len(r["missing"]), r["unobserved_kills"], "",
         ])  # fmt: skip
-        met = r["cycles"] > 0 and r["within_bound"] == r["cycles"]
+        met = r["cycles"] > 0 and r["within_bound"] == r["cycles"] and not r["missing"]
         measured = f"max {dt.get('max', 0):.2f} s over {r['cycles']} leaks"
+        if r["missing"]:
+            measured += f", {len(r['missing'])} crossing(s) never acted on"
         targets.append({"target": _target(r), "measured": measured, "met": met})
     cols = ["interval s", "sustain", "bound s", "detect p50 s", "detect max s", "stopped max s"]
-    cols += ["within bound"]
+    cols += ["within bound", "missing", "unobserved", "error"]
     title = f"Leak detection: RSS limit {LIMIT // common.MiB} MiB crossed -> gosup acts"
     return common.table(title, cols, rows), targets
 

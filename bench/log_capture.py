@@ -5,7 +5,8 @@ and the supervisor's CPU meanwhile.
 goapp stamps its start into -startfile and floods after -after, so the clock
 starts at (start stamp + after) and stops when the log file holds the last
 line. The supervisor's CPU baseline is taken in that pause, before the first
-byte. "direct" is goapp writing straight into a file: the ceiling. Each is
+byte. "direct" is goapp writing straight into a file: the ceiling, its clock
+stopped the same way (the last line seen in the file by the same poll). Each is
 run several times, round robin; the table shows the median run.
 
     python bench/log_capture.py [--quick] [--mb 200]
@@ -111,7 +112,12 @@ def measure(name: str, goapp: Path, wd: Path, nbytes: int, spy: Path | None) -> 
 
 
 def measure_direct(goapp: Path, wd: Path, nbytes: int) -> dict[str, Any]:
-    """goapp's stdout straight into a file: what the disk and the writer allow."""
+    """goapp's stdout straight into a file: what the disk and the writer allow.
+
+    The clock stops where the supervisors' does: when our poll sees the last
+    line in the file (`_wait_complete`, the same poll), not when the writer
+    exits, so the ceiling carries the same observation delay as everyone.
+    """
     startfile = wd / "flood.starts"
     log = wd / "direct.log"
     tag = common.new_tag()
@@ -125,11 +131,14 @@ def measure_direct(goapp: Path, wd: Path, nbytes: int) -> dict[str, Any]:
                 env=common.bench_env(tag),
                 start_new_session=True,
             )
-        proc.wait(max(120.0, nbytes / 1e6 * 3))
+        pid, start_ns = common.wait_for(
+            lambda: next(iter(common.startfile_lines(startfile)), None), 120, "direct: start"
+        )
+        _wait_complete(log, nbytes, "direct")
         end_ns = time.time_ns()
+        proc.wait(max(120.0, nbytes / 1e6 * 3))
     finally:
         common.sweep(tag)
-    pid, start_ns = common.startfile_lines(startfile)[0]
     elapsed = (end_ns - start_ns) / 1e9 - AFTER
     size = log.stat().st_size
     return {

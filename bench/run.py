@@ -41,6 +41,8 @@ BENCHES = (
     "leak_detection",
     "rebuild",
     "zero_downtime",
+    "loop_lag",
+    "scale",
 )
 # Scripts that also take --supervisors and --profile (the harness's own).
 HARNESS = {"restart_latency", "overhead", "log_capture"}

@@ -1,15 +1,17 @@
 """Zero-downtime restarts (issue 14): requests at a fixed rate while the
 supervisor restarts the Go HTTP fixture, per restart kind.
 
-An asyncio load generator (in a thread of its own) sends GET / at a fixed
-rate to goapp, half on a new connection per request, half on keep-alive
-connections from a pool. A keep-alive request whose reused connection was
-closed before any byte of the answer is retried once on a new connection,
-as HTTP clients do for idempotent requests (Go's Transport, urllib3): it
-counts as ``ka_retried``, not as failed. Latency is taken from the moment the
-request was due, so a stalled generator shows as latency, not as fewer
-requests. Meanwhile the supervisor restarts goapp, ``--restarts`` times per
-kind:
+An asyncio load generator (in a process of its own: in a thread of the
+harness it shared the GIL with the harness's own polling of the process
+tree, every 20 ms exactly during restarts, and that showed as latency added
+by the restarts) sends GET / at a fixed rate to goapp, half on a new
+connection per request, half on keep-alive connections from a pool. A keep-
+alive request whose reused connection was closed before any byte of the
+answer is retried once on a new connection, as HTTP clients do for
+idempotent requests (Go's Transport, urllib3): it counts as ``ka_retried``,
+not as failed. Latency is taken from the moment the request was due, so a
+stalled generator shows as latency, not as fewer requests. Meanwhile the
+supervisor restarts goapp, ``--restarts`` times per kind:
 
 - operator: the supervisor's restart command;
 - leak: goapp leaks heap (a marker file makes the next start add
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -57,6 +60,11 @@ LEAK_LIMIT = "120MiB"
 SETTLE_S = 0.5  # requests due this long after the new child runs still count for the restart
 TIMEOUT_S = 5.0  # a request without an answer by then is a failure ("timeout")
 POOL = 32  # keep-alive connections at most
+# Each supervisor's restarts stop when this is spent (the rest of its kinds are
+# counted as far as they got, and the row says so), so a full run is bounded:
+# 5 supervisors x 10 min at most, about 20 min in all when nothing stalls.
+BUDGET_S = 600.0
+QUICK_BUDGET_S = 120.0
 # sh picks the leak flag by a marker file and execs goapp (same pid: LISTEN_PID
 # still names it, and every supervisor sees goapp as its child).
 WRAPPER = f'if [ -e leak ]; then set -- "$@" -leak-heap {LEAK_PER_S}; fi; exec "$0" "$@"'
@@ -81,6 +89,50 @@ class Sample:
     outcome: str  # ok | refused | reset | closed | timeout | http NNN | error name
 
 
+class LoadProcess:
+    """The generator in a child process (its own GIL and event loop); the
+    samples come back when it stops. time.monotonic() is the system's
+    CLOCK_MONOTONIC, the same in both processes, so its due times line up
+    with the restart windows taken here."""
+
+    def __init__(self, port: int, rate: float) -> None:
+        self.port, self.rate = port, rate
+        self.samples: list[Sample] = []
+        self.retried: list[float] = []
+        self.started = self.stopped = 0.0
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(
+            target=_generate, args=(port, rate, self._stop, child_conn), daemon=True
+        )
+
+    def start(self) -> None:
+        self._proc.start()
+        if not self._conn.poll(30):
+            raise common.BenchError("the load generator did not start within 30 s")
+        self.started = self._conn.recv()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._conn.poll(
+            TIMEOUT_S + 30
+        ):  # plain data: classes of a spawned __main__ do not pickle back
+            samples, self.retried, self.started, self.stopped = self._conn.recv()
+            self.samples = [Sample(*fields) for fields in samples]
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def _generate(port: int, rate: float, stop: Any, conn: Any) -> None:
+    load = Load(port, rate, stop=stop)
+    asyncio.run(load.run(lambda: conn.send(load.started)))
+    samples = [(x.due, x.latency, x.mode, x.outcome) for x in load.samples]
+    conn.send((samples, load.retried, load.started, load.stopped))
+
+
 @dataclass
 class Load:
     port: int
@@ -89,26 +141,26 @@ class Load:
     retried: list[float] = field(default_factory=list)  # due times of keep-alive retries
     started: float = 0.0
     stopped: float = 0.0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    stop: Any = None  # a multiprocessing Event: set = stop sending
 
     REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
+    async def run(self, started: Any) -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        threading.Thread(  # the Event is a blocking wait: a thread hands it over
+            target=lambda: (self.stop.wait(), loop.call_soon_threadsafe(stopping.set)),
+            daemon=True,
+        ).start()
+        await self._main(stopping, started)
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-
-    async def _main(self) -> None:
+    async def _main(self, stopping: asyncio.Event, started: Any) -> None:
         pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         tasks: set[asyncio.Task[None]] = set()
         self.started = time.monotonic()
+        started()
         n = 0
-        while not self._stop.is_set():
+        while not stopping.is_set():
             due = self.started + n / self.rate
             delay = due - time.monotonic()
             if delay > 0:
@@ -308,21 +360,28 @@ def wait_serving(port: int, timeout: float) -> None:
     common.wait_for(up, timeout, f"127.0.0.1:{port} accepting")
 
 
-def measure(label: str, goapp: Path, restarts: int, rate: float, keep: bool) -> dict[str, Any]:
+def measure(
+    label: str, goapp: Path, restarts: int, rate: float, keep: bool, budget: float = BUDGET_S
+) -> dict[str, Any]:
     port = free_port()
+    cut_short: list[str] = []
     windows: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
     excluded: list[tuple[float, float]] = []  # off-the-clock restarts (the leak's setup)
     with common.workdir(f"zd-{label}", keep=keep) as wd, make(label, wd, goapp, port) as d:
         d.wait_children(1, timeout=60)
         wait_serving(port, 30)
-        load = Load(port, rate)
+        load = LoadProcess(port, rate)
         load.start()
+        until = time.monotonic() + budget
         try:
             time.sleep(2.0)  # baseline
             for kind in KINDS:
                 if supported(label, kind):
                     continue
                 for n in range(restarts):
+                    if time.monotonic() > until:
+                        cut_short.append(f"{kind}: {n} of {restarts} (budget {budget:g}s spent)")
+                        break
                     common.log(f"{label}: {kind} restart {n + 1}/{restarts}")
                     begin = time.monotonic()
                     t0, t1 = restart(d, label, kind, n)
@@ -333,7 +392,10 @@ def measure(label: str, goapp: Path, restarts: int, rate: float, keep: bool) -> 
             time.sleep(1.0)
         finally:
             load.stop()
-    return summarise(label, load, windows, excluded)
+    out = summarise(label, load, windows, excluded)
+    if cut_short:
+        out["cut_short"] = cut_short
+    return out
 
 
 def free_port() -> int:
@@ -344,7 +406,7 @@ def free_port() -> int:
 
 def summarise(
     label: str,
-    load: Load,
+    load: LoadProcess,
     windows: dict[str, list[tuple[float, float]]],
     excluded: list[tuple[float, float]],
 ) -> dict[str, Any]:
@@ -395,7 +457,8 @@ def summarise(
 
 
 def note(res: dict[str, Any]) -> str:
-    return f"{res['rate_reached']:g} req/s reached, base p99 {res['baseline_p99_ms']} ms"
+    text = f"{res['rate_reached']:g} req/s reached, base p99 {res['baseline_p99_ms']} ms"
+    return text + "".join(f"; cut short: {c}" for c in res.get("cut_short", []))
 
 
 LABELS = ("gosup-overlap", "gosup", "supervisord", "pm2", "circus")
@@ -419,7 +482,8 @@ def main() -> int:
             continue
         common.log(f"{label}: {restarts} restarts per kind at {args.rate:g} req/s")
         try:
-            results[label] = measure(label, goapp, restarts, args.rate, args.keep)
+            budget = QUICK_BUDGET_S if args.quick else BUDGET_S
+            results[label] = measure(label, goapp, restarts, args.rate, args.keep, budget)
         except (common.BenchError, OSError, subprocess.SubprocessError) as exc:
             results[label] = {"error": str(exc)[-500:]}
     rows = []
@@ -450,6 +514,7 @@ def main() -> int:
                 "timeout_s": TIMEOUT_S,
                 "leak_per_s": LEAK_PER_S,
                 "leak_limit": LEAK_LIMIT,
+                "budget_s_per_supervisor": QUICK_BUDGET_S if args.quick else BUDGET_S,
             },
             "results": results,
             "tables": [tab],

@@ -4,19 +4,20 @@
 This is the program's entry point and the one module that joins the two
 halves: the command line never imports the daemon (``gosup status`` must
 stay light, and the layers one-way), so it is handed this adapter. The
-daemon is imported only when ``run`` or ``check`` asks for it.
+daemon is imported only when ``run`` or ``check`` asks for it, and ``gosup
+status`` with simple arguments does not even import the parser's module.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from supervisor.cli.commands import main as cli_main
-from supervisor.cli.common import EXIT_USAGE, CLIError
+from supervisor.cli.common import EXIT_USAGE, CLIError, guarded
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from supervisor.config import AppConfig
     from supervisor.core.output import DroppingWriter
 
@@ -59,7 +60,18 @@ class Daemon:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``gosup ARGS``: the exit code."""
-    return cli_main(argv, daemon=Daemon())
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["status"]:
+        # The short path: `gosup status` costs what it prints (docs/benchmarks.md),
+        # so not even the parser's module is imported for it.
+        from supervisor.cli import status
+
+        ns = status.parse_fast(args[1:])
+        if ns is not None:
+            return guarded(lambda: status.cmd_status(ns))
+    from supervisor.cli.commands import main as cli_main
+
+    return cli_main(args, daemon=Daemon())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ is ``supervisor/cli/client.py``. Both take their names and limits from here.
 from __future__ import annotations
 
 import re
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `gosup status` is light
+if TYPE_CHECKING:
+    from typing import Any
 
 SOCKET_NAME = "gosup.sock"  # <state_dir>/gosup.sock
 LOCK_NAME = "gosup.lock"  # <state_dir>/gosup.lock: flock held for gosup's life

@@ -13,6 +13,7 @@ from loguru import logger
 
 from supervisor import config as configmod
 from supervisor.core import spawn
+from supervisor.core.notify import NotifySocket
 from supervisor.core.program import Stop
 from supervisor.core.states import ProcessState as S
 from supervisor.health.resources import ResourceSampler
@@ -30,7 +31,8 @@ def load(tmp_path: Path, goapp: Path, extra: str = "") -> configmod.AppConfig:
 def test_build_names_every_part_in_order(tmp_path: Path, goapp: Path) -> None:
     sup = app.build(load(tmp_path, goapp))
     kinds = [type(s) for s in sup.services]
-    assert kinds == [control.ControlServer, ResourceSampler, orphans.OrphanService]
+    expected = [control.ControlServer, NotifySocket, ResourceSampler, orphans.OrphanService]
+    assert kinds == expected
     assert "dump" in sup.services[0].handlers  # type: ignore[attr-defined]
     sup.history.close()
 

@@ -611,3 +611,32 @@ def test_fast_status_parses_like_argparse(monkeypatch: pytest.MonkeyPatch, argv:
 @pytest.mark.parametrize("argv", [["-h"], ["--bogus"], ["-c"], ["-cother.toml"], ["--socket"]])
 def test_fast_status_leaves_the_rest_to_argparse(argv: list[str]) -> None:
     assert status_cli.fast_status(argv) is None
+
+
+def test_a_socket_whose_accept_queue_is_full_is_not_stale(tmp_path: Path) -> None:
+    """A live gosup too busy to accept fills its queue: the connect of the
+    stale-socket check fails with EAGAIN (a timeout makes it non-blocking).
+    That is "somebody answers", not a traceback and not a removed socket."""
+    from supervisor.service.control import AlreadyRunning, remove_stale_socket
+
+    path = tmp_path / "gosup.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(0)
+        fillers = []
+        try:
+            while True:  # fill the queue; nobody accepts
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                fillers.append(s)
+                try:
+                    s.connect(str(path))
+                except BlockingIOError:
+                    break
+                assert len(fillers) < 1000, "the accept queue never filled"
+            with pytest.raises(AlreadyRunning):
+                remove_stale_socket(path)
+            assert path.is_socket()
+        finally:
+            for s in fillers:
+                s.close()

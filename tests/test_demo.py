@@ -52,6 +52,10 @@ def test_the_demo_serves_on_the_inherited_socket_through_restarts_and_crashes(
     g = gosup_factory(example_config(tmp_path, demo_bin, port))
     g.start()
     first = g.running_pid("demo", timeout=30)
+    # ready by its own READY=1 (sd_notify): no probe the old process could answer
+    check = g.cli("check", str(g.config))
+    assert check.returncode == 0 and "ready." not in check.stderr, check
+    assert "notify = true" in g.config.read_text()
     # the one socket listening on the port is gosup's, and the demo holds it
     # (net.FileListener took a copy of fd 3); the demo did not bind its own
     (listening,) = listening_inodes(port)

@@ -468,20 +468,24 @@ def test_a_sigquit_capture_is_saved_only_when_the_run_ended_by_sigquit(tmp_path:
     restart was refused (no SIGQUIT went out), what came is no dump."""
     saved: list[Path] = []
 
+    async def on_saved(path: Path) -> None:
+        saved.append(path)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for name, outcome in (("quit", signal.SIGQUIT), ("term", signal.SIGTERM), ("gone", None)):
-            capture = evidence.SigquitCapture("api", tmp_path / name, 1 << 20, saved.append)
+            capture = evidence.SigquitCapture("api", tmp_path / name, 1 << 20, on_saved)
             capture.feed(b"ordinary log line\n")
             capture.feed(b"SIGQUIT: quit\nPC=0x0\n\ngoroutine 1 [running]:\nmain.main()\n")
             ended: asyncio.Future[int | None] = loop.create_future()
             ended.set_result(outcome)
-            capture.run_ended(ended)
-        refused = evidence.SigquitCapture("api", tmp_path / "refused", 1 << 20, saved.append)
+            if capture.wanted(ended):
+                await capture.save()
+        refused = evidence.SigquitCapture("api", tmp_path / "refused", 1 << 20, on_saved)
         refused.feed(b"ordinary log line\n")
         ended = loop.create_future()
         ended.cancel()
-        refused.run_ended(ended)
+        assert not refused.wanted(ended)
 
     asyncio.run(main())
     assert saved == [tmp_path / "quit"]
@@ -492,12 +496,16 @@ def test_a_sigquit_capture_is_saved_only_when_the_run_ended_by_sigquit(tmp_path:
 def test_a_sigquit_capture_keeps_dump_max_size(tmp_path: Path) -> None:
     saved: list[Path] = []
 
+    async def on_saved(path: Path) -> None:
+        saved.append(path)
+
     async def main() -> None:
-        capture = evidence.SigquitCapture("api", tmp_path / "d.txt", 100, saved.append)
+        capture = evidence.SigquitCapture("api", tmp_path / "d.txt", 100, on_saved)
         capture.feed(b"SIGQUIT: quit\n" + b"g" * 500)
         ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         ended.set_result(signal.SIGQUIT)
-        capture.run_ended(ended)
+        assert capture.wanted(ended)
+        await capture.save()
 
     asyncio.run(main())
     data = saved[0].read_bytes()

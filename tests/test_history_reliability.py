@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -98,7 +99,9 @@ def _inode(path: Path) -> int | None:
 
 
 def _follower(g: Gosup) -> tuple[subprocess.Popen[bytes], Path]:
-    """``gosup history -f --json -n 0`` printing into a file."""
+    """``gosup history -f --json -n 0`` printing into a file, once it follows:
+    it holds the history open. (On a loaded machine its start takes seconds; a
+    rename done before it opened the file would not be followed, but skipped.)"""
     out = g.dir / f"follow-{time.monotonic_ns()}.out"
     with open(out, "wb") as f:
         proc = subprocess.Popen(
@@ -107,7 +110,23 @@ def _follower(g: Gosup) -> tuple[subprocess.Popen[bytes], Path]:
             stdout=f,
             stderr=subprocess.DEVNULL,
         )
+    history = str((g.state_dir / "history.jsonl").resolve())
+    try:
+        wait_for(lambda: history in _open_files(proc.pid), 30, "the follower to open the history")
+    except BaseException:
+        proc.kill()
+        proc.wait(20)
+        raise
     return proc, out
+
+
+def _open_files(pid: int) -> set[str]:
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
 
 
 def _stop_follower(proc: subprocess.Popen[bytes], out: Path) -> list[dict[str, Any]]:

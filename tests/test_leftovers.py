@@ -187,9 +187,10 @@ def test_every_programs_leftovers_are_stopped_at_once(
         assert sorted(r["program"] for r in stopped) == names
         assert all(r["killed"] for r in stopped)
         assert not any(pid_alive(pid) for pid in helpers)
-        # One grace period for all: one after another they would span 5 x 2 s.
+        # One grace period for all: one after another they would span 4 x 2 s at
+        # least; a loaded machine may spread the records a little.
         span = max(map(_ts, stopped)) - min(map(_ts, stopped))
-        assert span < 4.0, f"leftovers stopped one program at a time ({span:.1f}s apart)"
+        assert span < 6.0, f"leftovers stopped one program at a time ({span:.1f}s apart)"
         for name in names:
             second.wait_event("running", name, count=2, timeout=30)
     finally:

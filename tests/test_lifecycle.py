@@ -61,8 +61,8 @@ def test_first_restart_after_a_healthy_run_is_immediate(gosup_factory: Any, goap
     assert first_exit["uptime_s"] >= 0.3
     backoff = g.history("steady", "backoff")[0]
     assert backoff["delay_s"] == 0.0
-    # far below the 20 s `initial`: the restart did not wait
-    assert ts(starts[1]) - ts(first_exit) < 5.0
+    # far below the 20 s `initial`: the restart did not wait (room for a loaded machine)
+    assert ts(starts[1]) - ts(first_exit) < 10.0
     assert starts[1]["attempt"] == 1
     assert g.stop() == 0
 

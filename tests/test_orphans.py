@@ -100,7 +100,17 @@ def test_next_gosup_stops_what_a_sigkilled_one_left(
     first = gosup_factory(config).start()
     api, worker = first.running_pid("api"), first.running_pid("worker")
     helpers = [_pid_in(tmp_path / "api-helper.pid"), _pid_in(tmp_path / "worker-helper.pid")]
-    records = json.loads((first.state_dir / orphans.PIDS_FILE).read_text())
+    def written() -> dict[str, Any] | None:
+        # pids.json is written from a disk thread, coalesced over PIDS_WINDOW.
+        try:
+            data = json.loads((first.state_dir / orphans.PIDS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        progs = data.get("programs", {})
+        pids = {n: progs.get(n, {}).get("pid") for n in ("api", "worker")}
+        return data if pids == {"api": api, "worker": worker} else None
+
+    records = wait_for(written, 10, "pids.json naming both children")
     assert records["supervisor"]["pid"] == first.pid
     assert records["programs"]["api"]["pid"] == api
     assert records["programs"]["api"]["pgid"] == api  # each child leads its own group

@@ -18,7 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import Gosup, pid_alive, wait_for
+from test_deploy import builds  # noqa: F401 (a fixture: Go builds of a launcher)
 from test_sockets import ClientLoop, free_port, get, served_by
+
+from supervisor import fileops
 
 GosupFactory = Callable[..., Gosup]
 
@@ -140,4 +143,58 @@ def test_a_replacement_that_crashes_leaves_the_old_one_serving(
     os.unlink(g.dir / "crash")
     assert g.cli("restart", "api", "-c", str(g.config)).returncode == 0
     assert not pid_alive(old)
+    assert g.stop() == 0
+
+
+def test_a_deploy_whose_replacement_never_gets_ready_is_rolled_back(
+    goapp: Path,
+    gosup_factory: GosupFactory,
+    builds: dict[str, Path],  # noqa: F811 (the fixture imported above)
+) -> None:
+    """A binary deploy (on_change = "restart") under overlap: the new build's
+    replacement never gets ready, so the old process never stops serving, and
+    the deploy's verdict is the rollback (DESIGN §3, §4)."""
+    port = free_port()
+    g = gosup_factory(f"""
+        [programs.api]
+        command = ["bin/api"]
+        sockets = ["tcp://127.0.0.1:{port}"]
+        restart_mode = "overlap"
+        stop_timeout = "5s"
+        [programs.api.ready]
+        http = "http://127.0.0.1:{port}/readyz?pid={{pid}}"
+        interval = "100ms"
+        within = "2s"
+        [[programs.api.config_files]]
+        path = "bin/api"
+        on_change = "restart"
+        validate = ["{{file}}", "-version"]
+        probation = "1s"
+    """)
+    live = g.dir / "bin" / "api"
+    live.parent.mkdir()
+    live.write_bytes(builds["v1"].read_bytes())
+    live.chmod(0o755)
+    g.start()
+    old = g.running_pid("api")
+    with ClientLoop(port) as client:
+        client.wait_answers(3)
+        out = g.cli("stage", str(builds["unready"]), "bin/api", timeout=90)
+        client.wait_answers(3)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "rolled back: not_ready" in out.stdout, out.stdout + out.stderr
+    failed = g.wait_event("restart_failed", "api")[-1]
+    assert failed["reason"] == "not_ready" and failed["restart"] == "config"
+    rolled = g.wait_event("config_rolled_back", "api")[-1]
+    assert rolled["reason"] == "not_ready"
+    assert rolled["restored_sha256"] == fileops.sha256_file(builds["v1"])
+    assert fileops.sha256_file(live) == fileops.sha256_file(builds["v1"])
+    # the old process served throughout and still does; nothing was refused or cut
+    assert pid_alive(old)
+    assert set(client.outcomes) == {"ok"}, (client.outcomes, client.errors[:5])
+    assert client.pids == {old} or old in client.pids
+    # the old process runs the restored build already: nothing is restarted again
+    assert status(g)["state"] == "RUNNING" and status(g)["pid"] == old
+    assert len(g.history("api", "restart_requested")) == 1
+    assert not g.history("api", "fatal")
     assert g.stop() == 0

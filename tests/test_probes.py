@@ -180,7 +180,7 @@ def test_a_hanging_exec_probe_is_killed_as_a_group_at_its_timeout(
 
     error, took = asyncio.run(main())
     assert error is not None and "no verdict within 0.5s (killed)" in error
-    assert took < 3.0
+    assert took < 10.0  # killed at 0.5 s, not left to its 60 s (room for a loaded machine)
     wait_for(lambda: not tagged_processes(no_leftover_processes), 5, "the probe's group gone")
     passed = asyncio.run(probes.run_exec(("sh", "-c", "exit 0"), spec, 2.0))
     failed = asyncio.run(probes.run_exec(("sh", "-c", "echo no db; exit 3"), spec, 2.0))

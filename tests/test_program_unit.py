@@ -128,13 +128,17 @@ class Harness:
         await self.idle()
 
     async def idle(self) -> None:
-        """Yield until the actor has handled everything (bounded, never a timed sleep)."""
+        """Yield until the actor has handled everything and waits for its next
+        message (bounded by WAIT, never a fixed sleep). A stop walks the process
+        tree in a thread: on a loaded machine that takes any number of loop
+        turns, so counting turns is not enough; the actor parked on its inbox is."""
         for _ in range(200):
             await asyncio.sleep(0)
-        for _ in range(100):  # a drain of a closed pipe needs a real loop turn or two
-            if not self.program._inbox:
-                break
-            await asyncio.sleep(0.001)
+        await self.until(self._parked, "the actor to wait for its next message")
+
+    def _parked(self) -> bool:
+        p = self.program
+        return not p._inbox and bool(p._wake._waiters)  # type: ignore[attr-defined]
 
     async def until(self, cond: Callable[[], bool], what: str) -> None:
         """Poll the actor's visible state until ``cond`` holds, with a deadline."""
@@ -163,6 +167,16 @@ class Harness:
 
         await self.until(settled, f"start #{n} settled in STARTING")
         return self.child
+
+    async def stopping(self) -> None:
+        """Wait until the actor has settled in STOPPING: the stop signal sent and
+        the stop_timeout timer armed (after the tree walk, which runs in a thread)."""
+
+        def settled() -> bool:
+            return self.program.state is S.STOPPING and bool(self.child.signals)
+
+        await self.until(settled, "the stop signal sent")
+        await self.idle()
 
     async def answer(self, reply: Awaitable[str], what: str = "the reply") -> str:
         """Await a command's reply, with a deadline (CommandError passes through)."""
@@ -241,7 +255,7 @@ def test_stop_escalates_to_sigkill_at_stop_timeout(tmp_path: Path) -> None:
         h.program.post(Start())
         await h.started(1)
         stop = asyncio.ensure_future(h.program.request(Stop()))
-        await h.until(lambda: h.program.state is S.STOPPING, "stopping")
+        await h.stopping()
         await h.advance(9.999)
         assert h.child.signals == [("group", signal.SIGTERM)]
         await h.advance(0.001)
@@ -311,7 +325,7 @@ def test_conflicting_and_pointless_commands_get_clear_answers(tmp_path: Path) ->
         h.program.post(Start())
         await h.started(1)
         first = asyncio.ensure_future(h.program.request(Stop()))
-        await h.until(lambda: h.program.state is S.STOPPING, "stopping")
+        await h.stopping()
         with pytest.raises(CommandError, match="already stopping"):
             await h.answer(h.program.request(Stop()))
         with pytest.raises(CommandError, match="is stopping"):

@@ -10,10 +10,12 @@
 // `sockets = ["tcp://..."]` it serves on the listening socket it inherits as
 // fd 3 (systemd's LISTEN_FDS/LISTEN_PID protocol, read with the standard
 // library); run without gosup, it binds -listen itself. It starts serving
-// only once it is initialised, and /readyz says 200 from then on until
-// SIGTERM arrives (503 while it drains). On SIGTERM it stops accepting first
-// and lets every connection it accepted hand its request to a handler before
-// it calls Shutdown (see drain below).
+// only once it is initialised, then says so with sd_notify's READY=1 (gosup's
+// `[ready] notify = true`: only this process can say it, where a probe on the
+// shared port may be answered by the old process), and /readyz says 200 from
+// then on until SIGTERM arrives (503 while it drains). On SIGTERM it stops
+// accepting first and lets every connection it accepted hand its request to
+// a handler before it calls Shutdown (see drain below).
 package main
 
 import (
@@ -122,6 +124,27 @@ func listener(addr string) (net.Listener, error) {
 	}
 	log.Printf("serving on %s (bound ourselves: no inherited socket)", ln.Addr())
 	return ln, nil
+}
+
+// sdNotify sends state (e.g. "READY=1") to the unix datagram socket named by
+// NOTIFY_SOCKET, as systemd's sd_notify and go-systemd's daemon.SdNotify do;
+// without NOTIFY_SOCKET it does nothing. The receiver knows our pid from the
+// datagram itself (the kernel attaches it).
+func sdNotify(state string) error {
+	path := os.Getenv("NOTIFY_SOCKET")
+	if path == "" {
+		return nil
+	}
+	if strings.HasPrefix(path, "@") { // the abstract namespace
+		path = "\x00" + path[1:]
+	}
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_, err = conn.Write([]byte(state))
+	return err
 }
 
 func readyz(w http.ResponseWriter, _ *http.Request) {
@@ -245,6 +268,9 @@ func main() {
 	serving.Store(true)
 	go func() { errc <- srv.Serve(ln) }()
 	log.Printf("demo serving http://%s (pid %d)", ln.Addr(), os.Getpid())
+	if err := sdNotify("READY=1\nSTATUS=serving"); err != nil {
+		log.Printf("sd_notify: %v", err) // gosup then takes us as not ready: a failed start
+	}
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)

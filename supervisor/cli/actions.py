@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from supervisor.cli.client import Connection, call, socket_path
+from supervisor.cli.client import call, connect
 from supervisor.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError, escape
 
 
@@ -43,7 +43,7 @@ def _report(reply: dict[str, Any]) -> int:
 
 def _act(args: argparse.Namespace, cmd: str, **fields: Any) -> int:
     # No timeout: a stop lasts up to stop_timeout, a start start_seconds.
-    with Connection(socket_path(args)) as conn:
+    with connect(args) as conn:
         return _report(conn.request(cmd, **fields))
 
 
@@ -62,7 +62,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    with Connection(socket_path(args)) as conn:
+    with connect(args) as conn:
         reply = conn.request("reload")
     data = reply.get("data") or {}
     if not reply["ok"]:
@@ -87,7 +87,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    with Connection(socket_path(args)) as conn:
+    with connect(args) as conn:
         reply = conn.request("shutdown")
         if not reply["ok"]:
             raise CLIError(str(reply.get("error")))

@@ -1,59 +1,125 @@
 """The control client: finding a running gosup's socket and talking to it.
 
-Stdlib only, and nothing heavier than ``socket`` and ``json``: ``gosup
+Stdlib only, and nothing heavier than ``_socket`` and ``json``: ``gosup
 status`` must feel instant, so this module never imports asyncio, psutil or
-loguru. The protocol (one JSON request per line, one reply line each) is
-described in docs/control.md; its names and limits are in
-``supervisor.protocol``.
+loguru (nor argparse, typing or socket.py's wrappers). The
+protocol (one JSON request per line, one reply line each) is described in
+docs/control.md; its names and limits are in ``supervisor.protocol``.
 """
 
 from __future__ import annotations
 
-import argparse
+import _socket  # socket.py's wrappers (enums, makefile, selectors) cost a third of the imports
 import json
 import os
-import socket
-import tomllib
 from pathlib import Path
-from typing import Any
 
 from supervisor.cli.common import EXIT_NOT_RUNNING, CLIError, load_config
 from supervisor.protocol import DEFAULT_STATE_DIR, SOCKET_NAME
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    import argparse
+    from types import SimpleNamespace
+    from typing import Any
 
 STATUS_TIMEOUT = 30.0  # seconds; a command that starts or stops waits as long as it takes
 MAX_REPLY = 64 << 20  # bytes; a status of thousands of programs stays far below
 
 
-def socket_path(args: argparse.Namespace) -> Path:
-    """``--socket``, or ``<state_dir>/gosup.sock`` (SOCKET_NAME) of the config ``-c`` names.
+def connect(args: argparse.Namespace | SimpleNamespace, timeout: float | None = None) -> Connection:
+    """A connection to the gosup that ``--socket`` or the config ``-c`` names.
 
-    Only ``[supervisor] state_dir`` is read, not the whole config: a running
-    gosup must stay reachable while its app.toml is being edited (that is
-    when ``gosup reload`` is needed most), and supervisor.config's import
-    alone would be ~40% of ``gosup status``'s time. Paths resolve exactly as
-    supervisor.config resolves them; when the key cannot be read, the full
-    loader names the problem (exit 2).
+    Only ``[supervisor] state_dir`` is needed, not the whole config: a
+    running gosup must stay reachable while its app.toml is being edited
+    (that is when ``gosup reload`` is needed most), and supervisor.config's
+    import alone would be ~40% of ``gosup status``'s time. When app.toml
+    says ``state_dir`` the usual way (`_simple_state_dir`) the socket is
+    tried without tomllib (its import compiles regexes: a quarter of what
+    status costs beyond Python's start). When nobody answers there, the file
+    is parsed whole before giving up: one that is not TOML is a config error
+    (exit 2), never "not running", and a guess cannot hide a running gosup.
     """
     if args.socket:
-        return Path(args.socket)
+        return Connection(Path(args.socket), timeout)
+    guess = _simple_state_dir_of(args.config)
+    if guess is not None:
+        try:
+            return Connection(guess / SOCKET_NAME, timeout)
+        except CLIError as exc:
+            if exc.code != EXIT_NOT_RUNNING:
+                raise
     state_dir = _read_state_dir(args.config)
     if state_dir is None:
         state_dir = load_config(args.config).supervisor.state_dir  # raises CLIError
-    return state_dir / SOCKET_NAME
+    return Connection(state_dir / SOCKET_NAME, timeout)
+
+
+def _resolve(config: str, value: str) -> Path:
+    # Exactly as supervisor.config resolves it: relative to the file's directory.
+    base = os.path.dirname(os.path.abspath(config))
+    return Path(os.path.abspath(os.path.join(base, value)))
+
+
+def _simple_state_dir_of(config: str) -> Path | None:
+    try:
+        with open(config, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    value = _simple_state_dir(text)
+    return None if value is _UNSURE else _resolve(config, str(value))
 
 
 def _read_state_dir(config: str) -> Path | None:
     try:
         with open(config, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, RecursionError):
+            raw = f.read()
+    except OSError:
+        return None
+    import tomllib  # here: a command given --socket never pays for its import
+
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return None
     section = data.get("supervisor", {})
     value = section.get("state_dir", DEFAULT_STATE_DIR) if isinstance(section, dict) else None
     if not isinstance(value, str):
         return None
-    base = os.path.dirname(os.path.abspath(config))
-    return Path(os.path.abspath(os.path.join(base, value)))
+    return _resolve(config, value)
+
+
+_UNSURE = object()
+
+
+def _simple_state_dir(text: str) -> object:
+    """``[supervisor] state_dir`` when app.toml says it the usual way, one
+    ``state_dir = "..."`` line (no escapes) under a plain ``[supervisor]``
+    header, or the default when the file never spells ``state_dir``; else
+    ``_UNSURE`` (tomllib decides). Whatever could hide or fake such a line
+    (multi-line strings, ``\\u`` escapes that could spell the key, dotted
+    or quoted keys, inline tables, a second one) is left to tomllib. A wrong
+    guess costs only a connection attempt: `connect` parses the file whole
+    when nobody answers at the guessed socket."""
+    if '"""' in text or "'''" in text or "\\u" in text or "\\U" in text:
+        return _UNSURE
+    import re  # already imported by site in most installs; cheap either way
+
+    header_re = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]\s*(?:#.*)?")
+    state_re = re.compile(r"""\s*state_dir\s*=\s*(?:"([^"\\]*)"|'([^']*)')\s*(?:#.*)?""")
+    table, found = "", None
+    for line in text.split("\n"):  # TOML's newlines only (splitlines knows more)
+        line = line.removesuffix("\r")
+        if "state_dir" in line:
+            m = state_re.fullmatch(line)
+            if m is None or table != "supervisor" or found is not None:
+                return _UNSURE
+            found = m.group(1) if m.group(1) is not None else m.group(2)
+        elif line.lstrip().startswith("["):
+            header = header_re.fullmatch(line)
+            table = header.group(1) if header else "?"  # [[x]], [a.b], ["a"]: not ours
+    return DEFAULT_STATE_DIR if found is None else found
 
 
 class Connection:
@@ -61,7 +127,7 @@ class Connection:
 
     def __init__(self, path: Path, timeout: float | None = None) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self._buf = b""
         try:
@@ -120,9 +186,9 @@ class Connection:
         return line
 
 
-def call(args: argparse.Namespace, cmd: str, **fields: Any) -> Any:
+def call(args: argparse.Namespace | SimpleNamespace, cmd: str, **fields: Any) -> Any:
     """One request; the reply's data, or CLIError with the server's error."""
-    with Connection(socket_path(args), STATUS_TIMEOUT) as conn:
+    with connect(args, STATUS_TIMEOUT) as conn:
         reply = conn.request(cmd, **fields)
     if not reply["ok"]:
         raise CLIError(str(reply.get("error", "failed")))

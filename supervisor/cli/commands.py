@@ -5,44 +5,69 @@ The other commands live in one module each (``status``, ``actions``,
 ``historyview``, ``stage``), none of which imports this one. Heavy modules
 (psutil, loguru, the daemon) are imported inside the commands that need
 them, and ``gosup status`` with simple arguments skips the parser (and the
-other commands' modules) entirely, so client commands start fast.
+other commands' modules) entirely, so client commands start fast: even
+argparse and typing are imported only once the parser is built (``gosup
+status`` costs what it prints, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from supervisor import __version__
 from supervisor.cli import status
 from supervisor.cli.common import (
     DEFAULT_CONFIG,
     EXIT_OK,
-    EXIT_PIPE,
     EXIT_USAGE,
     CLIError,
-    escape,
+    guarded,
     load_config,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Protocol, TypeAlias
+
     from supervisor import config as configmod
 
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
+    class LogWriter(Protocol):
+        """Where gosup's own log goes: ``write`` never blocks (DESIGN §1)."""
+
+        def write(self, data: bytes) -> object: ...
+
+        def close(self, timeout: float = 1.0) -> None: ...
+
+    class Daemon(Protocol):
+        """What ``run`` and ``check`` need of the daemon (``supervisor/service/``).
+
+        Handed in by the program's entry point (``supervisor/gosup.py``): the
+        command line never imports the daemon itself, so ``gosup status`` stays
+        light and the layers stay one-way.
+        """
+
+        def run(self, config: configmod.AppConfig, *, echo: bool, dev: bool) -> int:
+            """Run in the foreground until told to stop; CLIError when gosup cannot."""
+            ...
+
+        def privilege_errors(self, config: configmod.AppConfig) -> list[str]:
+            """The user/group switches gosup, run as this user, could not make."""
+            ...
+
+        def preflight(self, config: configmod.AppConfig) -> tuple[list[str], list[str]]:
+            """(errors, warnings) a start would run into: missing or unexecutable binaries."""
+            ...
+
+        def log_writer(self, fd: int) -> LogWriter:
+            """A writer for gosup's own log on ``fd`` that never blocks the daemon."""
+            ...
+
 # -- run / check ----------------------------------------------------------------
-
-
-class LogWriter(Protocol):
-    """Where gosup's own log goes: ``write`` never blocks (DESIGN §1)."""
-
-    def write(self, data: bytes) -> object: ...
-
-    def close(self, timeout: float = 1.0) -> None: ...
 
 
 def setup_logging(verbose: bool, writer: LogWriter) -> Callable[[], None]:
@@ -51,6 +76,8 @@ def setup_logging(verbose: bool, writer: LogWriter) -> Callable[[], None]:
     that stops reading (a paused ``| less``, a journald backlog) loses
     messages, counted, and never stalls supervision. Returns the closer
     ``run`` calls at exit (it waits a second at most for the queue)."""
+    import contextlib
+
     from loguru import logger
 
     logger.remove()
@@ -81,31 +108,6 @@ def setup_logging(verbose: bool, writer: LogWriter) -> Callable[[], None]:
         writer.close()
 
     return close
-
-
-class Daemon(Protocol):
-    """What ``run`` and ``check`` need of the daemon (``supervisor/service/``).
-
-    Handed in by the program's entry point (``supervisor/gosup.py``): the
-    command line never imports the daemon itself, so ``gosup status`` stays
-    light and the layers stay one-way.
-    """
-
-    def run(self, config: configmod.AppConfig, *, echo: bool, dev: bool) -> int:
-        """Run in the foreground until told to stop; CLIError when gosup cannot."""
-        ...
-
-    def privilege_errors(self, config: configmod.AppConfig) -> list[str]:
-        """The user/group switches gosup, run as this user, could not make."""
-        ...
-
-    def preflight(self, config: configmod.AppConfig) -> tuple[list[str], list[str]]:
-        """(errors, warnings) a start would run into: missing or unexecutable binaries."""
-        ...
-
-    def log_writer(self, fd: int) -> LogWriter:
-        """A writer for gosup's own log on ``fd`` that never blocks the daemon."""
-        ...
 
 
 def cmd_run(args: argparse.Namespace, daemon: Daemon) -> int:
@@ -174,6 +176,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="gosup",
         description="A self-healing process supervisor for Go services.",
@@ -192,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_daemon_parsers(sub: Subparsers) -> None:
+    import argparse
+
     p = sub.add_parser("run", help="run the programs of CONFIG in the foreground")
     _add_config(p, positional=True)
     p.add_argument(
@@ -331,33 +337,17 @@ def _fast_path(argv: list[str]) -> int | None:
 
 def main(argv: Sequence[str] | None = None, daemon: Daemon | None = None) -> int:
     """Run one gosup command; ``daemon`` serves ``run`` and ``check``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        code = _fast_path(argv)
-        if code is None:
-            args = build_parser().parse_args(argv)
-            if args.func in (cmd_run, cmd_check):
-                if daemon is None:
-                    raise CLIError(f"{args.command}: no daemon was handed to the command line")
-                code = args.func(args, daemon)
-            else:
-                code = args.func(args)
-        sys.stdout.flush()  # inside the try: a reader that went away is seen here
-    except CLIError as exc:  # messages name paths and programs, and relay gosup's errors
-        print(f"gosup: {escape(exc, lines=True)}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return _reader_gone()
-    return code
+    args = list(sys.argv[1:] if argv is None else argv)
+    return guarded(lambda: _dispatch(args, daemon))
 
 
-def _reader_gone() -> int:
-    """stdout's reader went away (``gosup history | head``): end quietly, with
-    the status of a command killed by SIGPIPE (as ``git log | head`` does)."""
-    # Python would flush stdout again at exit and complain; point it at /dev/null.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    return EXIT_PIPE
+def _dispatch(argv: list[str], daemon: Daemon | None) -> int:
+    code = _fast_path(argv)
+    if code is not None:
+        return code
+    args = build_parser().parse_args(argv)
+    if args.func in (cmd_run, cmd_check):
+        if daemon is None:
+            raise CLIError(f"{args.command}: no daemon was handed to the command line")
+        return int(args.func(args, daemon))
+    return int(args.func(args))

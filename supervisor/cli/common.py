@@ -1,10 +1,12 @@
-"""What every subcommand shares: the one error type that ``main`` prints,
-loading the config for a command (stdlib only until a config is read), and
+"""What every subcommand shares: the one error type that ``main`` prints
+(``guarded``: the one place it becomes a message and an exit code), loading
+the config for a command (stdlib only until a config is read), and
 ``escape``, the one way text from elsewhere reaches an operator's terminal."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import sys
 
 from supervisor.protocol import DEFAULT_CONFIG as DEFAULT_CONFIG
 from supervisor.protocol import EXIT_FAILED as EXIT_FAILED
@@ -14,7 +16,10 @@ from supervisor.protocol import EXIT_USAGE as EXIT_USAGE
 
 EXIT_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away, as shells report for `seq 1e9 | head`
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from supervisor import config as configmod
 
 
@@ -24,6 +29,31 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.code = code
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run ``command``; the exit code, with every error turned into a message."""
+    try:
+        code = command()
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here
+    except CLIError as exc:  # messages name paths and programs, and relay gosup's errors
+        print(f"gosup: {escape(exc, lines=True)}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (``gosup history | head``): end quietly, with
+    the status of a command killed by SIGPIPE (as ``git log | head`` does)."""
+    # Python would flush stdout again at exit and complain; point it at /dev/null.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 def load_config(path: str) -> configmod.AppConfig:

@@ -3,17 +3,23 @@ command feel instant.
 
 With simple arguments ``gosup status`` is parsed here by hand, before any
 argparse parser is built; like ``client``, this module imports only the
-stdlib and the light modules of this package (docs/control.md, "status").
+stdlib and the light modules of this package (docs/control.md, "status"),
+and of the stdlib only what printing the table needs: not argparse, typing
+or tomllib.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from typing import Any
+from types import SimpleNamespace
 
 from supervisor.cli.client import call
 from supervisor.cli.common import DEFAULT_CONFIG, EXIT_OK, escape
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 # Resource figures shown as extra columns when any program has them.
 FIGURE_COLUMNS = (
@@ -26,7 +32,7 @@ FIGURE_COLUMNS = (
 )
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace | SimpleNamespace) -> int:
     data = call(args, "status", names=args.names)
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
@@ -42,7 +48,15 @@ def fast_status(argv: list[str]) -> int | None:
     """``gosup status ARGS`` parsed by hand, for speed (see commands._fast_path);
     None for anything but names, --json, -c/--config and --socket (help, a
     typo ...), which argparse then handles as usual."""
-    ns = argparse.Namespace(names=[], json=False, config=DEFAULT_CONFIG, socket=None)
+    ns = parse_fast(argv)
+    return None if ns is None else cmd_status(ns)
+
+
+def parse_fast(argv: list[str]) -> SimpleNamespace | None:
+    """The arguments of ``gosup status ARGS`` as argparse would have them, or
+    None when argparse must see them (see `fast_status`)."""
+    # argparse's Namespace would cost argparse's import: the same attributes.
+    ns = SimpleNamespace(names=[], json=False, config=DEFAULT_CONFIG, socket=None)
     args = iter(argv)
     for arg in args:
         key, eq, value = arg.partition("=")
@@ -59,7 +73,7 @@ def fast_status(argv: list[str]) -> int | None:
             return None
         else:
             ns.names.append(arg)
-    return cmd_status(ns)
+    return ns
 
 
 def format_status(programs: list[dict[str, Any]]) -> str:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 from supervisor import fileops
 from supervisor.config.probespec import (
     LIVE_DEFAULTS,
+    PID,
     READY_DEFAULTS,
     MetricCheck,
     ProbeKind,
@@ -258,8 +259,9 @@ _LOG_KEYS = _keys(LogSpec)
 _LIMITS_KEYS = _keys(LimitsSpec)
 _CONFIG_FILE_KEYS = _keys(ConfigFileSpec)
 _BUILD_KEYS = _keys(BuildSpec)
-_PROBE_TARGETS = frozenset(kind.value for kind in ProbeKind)
-_READY_KEYS = _PROBE_TARGETS | {"interval", "timeout", "within"}
+# notify (READY=1 over sd_notify) says when a run got ready, not whether it is still live.
+_PROBE_TARGETS = frozenset(kind.value for kind in ProbeKind if kind is not ProbeKind.NOTIFY)
+_READY_KEYS = _PROBE_TARGETS | {"notify", "interval", "timeout", "within"}
 _LIVE_KEYS = _PROBE_TARGETS | {"interval", "timeout", "failures"}
 _CONFIRM_KEYS = _LIVE_KEYS
 # confirm: probed through probation; `failures` in a row end it early (unconfirmed).
@@ -436,8 +438,11 @@ _fraction = _checked(_number, lambda v: 0 <= v < 1, "must be >= 0 and < 1")
 # --- reading tables ---------------------------------------------------------
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _quote(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
 
 
 class _Table:
@@ -454,6 +459,11 @@ class _Table:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 self.error(key, f"unknown key{hint}")
+
+    @property
+    def errors(self) -> list[str]:
+        """Every error found so far in the file (this table's and the others')."""
+        return self._errors
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{_quote(key)}" if self.path else _quote(key)
@@ -714,11 +724,29 @@ def _metric_check(value: object) -> MetricCheck:
     return parse_metric_check(_string(value))
 
 
+def _notify(value: object) -> str:
+    if not _boolean(value):
+        raise ValueError("false is no probe: leave the key out, or name another target")
+    return "READY=1"
+
+
+def _no_pid(convert: Converter[str]) -> Converter[str]:
+    """A target where ``{pid}`` means nothing (tcp, metric): refuse it, not probe it literally."""
+
+    def run(value: object) -> str:
+        if isinstance(value, str) and PID in value:
+            raise ValueError(f"{PID} is for http and exec probes, not this kind")
+        return convert(value)
+
+    return run
+
+
 _PROBE_CONVERTERS: dict[ProbeKind, Converter[str | tuple[str, ...] | MetricCheck]] = {
     ProbeKind.HTTP: _metrics_url,
-    ProbeKind.TCP: _tcp_address,
+    ProbeKind.TCP: _no_pid(_tcp_address),
     ProbeKind.EXEC: _argv,
     ProbeKind.METRIC: _metric_check,
+    ProbeKind.NOTIFY: _notify,
 }
 
 
@@ -728,10 +756,12 @@ def _probe(parent: _Table, key: str, known: frozenset[str]) -> ProbeSpec | None:
     if t is None:
         return None
     defaults = _PROBE_DEFAULTS[key]
-    kinds = [kind for kind in ProbeKind if kind.value in t]
+    kinds = [kind for kind in ProbeKind if kind.value in t and kind.value in known]
     if len(kinds) != 1:
         found = ", ".join(k.value for k in kinds) or "none"
-        parent.error(key, f"needs exactly one target: http, tcp, exec or metric (found: {found})")
+        names = "http, tcp, exec, metric or notify" if "notify" in known else ""
+        names = names or "http, tcp, exec or metric"
+        parent.error(key, f"needs exactly one target: {names} (found: {found})")
         return None
     kind = kinds[0]
     target = t.get(kind.value, _PROBE_CONVERTERS[kind], None)
@@ -835,19 +865,64 @@ def _program(
     return spec
 
 
-def _programs(table: _Table | None, base: str) -> tuple[ProgramSpec, ...]:
+# The specs built from the last parses of each file: (its absolute path, the
+# directory paths are relative to) -> program
+# name -> (its table as TOML gave it, the spec). A reload of 1,000 programs
+# that changes one converts that one; the others are the same objects as
+# before, so comparing them with the running specs is free too. Only specs
+# built without an error are kept, and a kept one is used only while it
+# claims no config file or socket another program claimed first (else it is
+# converted again, to report that exactly as before).
+_SPECS: dict[tuple[str, str], dict[str, tuple[object, ProgramSpec]]] = {}
+_SPECS_FILES = 4  # the files remembered (gosup reads one; tests, many)
+
+
+def _programs(table: _Table | None, base: str, path: str) -> tuple[ProgramSpec, ...]:
     if table is None:
         return ()
     seen: dict[Path, str] = {}
     seen_sockets: dict[str, str] = {}
+    before = _SPECS.get((path, base), {})
+    built: dict[str, tuple[object, ProgramSpec]] = {}
     programs = []
-    for name, _ in table.items():
+    for name, raw in table.items():
         if not PROGRAM_NAME.fullmatch(name):
             table.error(name, "program names are letters, digits, '_', '.', '-'")
         t = table.table(name, _PROGRAM_KEYS)
-        if t is not None:
-            programs.append(_program(name, t, base, seen, seen_sockets))
+        if t is None:
+            continue
+        known = before.get(name)
+        if known is not None and known[0] == raw and _claim(t, known[1], seen, seen_sockets):
+            spec = known[1]
+        else:
+            errors = len(t.errors)
+            spec = _program(name, t, base, seen, seen_sockets)
+            if len(t.errors) > errors:
+                programs.append(spec)
+                continue
+        built[name] = (raw, spec)
+        programs.append(spec)
+    _SPECS.pop((path, base), None)
+    while len(_SPECS) >= _SPECS_FILES:
+        del _SPECS[next(iter(_SPECS))]
+    _SPECS[(path, base)] = built
     return tuple(programs)
+
+
+def _claim(
+    t: _Table, spec: ProgramSpec, seen: dict[Path, str], seen_sockets: dict[str, str]
+) -> bool:
+    """Note the config files and sockets of a kept ``spec`` as ``_program``
+    does; False (nothing noted) when another program has one of them."""
+    if any(f.path in seen for f in spec.config_files):
+        return False
+    if any(s.text in seen_sockets for s in spec.sockets):
+        return False
+    for i, f in enumerate(spec.config_files):
+        seen[f.path] = f"{t.key_path('config_files')}[{i}].path"
+    for i, s in enumerate(spec.sockets):
+        seen_sockets[s.text] = f"{t.key_path('sockets')}[{i}]"
+    return True
 
 
 # --- entry points -----------------------------------------------------------
@@ -868,6 +943,8 @@ MAX_DEPTH = 16  # tables and arrays in tables: app.toml needs 5 at most
 
 def _too_deep(data: object) -> str | None:
     """The key path of the first value nested deeper than MAX_DEPTH, if any."""
+    if not _deeper_than(data, MAX_DEPTH):
+        return None  # (the common case, without building a path for every value)
     todo: list[tuple[object, str, int]] = [(data, "", 0)]
     while todo:
         value, path, depth = todo.pop()
@@ -878,6 +955,17 @@ def _too_deep(data: object) -> str | None:
         elif isinstance(value, list):
             todo += ((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
     return None
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether a value sits more than ``limit`` tables or arrays below ``value``."""
+    values = value.values() if isinstance(value, dict) else value
+    if not isinstance(values, (list, type({}.values()))) or not values:
+        return False
+    if limit <= 0:
+        return True
+    nested = [item for item in values if isinstance(item, (dict, list))]
+    return any(_deeper_than(item, limit - 1) for item in nested)
 
 
 def _parse(text: str, source: str, sha256: str) -> AppConfig:
@@ -900,7 +988,7 @@ def _parse(text: str, source: str, sha256: str) -> AppConfig:
         path=path,
         sha256=sha256,
         supervisor=_supervisor(root.table("supervisor", _SUPERVISOR_KEYS), base),
-        programs=_programs(root.table("programs", None), base),
+        programs=_programs(root.table("programs", None), base, str(path)),
     )
     if errors:
         raise ConfigError(errors)

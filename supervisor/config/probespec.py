@@ -1,16 +1,24 @@
 """Readiness and liveness probes as config values (stdlib only).
 
-A probe is one of four kinds, each with a target: ``http`` (a URL; 2xx or
+A probe is one of five kinds, each with a target: ``http`` (a URL; 2xx or
 3xx passes), ``tcp`` ("host:port"; a connect passes), ``exec`` (argv; exit 0
-passes) and ``metric`` (one sample read from the program's ``go_metrics``,
-compared with a number). The metric expression is parsed here, once, so a
-typo is a ``gosup check`` error and not a probe that never passes:
+passes), ``metric`` (one sample read from the program's ``go_metrics``,
+compared with a number) and, for readiness only, ``notify`` (the program
+says ``READY=1`` itself over sd_notify; core/notify.py). The metric
+expression is parsed here, once, so a typo is a ``gosup check`` error and
+not a probe that never passes:
 
     name{label="value", other="x"} >= 1
+
+``{pid}`` in an http URL or in an exec probe's arguments stands for the pid
+of the run being probed (like reload_command's): during an overlap restart
+the old and the new process accept on the same socket, and only a probe
+that names the pid can tell which of them answered (docs/zero-downtime.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import operator
@@ -24,6 +32,10 @@ class ProbeKind(enum.Enum):
     TCP = "tcp"
     EXEC = "exec"
     METRIC = "metric"
+    NOTIFY = "notify"  # [ready] only: READY=1 from the run's own pid (sd_notify)
+
+
+PID = "{pid}"  # in an http or exec target: the probed run's pid
 
 
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {
@@ -70,9 +82,28 @@ class ProbeSpec:
 
     def describe(self) -> str:
         """The target as written, for history records and messages."""
+        if self.kind is ProbeKind.NOTIFY:
+            return "sd_notify READY=1"
         if isinstance(self.target, tuple):
             return " ".join(self.target)
         return str(self.target)
+
+    @property
+    def names_pid(self) -> bool:
+        """Whether the target has ``{pid}``: only the probed run itself can pass it."""
+        if isinstance(self.target, tuple):
+            return any(PID in arg for arg in self.target)
+        return isinstance(self.target, str) and PID in self.target
+
+    def for_pid(self, pid: int | None) -> ProbeSpec:
+        """This probe with ``{pid}`` replaced by ``pid`` (as is without a pid or ``{pid}``)."""
+        if pid is None or not self.names_pid:
+            return self
+        if isinstance(self.target, tuple):
+            argv = tuple(arg.replace(PID, str(pid)) for arg in self.target)
+            return dataclasses.replace(self, target=argv)
+        assert isinstance(self.target, str)
+        return dataclasses.replace(self, target=self.target.replace(PID, str(pid)))
 
 
 READY_DEFAULTS = {"interval": 0.25, "timeout": 1.0}

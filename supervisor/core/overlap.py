@@ -17,17 +17,26 @@ pieces of state it needs and the stop of a process beside the running one
 failed. Such a stop is the same as any stop (stop_signal to the group and to
 descendants that left it, SIGKILL to the whole tree after stop_timeout),
 only it does not change the program's state.
+
+``shared_port_warnings`` is ``gosup check``'s word on readiness in overlap
+mode: an http or tcp ready probe on one of the program's own sockets may be
+answered by the old process (both accept on it), so without ``{pid}`` it can
+declare the replacement ready before it is (docs/zero-downtime.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
+from supervisor.config import AppConfig, ProbeKind, ProgramSpec, RestartMode
 from supervisor.core import spawn
 from supervisor.core.output import RunPipes
 
@@ -57,17 +66,19 @@ class Retiring:
     snapshot: list[psutil.Process] = field(default_factory=list)
     killed: bool = False
 
-    def begin(self) -> None:
-        """Send the stop signal to its group and to descendants that left it."""
-        self.snapshot = self.child.tree()
+    async def begin(self) -> None:
+        """Send the stop signal to its group and to descendants that left it
+        (its tree is taken first, in a thread: a walk of all of /proc)."""
+        self.snapshot = await asyncio.to_thread(self.child.tree)
         self.child.signal_group(self.stop_signal)
         self.child.signal_escaped(self.snapshot, self.stop_signal)
 
-    def kill(self) -> None:
-        """stop_timeout passed (or a Kill): SIGKILL the whole tree."""
+    async def kill(self) -> None:
+        """stop_timeout passed (or a Kill): SIGKILL the whole tree (in a thread)."""
         self.killed = True
         self.child.signal_group(signal.SIGKILL)
-        spawn.kill_tree(self.snapshot + self.child.tree())
+        snapshot, child = self.snapshot, self.child
+        await asyncio.to_thread(lambda: spawn.kill_tree(snapshot + child.tree()))
 
     def sweep(self) -> None:
         """The main process is gone: what is left of its tree goes too (in a
@@ -81,3 +92,66 @@ class Retiring:
     def exit_info(self, code: int, clock: Callable[[], float]) -> dict[str, Any]:
         uptime = clock() - self.started_at if self.started_at is not None else 0.0
         return spawn.exit_fields(self.child.pid, code, uptime)
+
+
+def shared_port_warnings(config: AppConfig) -> list[str]:
+    """A warning per overlap program whose ready probe is on its own socket without {pid}."""
+    found = []
+    for spec in config.programs:
+        probe = spec.ready
+        if spec.restart_mode is not RestartMode.OVERLAP or probe is None or probe.names_pid:
+            continue
+        if probe.kind not in (ProbeKind.HTTP, ProbeKind.TCP) or not isinstance(probe.target, str):
+            continue
+        address = _probe_address(probe.kind, probe.target)
+        socket = _own_socket(spec, address) if address is not None else None
+        if socket is not None:
+            found.append(
+                f"{config.path}: programs.{spec.name}.ready.{probe.kind.value}: {probe.target} "
+                f'is on the program\'s own socket {socket}: with restart_mode = "overlap" the '
+                "old process may answer it and the replacement is taken as ready too early; "
+                "use notify = true, or an http or exec probe with {pid} "
+                "(docs/zero-downtime.md)"
+            )
+    return found
+
+
+def _probe_address(kind: ProbeKind, target: str) -> tuple[str, int] | None:
+    if kind is ProbeKind.TCP:
+        host, _, port_text = target.rpartition(":")
+        return (host.strip("[]"), int(port_text)) if port_text.isdigit() else None
+    parts = urlsplit(target)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return parts.hostname or "", port
+
+
+def _own_socket(spec: ProgramSpec, address: tuple[str, int]) -> str | None:
+    """The program's tcp socket that ``address`` reaches, if any."""
+    host, port = address
+    for sock in spec.sockets:
+        if sock.family == "unix" or not isinstance(sock.address, tuple):
+            continue
+        bound, bound_port = sock.address
+        if bound_port == port and (_same_host(bound, host) or _any_host(bound)):
+            return sock.text
+    return None
+
+
+def _any_host(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "*")
+
+
+def _same_host(a: str, b: str) -> bool:
+    return a == b or (_loopback(a) and _loopback(b))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

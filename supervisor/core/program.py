@@ -25,6 +25,15 @@ done with it; and after an unexpected error ``_settle`` brings the program
 back to a consistent state (a dead child's exit handled, no STARTING or
 RUNNING without a child), so ``restart``, ``stop`` and the shutdown are
 always answered.
+
+Nothing that can stall runs on the loop (DESIGN §1): the process-tree
+walks of a stop (psutil reads every process's parent: all of /proc) run in
+a thread while the actor waits, so the order is kept (``stopping`` is
+written, the tree taken, then the signal sent) and the loop goes on. Work
+that others must do between a run's end and the next start, off the loop
+too (a rollback restoring the file the next run reads, the dump of the run
+that ended), is handed in with ``hold_next_start``: the next start waits for
+it, ``HOLD_TIMEOUT`` at most.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,9 @@ S = ProcessState
 DRAIN_TIMEOUT = 0.5  # how long a crash's last words may take to arrive after the exit
 OUTPUT_TAIL_BYTES = 2048  # an exit record's output_tail: the last lines of stderr, at most this
 READY_GRACE = 1.0  # the readiness backstop fires this long after within + timeout
+# The longest a start waits for work handed in with hold_next_start (a slow
+# disk): past it the program starts all the same and the work finishes by itself.
+HOLD_TIMEOUT = 10.0
 # Restarts gosup asks for itself that count as a failed run when they recur
 # within backoff.reset_after of the start (a limit below the idle baseline).
 FAILING_RESTARTS = frozenset({"leak", "unhealthy"})
@@ -63,6 +75,15 @@ FAILING_RESTARTS = frozenset({"leak", "unhealthy"})
 
 class CommandError(Exception):
     """A request that cannot be carried out in the program's current state."""
+
+
+class RestartFailed(CommandError):
+    """An overlap restart whose replacement failed; the old process serves on."""
+
+    def __init__(self, message: str, reason: str, error: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # as in restart_failed: exited, not_ready, spawn_failed
+        self.error = error
 
 
 @dataclass
@@ -219,6 +240,7 @@ class Program:
         self._old: OldRun | None = None
         self._retiring: list[Retiring] = []
         self._records_lost = 0  # history records that could not be written, this burst
+        self._holds: set[asyncio.Task[Any]] = set()  # work the next start waits for
         # A crashed run whose leftovers are still to be swept (with the snapshot
         # taken at its stop), and the sweeps running beside a new run.
         self._crashed: tuple[spawn.Child, list[psutil.Process]] | None = None
@@ -256,9 +278,39 @@ class Program:
         for _, fut in self._run_end:
             fut.cancel()
         self._run_end = []
+        await self._holds_done()  # a dump of the last run, say
         if self._sweeps:  # a sweep beside the last run: let it finish (it logs its errors)
             await asyncio.wait(self._sweeps)
         self.output.close()
+
+    def hold_next_start(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` now, and make the program's next start wait for it.
+
+        For what a state listener or an ``exited`` callback must finish
+        before the next run starts but may not do on the loop (DESIGN §1):
+        ConfigSync restoring the file the next run reads, the SIGQUIT dump of
+        the run that ended. The wait is HOLD_TIMEOUT at most; ``work``
+        handles its own errors (one that escapes is logged)."""
+        task = asyncio.get_running_loop().create_task(work, name=f"hold:{self.name}")
+        self._holds.add(task)
+        task.add_done_callback(self._hold_done)
+
+    def _hold_done(self, task: asyncio.Task[Any]) -> None:
+        self._holds.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.opt(exception=exc).error("{}: {} failed", self.name, task.get_name())
+
+    async def _holds_done(self) -> None:
+        """Wait (HOLD_TIMEOUT at most) for the work handed in with hold_next_start."""
+        if not self._holds:
+            return
+        _, pending = await asyncio.wait(set(self._holds), timeout=HOLD_TIMEOUT)
+        if pending:
+            logger.warning(
+                "{}: going on while {} task(s) before the start still run (a slow disk?)",
+                self.name,
+                len(pending),
+            )
 
     def tap_stderr(self, fn: Callable[[bytes], None]) -> Callable[[], None]:
         """Hand ``fn`` what the current run writes to stderr, until the run's
@@ -371,19 +423,19 @@ class Program:
         elif isinstance(msg, Start):
             await self._on_start(msg)
         elif isinstance(msg, Stop):
-            self._on_stop(msg)
+            await self._on_stop(msg)
         elif isinstance(msg, Restart):
             await self._on_restart(msg)
         elif isinstance(msg, SendSignal):
             self._on_signal(msg)
         elif isinstance(msg, Kill):
-            self._on_kill(msg)
+            await self._on_kill(msg)
         elif isinstance(msg, Ready):
-            self._on_ready(msg)
+            await self._on_ready(msg)
         elif isinstance(msg, NotReady):
-            self._on_not_ready(msg)
+            await self._on_not_ready(msg)
         elif isinstance(msg, _RetireTimeout):
-            self._on_retire_timeout(msg)
+            await self._on_retire_timeout(msg)
         elif isinstance(msg, Reconfigure):
             self._on_reconfigure(msg)
 
@@ -460,6 +512,7 @@ class Program:
         await self._spawn()
 
     async def _spawn(self) -> None:
+        await self._holds_done()
         self._transition(S.STARTING)
         spec = self.spec
         started_from = spawn.start_ticks()  # what starts from now on is not a leftover
@@ -470,7 +523,7 @@ class Program:
             await self._sweep_crashed(None)
             logger.error("{}: cannot start: {}", self.name, exc)
             if self._old is not None:
-                self._overlap_failed("spawn_failed", str(exc), None)
+                await self._overlap_failed("spawn_failed", str(exc), None)
                 return
             self.last_exit = {"pid": None, "exit_code": None, "signal": None, "error": str(exc)}
             self._transition(
@@ -512,18 +565,18 @@ class Program:
     async def _on_deadline(self) -> None:
         if self.state is S.STARTING and self.spec.ready is not None:
             within = self.spec.ready.within
-            self._not_ready(f"no verdict from the readiness probe within {within:g}s")
+            await self._not_ready(f"no verdict from the readiness probe within {within:g}s")
         elif self.state is S.STARTING and self._child_alive():  # STARTING -> RUNNING: stayed up
-            self._became_running()
+            await self._became_running()
         elif self.state is S.BACKOFF:  # BACKOFF -> STARTING: the delay is over
             await self._spawn()
         elif self.state is S.STOPPING:  # STOPPING: stop_timeout passed, no more asking
-            self._kill_tree()
+            await self._kill_tree()
 
-    def _on_ready(self, msg: Ready) -> None:
+    async def _on_ready(self, msg: Ready) -> None:
         if self.state is S.STARTING and msg.pid == self.pid and self._child_alive():  # -> RUNNING
             self._deadline = None
-            self._became_running()
+            await self._became_running()
         self._reply(msg, self._describe())
 
     def _child_alive(self) -> bool:
@@ -535,25 +588,25 @@ class Program:
         """Post the child's exit to the inbox once it happens (a duplicate is ignored)."""
         child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
 
-    def _on_not_ready(self, msg: NotReady) -> None:
+    async def _on_not_ready(self, msg: NotReady) -> None:
         if self.state is S.STARTING and msg.pid == self.pid:
-            self._not_ready(msg.error)
+            await self._not_ready(msg.error)
         self._reply(msg, self._describe())
 
-    def _became_running(self) -> None:
+    async def _became_running(self) -> None:
         """STARTING -> RUNNING; an overlap's replacement now takes over from the old run."""
         self._transition(S.RUNNING, "running", pid=self.pid)
         if self._old is not None:
-            self._take_over()
+            await self._take_over()
 
-    def _not_ready(self, error: str) -> None:
+    async def _not_ready(self, error: str) -> None:
         """A failed start: stop the child, then EXITED (reason not_ready) and back off."""
         logger.warning("{}: not ready: {}", self.name, error)
         if self._old is not None:
-            self._overlap_failed("not_ready", error, self.child)
+            await self._overlap_failed("not_ready", error, self.child)
             return
         self._failed_stop = ("not_ready", None)
-        self._begin_stop("not_ready")
+        await self._begin_stop("not_ready")
 
     # -- exits -------------------------------------------------------------------
 
@@ -665,8 +718,8 @@ class Program:
         crash = None
         if code != 0 and self.state is not S.STOPPING:
             crash = gopanic.parse(self.output.stderr.tail_text())
-            oom = cgroup.oom_kills() > self._oom_kills_at_start
-            if crash is None and code == -signal.SIGKILL and not self._killed and oom:
+            sigkill = code == -signal.SIGKILL and not self._killed  # only then read the count
+            if crash is None and sigkill and cgroup.oom_kills() > self._oom_kills_at_start:
                 crash = gopanic.oom_crash()
         if crash is not None:
             info["crash"] = crash.to_dict()
@@ -727,8 +780,8 @@ class Program:
 
     # -- stopping ----------------------------------------------------------------
 
-    def _on_stop(self, msg: Stop) -> None:
-        self._retire_old(f"stop ({msg.reason})")  # a stop during an overlap stops both
+    async def _on_stop(self, msg: Stop) -> None:
+        await self._retire_old(f"stop ({msg.reason})")  # a stop during an overlap stops both
         if self.state is S.STOPPING and self._failed_stop is not None:
             self._cancel_failed_stop(msg.reason)  # ends STOPPED, no backoff
             self._wait_for(msg, frozenset({S.STOPPED}))
@@ -750,40 +803,56 @@ class Program:
             self._reply(msg, f"{self.name} stopped")
             return
         self._wait_for(msg, frozenset({S.STOPPED}))
-        self._begin_stop(msg.reason)
+        await self._begin_stop(msg.reason)
 
-    def _begin_stop(self, reason: str, sig: int | None = None) -> None:
+    async def _begin_stop(self, reason: str, sig: int | None = None) -> None:
         child = self.child
         assert child is not None
         self._stop_reason = reason
         self._transition(S.STOPPING, "stopping", pid=child.pid, reason=reason)
-        self._snapshot = child.tree() + spawn.adopted(self.name)
+        self._snapshot = await self._tree_of(child)
         sig = sig or self.spec.stop_signal
         self._stop_signal = sig
         child.signal_group(sig)
         child.signal_escaped(self._snapshot, sig)  # descendants that left the group too
         self._stop_deadline = self._deadline = self.ctx.clock() + self.spec.stop_timeout
 
-    def _kill_tree(self) -> None:
+    async def _tree_of(self, child: spawn.Child) -> list[psutil.Process]:
+        """The child's tree and the daemons it double-forked, taken before any
+        signal (descendants that left the group are only found through their
+        parents). A walk of all of /proc: in a thread."""
+
+        def walk() -> list[psutil.Process]:
+            return child.tree() + spawn.adopted(self.name)
+
+        try:
+            return await asyncio.to_thread(walk)
+        except Exception as exc:  # the stop goes on: its group is signalled all the same
+            logger.opt(exception=exc).error("{}: cannot list the process tree", self.name)
+            return []
+
+    async def _kill_tree(self) -> None:
         child = self.child
         if child is not None:
             self._killed = True
             child.signal_group(signal.SIGKILL)
-            spawn.kill_tree(self._snapshot + child.tree())
+            snapshot = self._snapshot
+            # the tree again, and each process's children: walks of /proc, in a thread
+            await asyncio.to_thread(lambda: spawn.kill_tree(snapshot + child.tree()))
             if not child.alive():  # gone already: make sure its exit is handled
                 self._watch_exit(child)
 
     def _kill_pending(self) -> bool:
         return any(isinstance(m, Kill) for m in self._inbox)
 
-    def _on_kill(self, msg: Kill) -> None:
-        self._retire_old("killed")
-        for retiring in self._retiring:
-            retiring.kill()
+    async def _on_kill(self, msg: Kill) -> None:
+        await self._retire_old("killed")
+        for retiring in list(self._retiring):
+            await retiring.kill()
         if self.state in (S.STARTING, S.RUNNING):
-            self._begin_stop("killed")
+            await self._begin_stop("killed")
         if self.state is S.STOPPING:
-            self._kill_tree()
+            await self._kill_tree()
         self._reply(msg, f"{self.name} killed")
 
     async def _finish_stop(
@@ -801,7 +870,7 @@ class Program:
             )
         if survivors:
             self._killed = True
-            spawn.kill_tree(survivors)
+            await asyncio.to_thread(spawn.kill_tree, survivors)  # each one's children: /proc walks
             await spawn.wait_gone(survivors, 2.0, self.ctx.clock)
         spawn.reap(leftovers)  # adopted daemons are gosup's children now: no zombies
         self._snapshot = []
@@ -875,7 +944,7 @@ class Program:
             # Back within reset_after of the start: the limit (or the probe) fails
             # this program at its baseline; back off towards FATAL, never loop.
             self._failed_stop = (msg.reason, msg)
-            self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
+            await self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
         if msg.reason in ("operator", "build"):  # a person acted: a fresh series (attempt 1)
             self.failures = 0
@@ -884,7 +953,7 @@ class Program:
             return
         if self.state in (S.STARTING, S.RUNNING):
             self._start_after_stop = Start(reason=msg.reason, reply=msg.reply)
-            self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
+            await self._begin_stop(f"restart ({msg.reason})", msg.stop_signal)
             return
         self._deadline = None
         self._wait_for(msg, frozenset({S.RUNNING}))
@@ -938,16 +1007,18 @@ class Program:
         logger.info("{}: overlap restart ({}): starting a replacement", self.name, msg.reason)
         await self._spawn()
 
-    def _take_over(self) -> None:
+    async def _take_over(self) -> None:
         """The replacement is RUNNING: stop the old process beside it."""
         old, self._old = self._old, None
         assert old is not None
         reason = f"restart ({old.reason})"
-        self._retire(
+        await self._retire(
             Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal, old.request)
         )
 
-    def _overlap_failed(self, reason: str, error: str, replacement: spawn.Child | None) -> None:
+    async def _overlap_failed(
+        self, reason: str, error: str, replacement: spawn.Child | None
+    ) -> None:
         """The replacement crashed, never got ready or could not start: STARTING ->
         RUNNING with the old process, which never stopped serving; ``replacement``
         (still running) is stopped beside it."""
@@ -968,13 +1039,13 @@ class Program:
         self._transition(S.RUNNING)  # STARTING -> RUNNING: the old run, never stopped
         if replacement is not None:
             stop_signal = self.spec.stop_signal
-            self._retire(
+            await self._retire(
                 Retiring(replacement, new_pipes, self.ctx.clock(), "restart_failed", stop_signal)
             )
-        self._refuse(
-            old.request,
-            f"restart failed ({reason}): {error}; pid {old.child.pid} keeps serving",
-        )
+        request = old.request
+        if request is not None and request.reply is not None and not request.reply.done():
+            why = f"restart failed ({reason}): {error}; pid {old.child.pid} keeps serving"
+            request.reply.set_exception(RestartFailed(f"{self.name}: {why}", reason, error))
 
     async def _replacement_crashed(self, child: spawn.Child, code: int) -> None:
         """The replacement exited while STARTING: its exit, then the old run goes on."""
@@ -984,32 +1055,32 @@ class Program:
         # finding the group's members scans the process table: off the loop
         await asyncio.to_thread(lambda: spawn.kill_tree(child.group_members()))
         self.child = None
-        self._overlap_failed("exited", _exit_summary(info), None)
+        await self._overlap_failed("exited", _exit_summary(info), None)
         await self._run_ended(child, None)
 
-    def _retire(self, retiring: Retiring) -> None:
+    async def _retire(self, retiring: Retiring) -> None:
         self._record("stopping", pid=retiring.child.pid, reason=retiring.reason)
-        retiring.begin()  # its exit arrives as _Exited (the callback of _spawn)
+        await retiring.begin()  # its exit arrives as _Exited (the callback of _spawn)
         self._retiring.append(retiring)
         loop = asyncio.get_running_loop()
         loop.call_later(self.spec.stop_timeout, self.post, _RetireTimeout(retiring.child))
 
-    def _retire_old(self, reason: str) -> None:
+    async def _retire_old(self, reason: str) -> None:
         """A stop or kill during an overlap: the old process is stopped too."""
         if self._old is None:
             return
         old, self._old = self._old, None
         self._refuse(old.request, f"restart cancelled ({reason})")
-        self._retire(Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal))
+        await self._retire(Retiring(old.child, old.pipes, old.started_at, reason, old.stop_signal))
 
     def _refuse(self, request: Message | None, why: str) -> None:
         if request is not None and request.reply is not None and not request.reply.done():
             request.reply.set_exception(CommandError(f"{self.name}: {why}"))
 
-    def _on_retire_timeout(self, msg: _RetireTimeout) -> None:
-        for retiring in self._retiring:
+    async def _on_retire_timeout(self, msg: _RetireTimeout) -> None:
+        for retiring in list(self._retiring):
             if retiring.child is msg.child and not msg.child.exited.done():
-                retiring.kill()
+                await retiring.kill()
 
     async def _beside_exited(self, child: spawn.Child, code: int) -> bool:
         """The exit of a process beside the current run: the old one of an overlap
@@ -1051,7 +1122,7 @@ class Program:
                     async with asyncio.timeout(budget):
                         await asyncio.shield(retiring.child.exited)
             if not retiring.child.exited.done():
-                retiring.kill()
+                await retiring.kill()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await asyncio.shield(retiring.child.exited)

@@ -785,45 +785,67 @@ class _LoopPulse:
     """When the loop last ran, to date the exits it did not see happen.
 
     The kernel keeps no exit time, and a zombie's scheduler clock is per CPU
-    (not comparable with ours). So a cheap timer notes every PULSE seconds
-    that the loop runs. A beat that comes after a longer silence (gosup was
-    stopped with SIGSTOP, or the machine froze it) looks at the children: one
-    that is dead by then died during the silence, and its run is dated to the
+    (not comparable with ours). So a cheap timer notes that the loop runs. A
+    beat that comes more than PULSE later than it was due (gosup was stopped
+    with SIGSTOP, or the machine froze it) looks at the children: one that is
+    dead by then died during the silence, and its run is dated to the
     silence's start. It was alive then, so its uptime is at least that, and
     never the length of the stop. (The beat may run before the exit's own
     callback: after SIGCONT the first wait can come back empty.)
+
+    The beat only needs to be as fine as the runs it dates: every PULSE while
+    the newest child is young (300 ms or a 3 s stop decides backoff and
+    start_seconds), then a tenth of its age, at most every SLOWEST seconds
+    (an error of seconds in an uptime of minutes). An idle gosup wakes for it
+    a dozen times a minute instead of four times a second, and not at all
+    without children; a new child makes it fast again.
     """
 
-    PULSE = 0.25
-    SILENCE = 2 * PULSE  # a gap longer than this is a stall, not a late timer
+    PULSE = 0.25  # the finest beat, and how late a beat may be before it is a stall
+    SLOWEST = 5.0
+    AGE_FRACTION = 0.1  # the beat's interval, as a fraction of the newest child's age
 
     def __init__(self) -> None:
-        self.last = time.monotonic()
+        self.last = time.monotonic()  # the last beat: the loop ran then
+        self.due = self.last  # when the next beat should run
+        self.born = self.last  # when the newest child started
         self.children: weakref.WeakSet[Child] = weakref.WeakSet()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
 
     def ensure(self) -> None:
-        """Start beating on the running loop (once per loop)."""
+        """A child starts: beat on the running loop, every PULSE from now."""
         loop = asyncio.get_running_loop()
+        self.born = time.monotonic()
         if self._loop is not loop:
-            self._loop = loop
-            self.last = time.monotonic()
-            loop.call_later(self.PULSE, self._beat, loop)
+            self._loop, self._handle, self.last = loop, None, self.born
+        if self._handle is None or self.due > self.born + self.PULSE:
+            self._schedule(loop, self.PULSE)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self.due = time.monotonic() + delay
+        self._handle = loop.call_later(delay, self._beat, loop)
 
     def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = None
         if self._loop is not loop or loop.is_closed():
             return
         silent_since, self.last = self.last, time.monotonic()
-        if self.last - silent_since > self.SILENCE:
+        if self.last - self.due > self.PULSE:
             for child in list(self.children):
                 if child._dead_by is None and child._noticed is None and not child.alive():
                     child._dead_by = silent_since
-        loop.call_later(self.PULSE, self._beat, loop)
+        if self.children:  # else no run to date: the next child starts the beat again
+            age = self.last - self.born
+            self._schedule(loop, min(self.SLOWEST, max(self.PULSE, age * self.AGE_FRACTION)))
 
     def gap(self) -> float:
         """How long the loop was silent before now, if that was a stall; else 0."""
-        silent = time.monotonic() - self.last
-        return silent if silent > self.SILENCE else 0.0
+        now = time.monotonic()
+        stalled = self._handle is not None and now - self.due > self.PULSE
+        return now - self.last if stalled else 0.0
 
 
 _PULSE = _LoopPulse()

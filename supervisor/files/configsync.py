@@ -19,16 +19,19 @@ report) wait for ``DEBOUNCE`` of quiet.
 The verdict. After an apply the version is on probation until the program
 proves it took it (``probation.py``); failing that, the previous file is
 restored and the program reloaded or restarted again. A failure that is an
-exit or a liveness restart is decided, and the file restored, inside the
-state listener, synchronously, on purpose: the listener is called during the
-program's transition, before the program's task decides on the next start. A
-long-healthy program that dies on a reload is restarted at once
-(docs/config.md, `reset_after`); a restore done later by another task could
-lose that race and the new run would read the bad file again. Because the
-program restarts by itself (its restart policy and backoff), "apply again"
-after such a rollback needs no signal: its next start reads the restored
-file. The crash-loop restore of the last confirmed version (a hook the
-Program calls before FATAL) is synchronous for the same reason.
+exit or a liveness restart is decided inside the state listener, during the
+program's transition, and the restore is handed to the program as work its
+next start waits for (`Program.hold_next_start`): a long-healthy program
+that dies on a reload is restarted at once (docs/config.md, `reset_after`),
+and a restore that lost that race would let the new run read the bad file
+again. The restore itself (hashing the previous version, the renames, the
+directory fsyncs) runs in a thread: a slow disk must not hold the loop
+(DESIGN §1). Because the program restarts by itself (its restart policy and
+backoff), "apply again" after such a rollback needs no signal: its next
+start reads the restored file. The crash-loop restore of the last confirmed
+version (a hook the Program calls before FATAL) must answer at once whether
+it changed anything: it is synchronous, or, while a swap or a rollback
+holds the files, handed to the next start the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,7 +293,7 @@ class _Controller:
             return  # decided, and rolled back, by the state listener
         if failure is None:
             await self.confirm(sha)
-        elif self.roll_back(sha, failure):
+        elif await self.roll_back(sha, failure) and not failure.untouched:
             await self.sync.tell_again(self.spec)
 
     async def newer_waiting(self) -> bool:
@@ -302,7 +304,8 @@ class _Controller:
     def on_state(self, old: ProcessState, new: ProcessState) -> None:
         """From the state listener: an exit or a liveness restart during probation."""
         if self.trial is not None and (failure := self.trial.on_state(old, new)) is not None:
-            self.roll_back(self.trial.sha, failure)
+            # off the loop, and before the next start (which reads the file)
+            self.sync.program.hold_next_start(self.roll_back(self.trial.sha, failure))
         if new is S.RUNNING and self.trial is None:
             self._schedule_baseline()
 
@@ -314,7 +317,7 @@ class _Controller:
         except OSError as exc:
             logger.error("{}: keeping the confirmed {}: {}", self.sync.program.name, self.path, exc)
 
-    def roll_back(self, sha: str, failure: Failure) -> bool:
+    async def roll_back(self, sha: str, failure: Failure) -> bool:
         """Restore the previous version (True when the program should be told again)."""
         raise NotImplementedError
 
@@ -390,9 +393,9 @@ class StagedFile(_Controller):
         # The directory as watched: inotify reports nothing on a symlink to one.
         self.watched_staging = _resolved_dir(spec.staging.parent) / spec.staging.name
         self.live_sha: str | None = None
-        # The worker thread swapping files and the rollback in the state listener
-        # (on the loop) must never interleave their renames.
-        self._files_lock = threading.Lock()
+        # A swap (the worker) and a rollback (handed over by the state listener)
+        # must never interleave their renames: each holds this while its thread works.
+        self._files_lock = asyncio.Lock()
         self._sidecar_timers: set[asyncio.TimerHandle] = set()
 
     def watch_dirs(self) -> set[Path]:
@@ -516,7 +519,8 @@ class StagedFile(_Controller):
             self.record("config_applied", sha256=sha, previous_sha256=previous, unchanged=True)
             return
         try:
-            await asyncio.to_thread(self._locked_install, work, staged, sidecar)
+            async with self._files_lock:
+                await asyncio.to_thread(self._install_files, work, staged, sidecar)
         except swap.Refused as exc:  # the deployer swapped the claimed file meanwhile
             await self._reject(work, exc.reason, sha, None, sidecar, error=exc.error)
             return
@@ -527,10 +531,10 @@ class StagedFile(_Controller):
         logger.info("{}: applied {} (sha256 {})", name, self.path, sha[:12])
         await self.judge(sha)
 
-    def _locked_install(self, work: Path, staged: swap.Staged, sidecar: swap.Sidecar) -> None:
-        with self._files_lock:
-            swap.install(work, self.path, staged.identity)
-            self.live_sha = staged.sha256
+    def _install_files(self, work: Path, staged: swap.Staged, sidecar: swap.Sidecar) -> None:
+        """In a thread, under the files lock: the swap, then the sidecar."""
+        swap.install(work, self.path, staged.identity)
+        self.live_sha = staged.sha256
         swap.consume_sidecar(self.sidecar, sidecar.text)  # only once its file is live
 
     async def newer_waiting(self) -> bool:
@@ -541,13 +545,13 @@ class StagedFile(_Controller):
         self._wake.clear()
         return False
 
-    def roll_back(self, sha: str, failure: Failure) -> bool:
+    async def roll_back(self, sha: str, failure: Failure) -> bool:
         name = self.sync.program.name
-        with self._files_lock:
+        async with self._files_lock:
             if self.live_sha != sha:
                 return False  # already replaced by a newer version: nothing to take back
             prev = swap.prev_of(self.path)
-            restored = swap.sha256_or_none(prev)
+            restored = await asyncio.to_thread(swap.sha256_or_none, prev)
             missing = {} if restored else {"error": f"no previous version at {prev}"}
             self.record(
                 "config_rolled_back", sha256=sha, restored_sha256=restored,
@@ -556,7 +560,7 @@ class StagedFile(_Controller):
             logger.warning("{}: {} ({}): rolling back {}", name, failure.reason, failure.detail,
                            self.path)  # fmt: skip
             try:
-                swap.restore(self.path)
+                await asyncio.to_thread(swap.restore, self.path)
             except OSError as exc:
                 logger.error("{}: rollback of {} failed: {}", name, self.path, exc)
                 return False
@@ -564,8 +568,19 @@ class StagedFile(_Controller):
         return True
 
     def restore_confirmed(self) -> bool:
-        with self._files_lock:
+        if not self._files_lock.locked():
             return super().restore_confirmed()
+        # A swap or a rollback holds the files (its thread is at work): the
+        # confirmed version goes back once it is done, before the next start.
+        self.sync.program.hold_next_start(self._restore_confirmed_after())
+        return True
+
+    async def _restore_confirmed_after(self) -> None:
+        async with self._files_lock:
+            try:
+                super().restore_confirmed()
+            except OSError as exc:
+                logger.error("{}: restoring {}: {}", self.sync.program.name, self.path, exc)
 
     def restored(self, sha: str) -> None:
         self.live_sha = sha
@@ -623,7 +638,7 @@ class LiveFile(_Controller):
         self._wake.clear()
         return False
 
-    def roll_back(self, sha: str, failure: Failure) -> bool:
+    async def roll_back(self, sha: str, failure: Failure) -> bool:
         logger.warning(
             "{}: {} failed its verdict ({}: {}); gosup does not own that file (staging = "
             "false): the last confirmed version comes back only if the program crash-loops",

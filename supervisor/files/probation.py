@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from supervisor.config import OnChange, ProbeSpec, ProgramSpec
-from supervisor.core.program import CommandError, Program, Restart, SendSignal
+from supervisor.core.program import CommandError, Program, Restart, RestartFailed, SendSignal
 from supervisor.core.states import ProcessState
 from supervisor.core.tasks import cancel_and_wait
 from supervisor.files.validator import Verdict
@@ -77,6 +77,10 @@ class Failure:
     reason: str  # one of REASONS
     detail: str  # what failed, for people: an exit summary, a probe's error ...
     extra: dict[str, Any] = field(default_factory=dict)  # exit_code, output_tail
+    # The run that serves never took the version (an overlap replacement failed
+    # and the old process, started before the swap, serves on): after the
+    # rollback there is nothing to tell it.
+    untouched: bool = False
 
 
 class Abandoned(Exception):
@@ -95,6 +99,7 @@ class Probation:
         self.failure: Failure | None = None  # decided by on_state
         self.ended = asyncio.Event()  # on_state decided (failure) or abandoned it
         self.abandoned = False
+        self.restart: asyncio.Future[str] | None = None  # on_change = "restart": its outcome
 
     # -- the state listener's side ----------------------------------------------
 
@@ -174,6 +179,8 @@ class Probation:
             raise Abandoned(f"{program.name} is {state.value.lower()}: judged when it next runs")
         old_pid = program.pid if new_run else None
         if not await self._running(old_pid):
+            if (failed := self._restart_failed()) is not None:
+                return failed
             return Failure("not_ready", "the program did not get to RUNNING")
         self.pid = program.pid
         return await self._watch(make_prober, confirm)
@@ -193,7 +200,10 @@ class Probation:
             elif self.on_change is OnChange.RELOAD:
                 await program.request(SendSignal(signum=spec.reload_signal, reason="config"))
             elif self.on_change is OnChange.RESTART:
-                program.post(Restart(reason="config"))  # the state watch follows the new run
+                # The state watch follows the new run; the answer says when an
+                # overlap replacement failed (the old run is RUNNING again).
+                self.restart = program.send(Restart(reason="config"))
+                self.restart.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
         except CommandError as exc:
             raise Abandoned(str(exc)) from None
         return None
@@ -209,9 +219,29 @@ class Probation:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
                 while not (program.state is S.RUNNING and program.pid != old_pid):
-                    await self.sync.state_change()
+                    if self._restart_failed() is not None:
+                        return False
+                    changed = asyncio.ensure_future(self.sync.state_change())
+                    waits: set[asyncio.Future[Any]] = {changed}
+                    if self.restart is not None and not self.restart.done():
+                        waits.add(self.restart)
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    await cancel_and_wait(changed)
                 return True
         return False
+
+    def _restart_failed(self) -> Failure | None:
+        """An overlap replacement that failed: the version's verdict (the old
+        process, which runs the previous version, never stopped serving)."""
+        restart = self.restart
+        if restart is None or not restart.done() or restart.cancelled():
+            return None
+        exc = restart.exception()
+        if not isinstance(exc, RestartFailed):
+            return None
+        reason = "not_ready" if exc.reason == "not_ready" else "exited"
+        detail = f"the replacement failed ({exc.reason}): {exc.error}"
+        return Failure(reason, detail, untouched=True)
 
     def _probe_failed(self, probe: str, spec: ProbeSpec, error: str, failures: int) -> Failure:
         """``probe_failed`` (DESIGN §5: probe ready, live or confirm), then the

@@ -12,6 +12,12 @@ behind a proxy may answer a login page, and recording those as evidence
 would tell the operator the hang is documented when it is not. They are
 ``evidence_failed`` with a glimpse of what came, like a dump that could not
 be fetched.
+
+Writing a dump, reading it back and pruning the oldest are disk work that
+can stall (DESIGN §1): they run in gosup's disk threads (`core/offload.py`),
+never on the loop. A SIGQUIT dump is written once its run is over and must
+be recorded before the next start: the Program's next start waits for it
+(`Program.hold_next_start`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from loguru import logger
 
 from supervisor.config import LimitsSpec
 from supervisor.core.lines import Head
+from supervisor.core.offload import DISK
 from supervisor.core.program import Program, Restart
 from supervisor.core.states import ProcessState
 from supervisor.health.gohttp import ScrapeError, http_get
@@ -143,7 +150,7 @@ async def fetch_dump(url: str, path: Path, max_size: int, timeout: float) -> Pat
     response = await http_get(url, timeout, max_size)
     if response.status != 200:
         raise ScrapeError(f"{url}: HTTP {response.status}")
-    return await asyncio.to_thread(write_dump, path, response.body, max_size, response.truncated)
+    return await DISK.run(write_dump, path, response.body, max_size, response.truncated)
 
 
 # -- from stderr, after a SIGQUIT -------------------------------------------------------
@@ -160,34 +167,43 @@ class SigquitCapture:
     """A run's stderr from now until the run is over, saved as a goroutine dump
     when gosup stopped that run with SIGQUIT.
 
-    ``feed`` is a tap on the program's stderr (`Program.tap_stderr`), and
-    ``run_ended`` a done callback of `Program.exited`: it runs once the child
-    is gone and its output drained, so everything the runtime wrote has passed
-    the tap, and before the next run starts, so ``evidence_saved`` precedes
-    the next ``started`` in the history. A run that ended any other way (the
-    restart was refused: no SIGQUIT went out) leaves no dump.
+    ``feed`` is a tap on the program's stderr (`Program.tap_stderr`). When
+    `Program.exited` is resolved the child is gone and its output drained, so
+    everything the runtime wrote has passed the tap: ``wanted`` says whether
+    that run ended by gosup's SIGQUIT, and ``save`` writes the dump (in a
+    disk thread) and hands it to ``on_saved``. The caller makes the next
+    start wait for ``save``, so ``evidence_saved`` precedes the next
+    ``started`` in the history. A run that ended any other way (the restart
+    was refused: no SIGQUIT went out) leaves no dump.
     """
 
     def __init__(
-        self, program: str, path: Path, max_size: int, on_saved: Callable[[Path], None]
+        self,
+        program: str,
+        path: Path,
+        max_size: int,
+        on_saved: Callable[[Path], Awaitable[object]],
     ) -> None:
         self.program, self.path, self.max_size, self.on_saved = program, path, max_size, on_saved
         self.head = Head(max_size)
         self.feed = self.head.feed
 
-    def run_ended(self, ended: asyncio.Future[int | None]) -> None:
-        if ended.cancelled() or ended.result() != signal.SIGQUIT:
-            return
+    @staticmethod
+    def wanted(ended: asyncio.Future[int | None]) -> bool:
+        """Whether the run ended by the SIGQUIT gosup sent (its stderr is a dump)."""
+        return not ended.cancelled() and ended.result() == signal.SIGQUIT
+
+    async def save(self) -> None:
         traces = goroutine_traces(bytes(self.head.data))
         if not traces.strip():
             logger.warning("{}: SIGQUIT produced no goroutine dump", self.program)
             return
         try:
-            path = write_dump(self.path, traces, self.max_size, self.head.truncated)
+            path = await DISK.run(write_dump, self.path, traces, self.max_size, self.head.truncated)
         except OSError as exc:
             logger.warning("{}: cannot save the SIGQUIT dump: {}", self.program, exc)
             return
-        self.on_saved(path)
+        await self.on_saved(path)
 
 
 # -- the dumps directory -------------------------------------------------------------
@@ -204,25 +220,25 @@ class Dumps:
         """A fresh path for one file of a new dump of ``program``."""
         return self.dir / f"{dump_stem(self.dir, program)}-{suffix}"
 
-    def saved(
+    async def saved(
         self, program: Program, limits: LimitsSpec, path: Path, kind: str, **extra: Any
     ) -> None:
         """Record a saved dump (``evidence_saved``) and prune the oldest."""
-        self.record(program.name, path, kind, limits.dump_keep, **extra)
+        await self.record(program.name, path, kind, limits.dump_keep, **extra)
 
-    def record(self, program: str, path: Path, kind: str, keep: int, **extra: Any) -> bool:
+    async def record(self, program: str, path: Path, kind: str, keep: int, **extra: Any) -> bool:
         """``evidence_saved`` for a real dump (True), then prune to ``keep``; else
         ``evidence_failed`` and the file goes (a non-dump must not push a real
-        one out of dump_keep)."""
-        error = verdict(path, kind)
+        one out of dump_keep). The read-back and the pruning run in a disk thread."""
+        error = await DISK.run(verdict, path, kind)
         if error is not None:
             self.failed(program, kind, error)
             with contextlib.suppress(OSError):
-                path.unlink()
+                await DISK.run(path.unlink)
             return False
         self.history.record("evidence_saved", program, path=str(path), kind=kind, **extra)
         logger.info("{}: {} evidence saved to {}", program, kind, path)
-        prune_dumps(self.dir, program, keep)
+        await DISK.run(prune_dumps, self.dir, program, keep)
         return True
 
     def failed(self, program: str, kind: str, error: str) -> None:
@@ -261,7 +277,7 @@ class Dumps:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                self.saved(program, limits, result, kind)
+                await self.saved(program, limits, result, kind)
 
     async def on_request(self, program: Program) -> dict[str, Any]:
         """``gosup dump``: a goroutine dump now, over pprof (the process keeps running)."""
@@ -277,7 +293,7 @@ class Dumps:
             path = await self.fetch_goroutines(name, limits.go_metrics, limits, DUMP_TIMEOUT)
         except ScrapeError as exc:
             raise RequestError(f"dump {name}: {exc}") from None
-        self.saved(program, limits, path, "pprof", reason="operator")
+        await self.saved(program, limits, path, "pprof", reason="operator")
         return {"path": str(path)}
 
     async def fetch_goroutines(
@@ -313,7 +329,12 @@ async def restart_with_sigquit(
     stderr and saves it once the run is over, before the next start."""
     untap = program.tap_stderr(capture.feed)
     ended = program.exited(pid)
-    ended.add_done_callback(capture.run_ended)
+
+    def run_ended(ended: asyncio.Future[int | None]) -> None:
+        if capture.wanted(ended):
+            program.hold_next_start(capture.save())
+
+    ended.add_done_callback(run_ended)
     try:
         await program.request(Restart(reason=reason, stop_signal=signal.SIGQUIT, pid=pid))
     finally:

@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
 MEMLIMIT_FRACTION = 0.9  # headroom for what the Go heap limit does not cover (stacks, cgo)
 MIB = 1024**2
-# How long one reading of the cgroup's limits serves the starts that follow:
-# reading them takes about a millisecond, on the way from a crash to its restart.
-LIMITS_MAX_AGE = 5.0
 
 
 # -- the cgroup's limits -------------------------------------------------------------
@@ -142,19 +139,31 @@ def _go_size(n: int) -> str:
 
 class GoEnv:
     """The environment provider: ``GoEnv(programs)(spec)`` before each start.
-    The cgroup's limits are read again when the last reading is older than
-    ``LIMITS_MAX_AGE`` (a changed limit applies to the starts after that)."""
+
+    The cgroup's limits are read again only when our cgroup's path changed
+    (``cgroup.cgroup_paths``, itself re-read every ``cgroup.REREAD_AFTER``
+    seconds), a reload asked (``cgroup.forget``), or they are older than
+    ``cgroup.REREAD_AFTER``: a crash loop of 200 programs does not walk the
+    cgroup files at each start.
+    """
 
     def __init__(self, programs: Callable[[], Mapping[str, Program]]) -> None:
         self.programs = programs  # the supervisor's programs now (a reload replaces some)
         self._logged: dict[str, dict[str, str]] = {}
-        self._limits: tuple[float, CgroupLimits] | None = None  # (monotonic time read, limits)
+        self._limits: tuple[float, int, dict[str, str], CgroupLimits] | None = None
 
     def limits(self) -> CgroupLimits:
-        now = time.monotonic()
-        if self._limits is None or now - self._limits[0] > LIMITS_MAX_AGE:
-            self._limits = (now, cgroup_limits())
-        return self._limits[1]
+        """Our cgroup's limits, from the cache while it holds."""
+        now, paths = time.monotonic(), cgroup.cgroup_paths()
+        cached = self._limits
+        if (
+            cached is None
+            or not 0 <= now - cached[0] <= cgroup.REREAD_AFTER
+            or cached[1] != cgroup.generation
+            or cached[2] != paths
+        ):
+            cached = self._limits = (now, cgroup.generation, paths, cgroup_limits())
+        return cached[3]
 
     def __call__(self, spec: ProgramSpec) -> dict[str, str]:
         env = go_env(spec, self.limits())

@@ -6,6 +6,12 @@ answer is parsed in a thread (a big /metrics page takes milliseconds of
 CPU), and an ``exec`` probe is a child in its own process group, killed as
 a group and reaped when it outlives its timeout, so a hung probe leaves
 nothing behind.
+
+``{pid}`` in an http URL or an exec argument is the probed run's pid (the
+one ``run`` is given): only that process can pass such a probe, which
+is what readiness needs while two processes share a socket (overlap). Such
+a URL gets a connection of its own per attempt: a kept-alive one would stay
+with whichever process accepted it first, the old one perhaps.
 """
 
 from __future__ import annotations
@@ -14,8 +20,6 @@ import asyncio
 import contextlib
 import os
 import signal
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import MetricCheck, ProbeKind, ProbeSpec, ProgramSpec
 from supervisor.core import spawn
@@ -45,9 +49,18 @@ class Prober:
             self._client = gohttp.HttpClient(self._url)
             self._target = gohttp.target_of(self._url)
 
-    async def run(self) -> str | None:
-        """One attempt within ``timeout``: None when it passed, else the error."""
-        probe = self.probe
+    async def run(self, pid: int | None = None) -> str | None:
+        """One attempt within ``timeout``: None when it passed, else the error.
+
+        ``pid``: the run to probe, for ``{pid}``."""
+        if self.probe.kind is ProbeKind.NOTIFY:
+            # Said once, at the start (health/probing.py waits for it): a run
+            # that is RUNNING said it. (Probation's last look asks this.)
+            return None
+        if self.probe.names_pid and pid is None:
+            return f"{self.probe.describe()}: no process to probe for {{pid}}"
+        probe = self.probe.for_pid(pid)
+        url = probe.target if probe.kind is ProbeKind.HTTP else self._url
         try:
             if probe.kind is ProbeKind.TCP:
                 assert isinstance(probe.target, str)
@@ -55,13 +68,17 @@ class Prober:
             if probe.kind is ProbeKind.EXEC:
                 assert isinstance(probe.target, tuple)
                 return await run_exec(probe.target, self.program, probe.timeout)
-            assert self._client is not None
-            response = await self._client.get(self._target, probe.timeout, self._max_bytes)
+            if self.probe.names_pid:
+                assert isinstance(url, str)
+                response = await gohttp.http_get(url, probe.timeout, self._max_bytes)
+            else:
+                assert self._client is not None
+                response = await self._client.get(self._target, probe.timeout, self._max_bytes)
         except gohttp.ScrapeError as exc:
             return str(exc)
         if probe.kind is ProbeKind.HTTP:
             ok = 200 <= response.status < 400
-            return None if ok else f"{self._url}: HTTP {response.status}"
+            return None if ok else f"{url}: HTTP {response.status}"
         if response.status != 200:
             return f"{self._url}: HTTP {response.status}"
         assert isinstance(probe.target, MetricCheck)
@@ -138,6 +155,9 @@ def _kill_group(pgid: int) -> None:
 
 def metric_verdict(check: MetricCheck, body: bytes) -> str | None:
     """Compare the sample ``check`` names (labels a subset) in Prometheus text."""
+    # prometheus_client (its parser) only for a program that has a metric probe.
+    from prometheus_client.parser import text_string_to_metric_families
+
     wanted = dict(check.labels)
     try:
         check_text(body)

@@ -10,6 +10,12 @@ handlers hang, its process alive) are ``probe_failed`` (probe live), then
 evidence, then ``Restart(reason="unhealthy", pid)``, carried out by the
 Program's own task like a leak restart.
 
+``[ready] notify = true`` is not tried every interval: the run says
+``READY=1`` itself over sd_notify (core/notify.py), and the wait for it is
+one await, on that run's pid only, until ``within``. The probes' ``{pid}``
+is the run being probed (the replacement's while an overlap restart starts
+it), here and in ConfigSync's probes (``pid_probers``).
+
 Evidence for a hung program: a pprof goroutine dump is tried first when the
 program has ``go_metrics`` and ``evidence = "pprof"`` (the default), but a
 server whose handlers hang often cannot serve pprof either, so when that
@@ -21,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from loguru import logger
 
-from supervisor.config import Evidence, ProbeSpec
+from supervisor.config import Evidence, ProbeKind, ProbeSpec, ProgramSpec
+from supervisor.core.notify import NotifySocket
 from supervisor.core.program import CommandError, NotReady, Program, Ready, Restart
 from supervisor.core.states import ProcessState
 from supervisor.core.tasks import cancel_and_wait
@@ -43,10 +51,13 @@ class ProbeWatch:
 
     holds_autostart = False
 
-    def __init__(self, history: History, program: Program, dumps: Dumps) -> None:
+    def __init__(
+        self, history: History, program: Program, dumps: Dumps, notify: NotifySocket | None
+    ) -> None:
         self.history = history
         self.program = program
         self.dumps = dumps
+        self.notify = notify
         spec = program.spec
         self.ready = Prober(spec.ready, spec) if spec.ready else None
         self.live = Prober(spec.live, spec) if spec.live else None
@@ -105,10 +116,13 @@ class ProbeWatch:
         program, spec = self.program, prober.probe
         clock = program.ctx.clock
         began = program.started_at or clock()
+        if spec.kind is ProbeKind.NOTIFY:
+            await self._notified(pid, spec, began)
+            return
         failures = 0
         while self._same_run(pid, S.STARTING):
             tried_at = clock()
-            error = await prober.run()
+            error = await prober.run(pid)
             if not self._same_run(pid, S.STARTING):
                 return
             if error is None:
@@ -121,6 +135,30 @@ class ProbeWatch:
                 return
             await self._pause(tried_at + spec.interval - clock())
 
+    async def _notified(self, pid: int, spec: ProbeSpec, began: float) -> None:
+        """Wait for READY=1 from ``pid`` itself, until ``within`` or the run ends."""
+        program, notify = self.program, self.notify
+        assert notify is not None  # the composition root hands it to every ProbeWatch
+        ready = asyncio.ensure_future(notify.wait_ready(pid))
+        try:
+            while self._same_run(pid, S.STARTING) and not ready.done():
+                left = began + spec.within - program.ctx.clock()
+                if left <= 0:
+                    said = notify.status_of(pid)
+                    error = f"no READY=1 from pid {pid} within {spec.within:g}s"
+                    error += f" (last STATUS: {said!r})" if said else ""
+                    self._failed("ready", spec, error, 1)
+                    await program.request(NotReady(pid=pid, error=error))
+                    return
+                changed = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait({ready, changed}, timeout=left, return_when="FIRST_COMPLETED")
+                await cancel_and_wait(changed)
+                self._changed.clear()
+            if ready.done() and self._same_run(pid, S.STARTING):
+                await program.request(Ready(pid=pid))
+        finally:
+            await cancel_and_wait(ready)
+
     async def _liveness(self, pid: int, prober: Prober) -> None:
         program, spec = self.program, prober.probe
         clock = program.ctx.clock
@@ -128,7 +166,7 @@ class ProbeWatch:
         await self._pause(spec.interval)  # it just got ready: first look one interval on
         while self._same_run(pid, S.RUNNING):
             tried_at = clock()
-            error = await prober.run()
+            error = await prober.run(pid)
             if not self._same_run(pid, S.RUNNING):
                 return
             if error is None:
@@ -183,12 +221,34 @@ class ProbeWatch:
         except (ScrapeError, OSError) as exc:
             self.dumps.failed(name, "pprof", f"{exc}; a SIGQUIT dump instead")
             return False
-        return self.dumps.record(name, path, "pprof", limits.dump_keep, reason="unhealthy")
+        return await self.dumps.record(name, path, "pprof", limits.dump_keep, reason="unhealthy")
 
 
-def build_for(history: History, program: Program, dumps: Dumps) -> ProbeWatch | None:
+def build_for(
+    history: History, program: Program, dumps: Dumps, notify: NotifySocket | None
+) -> ProbeWatch | None:
     """The attachment for ``program``, or None when it has no probes."""
     spec = program.spec
     if spec.ready is None and spec.live is None:
         return None
-    return ProbeWatch(history, program, dumps)
+    return ProbeWatch(history, program, dumps, notify)
+
+
+class PidProber:
+    """A Prober whose ``{pid}`` is the program's current run (ConfigSync's
+    confirm and ready probes, which do not follow runs themselves)."""
+
+    def __init__(self, probe: ProbeSpec, spec: ProgramSpec, program: Program) -> None:
+        self._prober = Prober(probe, spec)
+        self._program = program
+
+    async def run(self) -> str | None:
+        return await self._prober.run(self._program.pid)
+
+    async def aclose(self) -> None:
+        await self._prober.aclose()
+
+
+def pid_probers(program: Program) -> Callable[[ProbeSpec, ProgramSpec], PidProber]:
+    """The prober factory for ``program``'s config files (files/probation.py)."""
+    return lambda probe, spec: PidProber(probe, spec, program)

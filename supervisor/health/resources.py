@@ -5,12 +5,16 @@ the leak response (`supervisor.health.watermarks`).
 One sampler task serves every program. Each program has its own next-due
 time on the loop's clock, so programs with different intervals share the
 task, and the task sleeps until the earliest one is due (or a program
-starts). Programs without a ``[limits]`` section are still sampled every
-``DEFAULT_INTERVAL`` for ``gosup status`` and the metrics.
+starts). Programs without a ``[limits]`` section are still sampled, first
+``FIRST_SAMPLE`` after a start and then every ``DEFAULT_INTERVAL``, for
+``gosup status`` and the metrics.
 
 A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
-``TREE_REFRESH`` seconds (a pass over all of /proc, in a thread), and
+``TREE_REFRESH`` seconds where a limit is enforced, every
+``FIGURES_TREE_REFRESH`` where figures are only shown (a pass over all of
+/proc, in a thread, skipped when no process was made on the machine since
+the last pass), and
 scrapes a program's Go metrics over one kept-alive connection. What it
 finds is kept in ``program.observations``.
 
@@ -35,12 +39,18 @@ from supervisor.core.program import Program
 from supervisor.core.states import ProcessState
 from supervisor.health import gometrics
 from supervisor.health.gohttp import HttpClient, ScrapeError
-from supervisor.health.sampling import Hysteresis, ProcessTree, children_map
+from supervisor.health.sampling import Hysteresis, ProcessTree, children_map, last_pid
 from supervisor.health.watermarks import LeakResponse
 
 S = ProcessState
-DEFAULT_INTERVAL = 5.0  # programs without [limits]: figures for status and metrics
-TREE_REFRESH = 10.0  # how often descendants are looked for
+# Programs without [limits]: figures for status and metrics only, so a sample
+# 5 s after a start (the figures appear soon), then every 15 s: a figure on
+# show needs no 5 s freshness, and an idle gosup's CPU is mostly this
+# (docs/benchmarks.md, "Idle overhead as shipped").
+FIRST_SAMPLE = 5.0
+DEFAULT_INTERVAL = 15.0
+TREE_REFRESH = 10.0  # how often descendants are looked for, for a program with limits
+FIGURES_TREE_REFRESH = 60.0  # ... and for figures only (no limit to enforce)
 EARLY = 0.1  # a sample may be taken this fraction of its interval early
 SAMPLED_STATES = frozenset({S.STARTING, S.RUNNING})
 
@@ -81,6 +91,7 @@ class ResourceSampler:
         self.sampled: dict[str, _Sampled] = {}
         self._children: dict[int, list[int]] = {}
         self._children_at = -math.inf
+        self._children_last_pid: int | None = None  # the kernel's last pid at that pass
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -130,7 +141,7 @@ class ResourceSampler:
                 # that share one wake-up (and one tree refresh) instead of waking
                 # the loop once per program.
                 due = [s for s in self.sampled.values() if s.next_due <= now + EARLY * s.interval]
-                if now - self._children_at >= TREE_REFRESH and any(s.tree for s in due):
+                if self._tree_refresh_due(due, now):
                     await self._refresh_trees(now)
                 if due:
                     self._sample(due, now)
@@ -163,7 +174,8 @@ class ResourceSampler:
                 one.tree = ProcessTree(pid)
                 one.tree.refresh(self._children)
                 one.hysteresis = Hysteresis(one.limits) if one.limits else None
-                one.next_due = now + one.interval
+                first = one.interval if one.limits else min(one.interval, FIRST_SAMPLE)
+                one.next_due = now + first
 
     @staticmethod
     def _follow(program: Program, now: float) -> _Sampled:
@@ -182,13 +194,27 @@ class ResourceSampler:
 
     # -- sampling ----------------------------------------------------------------------
 
+    def _tree_refresh_due(self, due: list[_Sampled], now: float) -> bool:
+        """Descendants matter most where a limit is enforced (every TREE_REFRESH);
+        for figures on show, every FIGURES_TREE_REFRESH is enough."""
+        sampled = [s for s in due if s.tree is not None]
+        if not sampled:
+            return False
+        every = TREE_REFRESH if any(s.limits for s in sampled) else FIGURES_TREE_REFRESH
+        return now - self._children_at >= every
+
     async def _refresh_trees(self, now: float) -> None:
         """Look for new descendants of every sampled process. The pass reads a
         file of every process on the machine: a thread does it, off the loop.
         A run that ends meanwhile is caught by the sample (its pid and start
-        time no longer match) and by `_evaluate`."""
-        self._children = await asyncio.to_thread(children_map)
+        time no longer match) and by `_evaluate`. When no process was made
+        since the last pass, the trees cannot have grown: no pass."""
         self._children_at = now
+        newest = last_pid()
+        if newest is not None and newest == self._children_last_pid:
+            return
+        self._children = await asyncio.to_thread(children_map)
+        self._children_last_pid = newest
         for one in self.sampled.values():
             if one.tree is not None:
                 one.tree.refresh(self._children)

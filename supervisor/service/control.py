@@ -547,8 +547,8 @@ def remove_stale_socket(path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return
-        except TimeoutError:
-            pass
+        except (TimeoutError, BlockingIOError):
+            pass  # with a timeout the connect is non-blocking: a full queue is EAGAIN
     raise AlreadyRunning(f"another gosup answers on {path}; stop it first")
 
 

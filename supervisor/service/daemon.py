@@ -22,7 +22,7 @@ from loguru import logger
 from supervisor import __version__
 from supervisor import config as configmod
 from supervisor.config import AppConfig, ProgramSpec
-from supervisor.core import output, sockets, spawn
+from supervisor.core import cgroup, output, sockets, spawn
 from supervisor.core.program import (
     CommandError,
     Context,
@@ -411,13 +411,20 @@ class Supervisor:
                 raise configmod.ConfigError(errors)
             # A socket that cannot be bound refuses the reload, nothing changed.
             self.listeners.open_for(new)
+            cgroup.forget()  # the Go environment's limits are read again at the next start
             if new.supervisor != self.config.supervisor:
                 logger.warning("[supervisor] changes take effect at the next gosup start")
             old_specs = {p.name: p for p in self.config.programs}
             new_specs = {p.name: p for p in new.programs}
             removed = [n for n in old_specs if n not in new_specs]
             added = [n for n in new_specs if n not in old_specs]
-            different = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]
+            # An unchanged program's spec is the very object it was (the
+            # config's spec cache): ``is`` settles most of them at once.
+            different = [
+                n
+                for n, spec in new_specs.items()
+                if n in old_specs and spec is not old_specs[n] and spec != old_specs[n]
+            ]
             changed = [n for n in different if runs_differently(old_specs[n], new_specs[n])]
             updated = [n for n in different if n not in changed]
             self.history.record(

@@ -6,8 +6,14 @@ flock of ``control.ControlServer``, taken before this service starts):
 **Pid records.** ``<state_dir>/pids.json`` holds gosup's own pid and, for
 every program whose child runs, its pid, start time, process group and
 session. A history listener keeps it current from the ``started``,
-``exited`` and ``stopped`` records, so it is written exactly when the
-history says a child came or went. A clean exit removes the file.
+``exited`` and ``stopped`` records, so it is written when the history says
+a child came or went, and only then. A clean exit removes the file. The
+writes run in gosup's disk threads (``core/offload.py``), one at a time and
+at most one per ``PIDS_WINDOW`` (100 ms): a slow or stalled disk delays the
+file, never the loop, and the changes made meanwhile are written together.
+That the file may lag a start by up to the window is safe: the child of a
+gosup SIGKILLed meanwhile dies with it (its parent-death signal), and what
+the child started carries the marks the next gosup finds it by.
 
 **Clearing leftovers at start.** A gosup killed with SIGKILL cannot stop
 anything. Its direct children (programs, builds, validators) die with it
@@ -45,12 +51,21 @@ every orphan of the container; as the child subreaper it is everywhere
 reap them, or zombies pile up. It must not reap its own children, though:
 ``Popen`` (programs, builds and validators are all ``Popen`` children)
 needs those exit statuses. So the reaper never calls
-``waitpid(-1)``: it looks at gosup's zombie children once a second (the
-look walks all of /proc: in a thread) and only reaps one that is not a
-program's current child, that was already a zombie at the previous look,
-and that no live ``Popen`` object still has to wait for (a validator's is
-waited for only after its output reached EOF or its deadline, which a
-helper the child left behind can hold off).
+``waitpid(-1)``: it looks at gosup's zombie children (in a thread: it
+reads ``/proc/self/task/*/children``, and the state of each child that is
+not a program's current one, so a look costs the same with 1,000 programs
+as with one) and only reaps one that is not a program's current child,
+that was already a zombie at the previous look, and that no live ``Popen``
+object still has to wait for (a validator's is waited for only after its
+output reached EOF or its deadline, which a helper the child left behind
+can hold off). It looks when SIGCHLD says a child ended, then once a
+second for as long as a zombie is left: an idle gosup does not wake up for it.
+
+The same adoption makes a crash cheap: the helpers a crashed run left
+(``escapees``, swept before the next start) are among those adopted
+children, so only their environments are read (``adopted_marked``); the
+scan of every process's environment (``marked``) is left for a gosup that
+could not become a subreaper.
 """
 
 from __future__ import annotations
@@ -64,7 +79,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +88,7 @@ from loguru import logger
 
 from supervisor.config import ProgramSpec
 from supervisor.core import spawn
+from supervisor.core.offload import DISK
 from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import Last
 
@@ -84,6 +100,7 @@ PROGRAM_VAR = spawn.PROGRAM_VAR
 PIDS_FILE = "pids.json"
 LEFTOVER_GRACE_MAX = 10.0  # seconds a leftover gets to stop after SIGTERM, at most
 REAP_INTERVAL = 1.0
+PIDS_WINDOW = 0.1  # seconds: pids.json is written at most once per window
 CREATE_TIME_SLACK = 0.01  # psutil start times are exact to a clock tick
 
 
@@ -104,6 +121,12 @@ class ProcessRecord:
         except psutil.Error:
             return None
         return cls(pid, create_time, _id(os.getpgid, pid), _id(os.getsid, pid))
+
+    def json(self) -> str:
+        """The record as pids.json holds it (``read`` takes it back)."""
+        return json.dumps(
+            {"pid": self.pid, "create_time": self.create_time, "pgid": self.pgid, "sid": self.sid}
+        )
 
     def process(self, zombie: bool = False) -> psutil.Process | None:
         """The recorded process if it still exists (not a reused pid); a zombie
@@ -127,14 +150,33 @@ def _id(fn: Any, pid: int) -> int | None:
 
 
 class PidFile:
-    """``pids.json``: this gosup and the current child of each program."""
+    """``pids.json``: this gosup and the current child of each program.
 
-    def __init__(self, path: Path) -> None:
+    What the loop keeps is ``pids`` (program -> the pid of its current
+    child), a dict updated from the history records: nothing else happens
+    there. The file is written in a disk thread, and only when that set
+    changed since the last write: the first change at once, then at most one
+    write per ``window``, which carries every change made meanwhile (a crash
+    loop of 200 programs costs ten writes a second, not two per run, and a
+    state change that keeps the set costs nothing). The start time, group
+    and session of a new pid are read in that thread too, and each program's
+    line is encoded once per pid.
+    """
+
+    def __init__(self, path: Path, window: float = PIDS_WINDOW) -> None:
         self.path = path
+        self.window = window
+        self.pids: dict[str, int] = {}  # the loop's: what the file should say
+        # The writer's (one at a time): what the file says, and its lines.
         self.programs: dict[str, ProcessRecord] = {}
+        self._lines: dict[str, tuple[int, str]] = {}
         self.me = ProcessRecord.of(os.getpid())
-        self._pending: list[tuple[str, str, int]] = []
+        self.writes = 0  # files written (the tests count them)
+        self._written: dict[str, int] | None = None  # the set last written; None: none yet
         self._failing = False
+        self._dirty = False  # a change not written yet
+        self._writer: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()  # drain(): no pause between rounds
 
     @staticmethod
     def read(path: Path) -> tuple[ProcessRecord | None, dict[str, ProcessRecord]]:
@@ -153,46 +195,87 @@ class PidFile:
     def on_record(self, rec: dict[str, object]) -> None:
         """History listener: a child came (started) or went (exited, stopped).
 
-        The file is updated just after the event, not inside it: the listener
-        runs on the restart path (exited -> started), and a restart must not
-        wait for a file rewrite. If gosup dies in between, clearing leftovers at
-        the next start checks each recorded pid's start time, so a stale entry is
-        harmless, and a missing new child is still found by its environment tag.
+        This runs on the restart path (exited -> started) and only updates
+        ``pids``; the file follows within ``window``. If gosup dies in
+        between, its programs' children die with it (the parent-death
+        signal), and what they left is found at the next start by the
+        ``GOSUP_*`` marks; a stale entry is harmless (each recorded pid's
+        start time is checked).
         """
         event, name, pid = rec.get("event"), rec.get("program"), rec.get("pid")
         if not isinstance(name, str) or not isinstance(pid, int):
             return
-        if event in ("started", "exited", "stopped"):
-            self._pending.append((str(event), name, pid))
-            if len(self._pending) == 1:
-                asyncio.get_running_loop().call_soon(self.flush)
+        if event == "started" and self.pids.get(name) != pid:
+            self.pids[name] = pid
+        elif event in ("exited", "stopped") and self.pids.get(name) == pid:
+            del self.pids[name]
+        else:
+            return  # the set is what it was: nothing to write
+        self.write_soon()
 
-    def flush(self) -> None:
-        """Apply the pending events and rewrite the file."""
-        pending, self._pending = self._pending, []
-        for event, name, pid in pending:
-            if event == "started":
-                found = ProcessRecord.of(pid)
-                if found is not None:
-                    self.programs[name] = found
-            else:
-                old = self.programs.get(name)
-                if old is not None and old.pid == pid:
-                    del self.programs[name]
-        self.write()
+    async def drain(self) -> None:
+        """Wait until every change made so far is written (or failed to be)."""
+        self._hurry.set()
+        try:
+            while self._writer is not None and not self._writer.done():
+                await asyncio.shield(self._writer)
+        finally:
+            self._hurry.clear()
 
-    def write(self) -> None:
-        """Rewrite the file; a failure (disk full, the state_dir deleted and
-        not re-creatable) is logged once per burst, never raised: the next
-        change rewrites it whole."""
-        data = {
-            "supervisor": asdict(self.me) if self.me else None,
-            "programs": {name: asdict(rec) for name, rec in self.programs.items()},
-        }
+    def write_soon(self) -> None:
+        """Rewrite the file off the loop: one writer at a time, at most once
+        per window, and the changes made meanwhile go in its next round."""
+        self._dirty = True
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_rounds())
+
+    async def _write_rounds(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            wanted = dict(self.pids)
+            if wanted == self._written:
+                continue  # changed and changed back meanwhile
+            if await DISK.run(self._write_pids, wanted):
+                self._written = wanted
+            # The changes of the next window wait for its end and go together.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.window):
+                    await self._hurry.wait()
+
+    def _write_pids(self, pids: dict[str, int]) -> bool:
+        """(In a disk thread.) The records of ``pids`` (a pid gone already
+        is left out), then the file."""
+        records = {}
+        for name, pid in pids.items():
+            old = self.programs.get(name)
+            rec = old if old is not None and old.pid == pid else ProcessRecord.of(pid)
+            if rec is not None:
+                records[name] = rec
+        self.programs = records
+        return self.write()
+
+    def _text(self) -> str:
+        """The file: one line per program, each encoded once per pid."""
+        lines = []
+        for name, rec in self.programs.items():
+            cached = self._lines.get(name)
+            if cached is None or cached[0] != rec.pid:
+                cached = self._lines[name] = (rec.pid, f"  {json.dumps(name)}: {rec.json()}")
+            lines.append(cached[1])
+        for name in self._lines.keys() - self.programs.keys():
+            del self._lines[name]
+        me = self.me.json() if self.me else "null"
+        body = ",\n".join(lines)
+        return f'{{\n "supervisor": {me},\n "programs": {{\n{body}\n }}\n}}\n'
+
+    def write(self) -> bool:
+        """Rewrite the file from ``programs``: blocking, so in a thread. A
+        failure (disk full, the state_dir deleted and not re-creatable) is
+        logged once per burst, never raised: the next change rewrites it whole."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.write_text(self._text())
             tmp.replace(self.path)  # never half a file, even if we die right here
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -200,8 +283,10 @@ class PidFile:
             if not self._failing:
                 logger.error("cannot write {}: {}", self.path, exc)
             self._failing = True
-            return
+            return False
         self._failing = False
+        self.writes += 1
+        return True
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -279,7 +364,7 @@ def with_environment(*entries: str, uids: frozenset[int] | None = None) -> list[
     of ``entries`` exactly, run by one of ``uids`` (None: by anyone). Reads
     /proc/*/environ directly (about 0.4 ms for 70 processes), and only of
     processes of ``uids``; the caller is never listed."""
-    needles = [b"\0" + entry.encode() + b"\0" for entry in entries]
+    needles = _needles(entries)
     me = os.getpid()
     found = []
     for entry in os.scandir("/proc"):
@@ -287,15 +372,24 @@ def with_environment(*entries: str, uids: frozenset[int] | None = None) -> list[
             continue
         if uids is not None and _proc_owner(entry.name) not in uids:
             continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = b"\0" + f.read()
-        except OSError:
-            continue
-        if all(needle in env for needle in needles):
+        if _environ_holds(entry.name, needles):
             with contextlib.suppress(psutil.Error):
                 found.append(psutil.Process(int(entry.name)))
     return found
+
+
+def _needles(entries: Iterable[str]) -> list[bytes]:
+    return [b"\0" + entry.encode() + b"\0" for entry in entries]
+
+
+def _environ_holds(pid: str | int, needles: list[bytes]) -> bool:
+    """Whether /proc/PID/environ holds every one of ``needles`` (``_needles``)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = b"\0" + f.read()
+    except OSError:
+        return False
+    return all(needle in env for needle in needles)
 
 
 def marked(state_dir: Path, program: str, trust: Trust | None = None) -> list[psutil.Process]:
@@ -311,6 +405,21 @@ def marked(state_dir: Path, program: str, trust: Trust | None = None) -> list[ps
     if trust is None:
         return procs
     return [p for p in procs if trust.allows(p, program)]
+
+
+def adopted_marked(state_dir: Path, program: str, trust: Trust) -> list[psutil.Process]:
+    """``marked``, for a gosup that adopts orphans (the child subreaper, or
+    PID 1): when a run's child dies, the helpers it left are re-parented to
+    gosup, so they are among gosup's own children that it did not start, or
+    their descendants (``spawn.adopted``: ``/proc/self/task/*/children``).
+    Only their environments are read, not every process's. (A running
+    validator or build of the program is a child gosup started: not swept.)"""
+    needles = _needles((f"{STATE_DIR_VAR}={state_dir}", f"{PROGRAM_VAR}={program}"))
+    return [
+        proc
+        for proc in spawn.adopted(program)
+        if _environ_holds(proc.pid, needles) and trust.allows(proc, program)
+    ]
 
 
 def find_leftovers(
@@ -412,23 +521,39 @@ class Reaper:
         self._task = None
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                # Listing our children walks all of /proc (psutil reads every
-                # process's parent): in a thread, never on the loop.
-                zombies = await asyncio.to_thread(_zombie_children)
-                self.reap_once(zombies)
-            except Exception as exc:  # the next look may do better
-                logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
+        # A zombie only appears after a SIGCHLD: wait for one, then look again
+        # every ``interval`` while a zombie is left (the second look reaps it).
+        # Without the handler (not the main thread) every ``interval``, as before.
+        loop = asyncio.get_running_loop()
+        ended, polling = asyncio.Event(), False
+        ended.set()  # a first look: orphans inherited before the handler
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, ended.set)
+        except (RuntimeError, ValueError):
+            polling = True
+        try:
+            while True:
+                if polling or self._seen or ended.is_set():
+                    await asyncio.sleep(self.interval)
+                else:
+                    await ended.wait()
+                ended.clear()
+                try:
+                    # Reads a file per child gosup did not start: in a thread.
+                    zombies = await asyncio.to_thread(_zombie_children, self._ours())
+                    self.reap_once(zombies)
+                except Exception as exc:  # the next look may do better
+                    logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
+        finally:
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGCHLD)
 
     def reap_once(self, zombie_children: set[int] | None = None) -> None:
         """Reap what was a zombie at the previous look too; ``zombie_children``
         is the scan (``_zombie_children``), made here when not given."""
         if zombie_children is None:
-            zombie_children = _zombie_children()
-        ours = {p.pid for p in self.sup.programs.values() if p.pid is not None}
-        zombies = zombie_children - ours
+            zombie_children = _zombie_children(self._ours())
+        zombies = zombie_children - self._ours()
         candidates = zombies & self._seen
         if candidates:  # (rare: the scan of the heap is only paid for a stale zombie)
             candidates -= _awaited()
@@ -439,16 +564,31 @@ class Reaper:
                     logger.debug("reaped orphan pid {}", pid)
         self._seen = zombies
 
+    def _ours(self) -> set[int]:
+        """The programs' current children: never reaped here, not even looked at."""
+        return {p.pid for p in self.sup.programs.values() if p.pid is not None}
 
-def _zombie_children() -> set[int]:
-    """The pids of gosup's children that are zombies (a walk of all of /proc)."""
+
+def _zombie_children(skip: Iterable[int] = ()) -> set[int]:
+    """The pids of gosup's children that are zombies, ``skip`` aside. Only
+    the others' states are read (``/proc/PID/stat``): with 1,000 programs
+    and no orphan, a look reads gosup's children lists and nothing else."""
     zombies = set()
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children():
-            with contextlib.suppress(psutil.Error):
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    zombies.add(child.pid)
+    for pid in spawn.own_children().difference(skip):
+        if _state(pid) == "Z":
+            zombies.add(pid)
     return zombies
+
+
+def _state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` (R, S, Z ...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    _, _, rest = stat.rpartition(b")")  # the name may hold spaces and parentheses
+    return rest[1:2].decode() or None
 
 
 def _awaited() -> set[int]:
@@ -476,14 +616,16 @@ class OrphanService:
         self.reaper: Reaper | None = None
         self.born = self.pids.me.create_time if self.pids.me else psutil.Process().create_time()
         self._uids: dict[str, frozenset[int]] = {}
+        self.adopts = False  # orphans of our children come to us (subreaper, PID 1)
 
     async def start(self) -> None:
         await self.clear_leftovers()
-        self.pids.write()
+        self.pids.write_soon()  # a stalled disk delays the file, not the start
         self.sup.history.add_listener(self.pids.on_record)
         # A child subreaper (core/spawn.py): what a program double-forks stays
         # ours, to be stopped with it; its zombies are ours to reap, as PID 1's.
-        if spawn.become_subreaper() or os.getpid() == 1:
+        self.adopts = spawn.become_subreaper() or os.getpid() == 1
+        if self.adopts:
             self.reaper = Reaper(self.sup)
             self.reaper.start()
 
@@ -492,11 +634,9 @@ class OrphanService:
             await self.reaper.stop()
         with contextlib.suppress(ValueError):
             self.sup.history.remove_listener(self.pids.on_record)
-        self.pids.flush()
-        if not self.pids.programs:
-            self.pids.remove()
-        else:  # a child we could not stop: leave it for the next gosup to find
-            self.pids.write()
+        await self.pids.drain()  # no write in flight may bring the file back
+        if not self.pids.pids:
+            await DISK.run(self.pids.remove)
 
     def marks(self, spec: ProgramSpec) -> dict[str, str]:
         """An environment provider: our state_dir and the program's name."""
@@ -504,11 +644,14 @@ class OrphanService:
 
     def escapees(self, name: str) -> list[psutil.Process]:
         """Processes of ``name``'s past runs (under this gosup) found by
-        their marks, run as one of its uids."""
+        their marks, run as one of its uids: among the orphans gosup adopted
+        when it does (``adopted_marked``), else in all of /proc (``marked``)."""
         if name not in self._uids:  # added by a reload: one lookup, then cached
             spec = next((p for p in self.sup.config.programs if p.name == name), None)
             self._uids.update(program_uids([spec]) if spec else {})
         trust = Trust(self._uids, frozenset({os.geteuid()}), self.born, time.time())
+        if self.adopts:
+            return adopted_marked(self.state_dir, name, trust)
         return marked(self.state_dir, name, trust)
 
     async def clear_leftovers(self) -> None:

@@ -14,7 +14,8 @@ directory and PATH, so the verdict is the one the start would give.
 ``metrics_listen`` on an address other than loopback is a warning: the port
 has no authentication, and whoever reaches it reads /metrics (and the status
 page, when it is on). That may well be intended (a Prometheus on another
-host), so it is said, not refused (docs/security.md).
+host), so it is said, not refused (docs/security.md). So is a ready probe on
+an overlap program's own socket without ``{pid}`` (core/overlap.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import ipaddress
 import socket
 
 from supervisor.config import AppConfig
-from supervisor.core import spawn
+from supervisor.core import overlap, spawn
 from supervisor.service.metrics import split_listen
 
 
 def findings(config: AppConfig) -> tuple[list[str], list[str]]:
     """(errors, warnings) about the programs' binaries, each naming file and key."""
     errors: list[str] = []
-    warnings: list[str] = metrics_warnings(config)
+    warnings: list[str] = metrics_warnings(config) + overlap.shared_port_warnings(config)
     base = spawn.base_environment()
     for spec in config.programs:
         env = {**base, **spec.environment}
