@@ -49,12 +49,18 @@ class Settings:
     # gosup only: no resource sampler at all (GOSUP_SAMPLING=0; by default gosup
     # samples every program every 5 s for status and metrics).
     sampling_off: bool = False
+    # circus only: its check_delay (it notices a dead process only when it polls);
+    # None: 0.1 with fast_restart, else circus's default (5 s).
+    check_delay: float | None = None
 
 
 class Driver(abc.ABC):
     """A supervisor under test. Subclasses write the config and know how to start and stop."""
 
     name = ""
+    # With this supervisor's defaults, how long a run must have lasted for its
+    # crash to be restarted at once, without a backoff (restart latency).
+    reset_window = 0.0
 
     def __init__(self, workdir: Path, programs: list[Program], settings: Settings) -> None:
         self.dir = workdir

@@ -15,6 +15,7 @@ def _s(value: str) -> str:
 
 class GosupDriver(Driver):
     name = "gosup"
+    reset_window = 60.0  # backoff.reset_after's default
 
     def env(self) -> dict[str, str]:
         env = common.bench_env(self.tag)  # gosup is this project: keep its Python path

@@ -21,6 +21,7 @@ CLI_TIMEOUT = 300.0  # `pm2 start` of 200 apps on a busy machine
 
 class Pm2Driver(Driver):
     name = "pm2"
+    reset_window = 1.0  # min_uptime's default (1000 ms): a shorter run is an unstable restart
 
     @property
     def home(self) -> Path:

@@ -14,6 +14,7 @@ def _v(value: str) -> str:
 
 class SupervisordDriver(Driver):
     name = "supervisord"
+    reset_window = 1.0  # startsecs's default: a run that reached RUNNING restarts at once
 
     def command(self) -> list[str]:
         return [str(_install.venv_bin("supervisord")), "-n", "-c", "supervisord.conf"]

@@ -241,6 +241,11 @@ class Program:
         self._retiring: list[Retiring] = []
         self._records_lost = 0  # history records that could not be written, this burst
         self._holds: set[asyncio.Task[Any]] = set()  # work the next start waits for
+        # A crashed run whose leftovers are still to be swept (with the snapshot
+        # taken at its stop), and the sweeps running beside a new run.
+        self._crashed: tuple[spawn.Child, list[psutil.Process]] | None = None
+        self._exit_log: dict[str, Any] | None = None  # an exit logged after its restart began
+        self._sweeps: set[asyncio.Future[None]] = set()
 
     # -- the outside world's side --------------------------------------------
 
@@ -274,6 +279,8 @@ class Program:
             fut.cancel()
         self._run_end = []
         await self._holds_done()  # a dump of the last run, say
+        if self._sweeps:  # a sweep beside the last run: let it finish (it logs its errors)
+            await asyncio.wait(self._sweeps)
         self.output.close()
 
     def hold_next_start(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -406,6 +413,8 @@ class Program:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+        self._log_exit(None)
+        await self._sweep_crashed(None)  # a message before the restart: sweep first
         return self._inbox.popleft()
 
     async def _handle(self, msg: Message) -> None:
@@ -506,9 +515,12 @@ class Program:
         await self._holds_done()
         self._transition(S.STARTING)
         spec = self.spec
+        started_from = spawn.start_ticks()  # what starts from now on is not a leftover
         try:
             child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
         except Exception as exc:  # SpawnError, OSError (EMFILE ...), ValueError from Popen
+            self._log_exit(None)
+            await self._sweep_crashed(None)
             logger.error("{}: cannot start: {}", self.name, exc)
             if self._old is not None:
                 await self._overlap_failed("spawn_failed", str(exc), None)
@@ -528,6 +540,8 @@ class Program:
         # Its exit is watched before anything else can fail: never STARTING with a dead pid.
         self.child = child
         self._watch_exit(child)
+        self._log_exit(None)
+        await self._sweep_crashed(started_from)  # not awaited: it runs beside the new run
         self.start_seq = _next_start_seq()
         self.started_at = self.ctx.clock()
         self.starts += 1
@@ -611,11 +625,11 @@ class Program:
             await self.output.drain(DRAIN_TIMEOUT)
         except Exception as exc:  # the exit is handled all the same
             logger.opt(exception=exc).error("{}: draining the output failed", self.name)
-        try:  # a scan of the process table: off the loop
-            leftovers = await asyncio.to_thread(self._leftovers, child)
-        except Exception as exc:
-            logger.opt(exception=exc).error("{}: cannot list what is left of the run", self.name)
-            leftovers = list(self._snapshot)
+        healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
+        # A healthy run that crashed is back at once: what it left is looked for
+        # (a scan of the process table) just after the replacement has started.
+        at_once = healthy and self._should_restart(code)
+        leftovers = [] if at_once else await self._list_leftovers(child)
         try:
             info = self._exit_info(child, code, uptime)
         except Exception as exc:
@@ -629,28 +643,75 @@ class Program:
                 self.failures = 0  # a long run ended on request still ends a failure series
             await self._finish_stop(child, info, leftovers)
             return
-        healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
         self._transition(S.EXITED, "exited", **info)
         # A crashed program's helpers must not outlive it, even those that left its
         # group; finding them scans the process table: off the loop.
-        try:
-            await asyncio.to_thread(self._sweep, leftovers)
-        except Exception as exc:
-            logger.opt(exception=exc).error("{}: sweeping the run's leftovers failed", self.name)
-        logger.warning("{}: exited: {}", self.name, _exit_summary(info))
+        self._crashed = (child, list(self._snapshot))
+        if not at_once:
+            await self._sweep_crashed(None, leftovers)
+        self._log_exit(info, later=at_once)
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy)
         await self._run_ended(child, None)
 
-    def _leftovers(self, child: spawn.Child) -> list[psutil.Process]:
+    async def _list_leftovers(self, child: spawn.Child) -> list[psutil.Process]:
+        try:  # a scan of the process table: off the loop
+            return await asyncio.to_thread(self._leftovers, child, self._snapshot)
+        except Exception as exc:
+            logger.opt(exception=exc).error("{}: cannot list what is left of the run", self.name)
+            return list(self._snapshot)
+
+    def _log_exit(self, info: dict[str, Any] | None, later: bool = False) -> None:
+        """Log an exit; ``later``: once the restart at once has begun (a log line
+        is a fraction of a millisecond the replacement need not wait for)."""
+        if later:
+            self._exit_log = info
+            return
+        info, self._exit_log = info or self._exit_log, None
+        if info is not None:
+            logger.warning("{}: exited: {}", self.name, _exit_summary(info))
+
+    def _leftovers(
+        self, child: spawn.Child, snapshot: list[psutil.Process]
+    ) -> list[psutil.Process]:
         """What is left of the child's tree: its group, the snapshot taken at
         stop, and the daemons it double-forked (re-parented to gosup)."""
-        return self._snapshot + child.group_members() + spawn.adopted(self.name)
+        return snapshot + child.group_members() + spawn.adopted(self.name)
 
-    def _sweep(self, leftovers: list[psutil.Process]) -> None:
-        """Kill what is left of a crashed run (in a thread: it scans /proc)."""
-        procs = leftovers + self.ctx.marked_escapees(self.name)
-        spawn.kill_tree(procs)
+    async def _sweep_crashed(
+        self, started_from: int | None = None, leftovers: list[psutil.Process] | None = None
+    ) -> None:
+        """Kill what is left of the crashed run (``_crashed``), in a thread.
+
+        Without ``started_from`` this is awaited: nothing of the program runs
+        yet. After a start at once it runs beside the new run, which it must
+        never touch: only processes started before ``started_from`` (the
+        clock tick the new start began in, ``spawn.start_ticks``) are killed,
+        and the children of those (a leftover's late fork)."""
+        if self._crashed is None:
+            return
+        (child, snapshot), self._crashed = self._crashed, None
+
+        def sweep() -> None:
+            procs = self._leftovers(child, snapshot) if leftovers is None else leftovers
+            procs = procs + self.ctx.marked_escapees(self.name)
+            if started_from is not None:
+                procs = spawn.started_before(procs, started_from)
+            spawn.kill_tree(procs)
+
+        task = asyncio.ensure_future(asyncio.to_thread(sweep))
+        task.add_done_callback(self._swept)
+        if started_from is None:
+            await asyncio.wait([task])
+        else:
+            self._sweeps.add(task)
+
+    def _swept(self, task: asyncio.Future[None]) -> None:
+        self._sweeps.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error(
+                "{}: sweeping the run's leftovers failed", self.name
+            )
 
     def _exit_info(self, child: spawn.Child, code: int, uptime: float) -> dict[str, Any]:
         info = spawn.exit_fields(child.pid, code, uptime)
