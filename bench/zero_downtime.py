@@ -1,16 +1,16 @@
 """Zero-downtime restarts (issue 14): requests at a fixed rate while the
 supervisor restarts the Go HTTP fixture, per restart kind.
 
-An asyncio load generator (in a process of its own: in a thread of the
-harness it shared the GIL with the harness's own polling of the process
-tree, every 20 ms exactly during restarts, and that showed as latency added
-by the restarts) sends GET / at a fixed rate to goapp, half on a new
-connection per request, half on keep-alive connections from a pool. A keep-
-alive request whose reused connection was closed before any byte of the
-answer is retried once on a new connection, as HTTP clients do for
-idempotent requests (Go's Transport, urllib3): it counts as ``ka_retried``,
-not as failed. Latency is taken from the moment the request was due, so a
-stalled generator shows as latency, not as fewer requests. Meanwhile the
+A Go load generator (bench/loadgen, stdlib only, built once into
+bench/.cache/bin like goapp, in a process of its own) sends GET / at a fixed
+rate to goapp, open loop: each request is sent when it is due, whatever
+happened to the ones before it. Half go on a new connection per request,
+half on keep-alive connections from a pool. A keep-alive request whose
+reused connection was closed by the server is retried once on a new
+connection, as HTTP clients do for idempotent requests (Go's Transport,
+urllib3): it counts as ``ka_retried``, not as failed. Latency is taken from
+the moment the request was due, so a stalled generator or server shows as
+latency, not as fewer requests. Meanwhile the
 supervisor restarts goapp, ``--restarts`` times per kind:
 
 - operator: the supervisor's restart command;
@@ -28,21 +28,33 @@ gosup with ``sockets`` + ``restart_mode = "overlap"``, gosup without,
 supervisord, PM2, circus with its own shared socket (``use_sockets``). A
 kind a supervisor has no built-in way to make is a row with the reason.
 
+The previous instrument, an asyncio generator in a Python process, is kept
+only as the fallback when the Go generator cannot be built (the rows' note
+says so): its own p99 with no restart at all was 24-166 ms on a loaded
+2-core machine, more than the 50 ms it is meant to judge.
+``--compare-instruments`` runs both, alternately in the same minute, against
+an idle goapp with no supervisor and no restart, and prints their latency.
+
     python bench/zero_downtime.py [--quick] [--rate 1000] [--restarts 20]
+    python bench/zero_downtime.py --compare-instruments [--rate 1000]
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +90,7 @@ UNSUPPORTED = {
 }
 
 
-# -- the load generator ---------------------------------------------------------------
+# -- the load generators ---------------------------------------------------------------
 
 
 @dataclass
@@ -90,8 +102,8 @@ class Sample:
 
 
 class LoadProcess:
-    """The generator in a child process (its own GIL and event loop); the
-    samples come back when it stops. time.monotonic() is the system's
+    """The Python fallback: an asyncio generator in a child process (its own
+    GIL and event loop); the samples come back when it stops. time.monotonic() is the system's
     CLOCK_MONOTONIC, the same in both processes, so its due times line up
     with the restart windows taken here."""
 
@@ -106,6 +118,7 @@ class LoadProcess:
         self._proc = ctx.Process(
             target=_generate, args=(port, rate, self._stop, child_conn), daemon=True
         )
+        self.instrument = "Python asyncio generator"
 
     def start(self) -> None:
         self._proc.start()
@@ -124,6 +137,89 @@ class LoadProcess:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
+
+
+class GoLoad:
+    """The Go generator (bench/loadgen) as a child process: it prints its start
+    time, sends until its stdin closes, then writes one JSON line per request
+    ([due, latency, mode, outcome, retried, lag]) to a file read here; lag is
+    how late the generator itself started the request (part of its latency). Its times are
+    CLOCK_MONOTONIC, time.monotonic() here, so they line up with the restart
+    windows taken here."""
+
+    instrument = "Go loadgen"
+
+    def __init__(self, binary: Path, port: int, rate: float) -> None:
+        self.binary, self.port, self.rate = binary, port, rate
+        self.samples: list[Sample] = []
+        self.retried: list[float] = []
+        self.lags: list[float] = []  # seconds, one per sample
+        self.started = self.stopped = 0.0
+        self._tag = common.new_tag()
+        fd, name = tempfile.mkstemp(prefix="gosup-bench-loadgen-", suffix=".jsonl")
+        os.close(fd)
+        self._out = Path(name)
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        argv = [str(self.binary), "-addr", f"127.0.0.1:{self.port}", "-rate", f"{self.rate:g}"]
+        argv += ["-timeout", f"{TIMEOUT_S:g}s", "-pool", str(POOL), "-out", str(self._out)]
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=common.bench_env(self._tag),
+        )
+        out = self._proc.stdout
+        assert out is not None
+        threading.Thread(target=self._read, args=(out,), daemon=True).start()
+        self.started = float(self._line(30)["started"])
+
+    def _read(self, out: Any) -> None:
+        for line in out:
+            self._lines.put(line)
+
+    def _line(self, timeout: float) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self._lines.get(timeout=timeout)))
+        except queue.Empty:
+            msg = f"the Go load generator said nothing for {timeout:g} s"
+            raise common.BenchError(msg) from None
+
+    def stop(self) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.close()  # stop sending; it waits for the requests under way
+            self.stopped = float(self._line(TIMEOUT_S + 30)["stopped"])
+            proc.wait(10)
+            with self._out.open() as f:
+                for line in f:
+                    due, latency, mode, outcome, retried, lag = json.loads(line)
+                    self.samples.append(Sample(due, latency, mode, outcome))
+                    self.lags.append(lag)
+                    if retried:
+                        self.retried.append(due)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            common.sweep(self._tag)
+            self._out.unlink(missing_ok=True)
+
+
+def load_generator(port: int, rate: float) -> GoLoad | LoadProcess:
+    """The Go generator; the Python one only when Go cannot build it (its
+    ``instrument`` says so, and every row's note with it)."""
+    try:
+        return GoLoad(common.loadgen(), port, rate)
+    except common.BenchError as exc:
+        common.log(f"the Go load generator cannot be built, using the Python one: {exc}")
+        load = LoadProcess(port, rate)
+        load.instrument = "Python asyncio generator (Go loadgen build failed)"
+        return load
 
 
 def _generate(port: int, rate: float, stop: Any, conn: Any) -> None:
@@ -370,7 +466,7 @@ def measure(
     with common.workdir(f"zd-{label}", keep=keep) as wd, make(label, wd, goapp, port) as d:
         d.wait_children(1, timeout=60)
         wait_serving(port, 30)
-        load = LoadProcess(port, rate)
+        load = load_generator(port, rate)
         load.start()
         until = time.monotonic() + budget
         try:
@@ -406,7 +502,7 @@ def free_port() -> int:
 
 def summarise(
     label: str,
-    load: LoadProcess,
+    load: GoLoad | LoadProcess,
     windows: dict[str, list[tuple[float, float]]],
     excluded: list[tuple[float, float]],
 ) -> dict[str, Any]:
@@ -420,11 +516,16 @@ def summarise(
     base = [s.latency * 1000 for s in outside]
     base_p99 = common.percentile(base, 99) if base else None
     duration = max(load.stopped - load.started, 1e-9)
+    lags = getattr(load, "lags", [])
     out: dict[str, Any] = {
+        "instrument": load.instrument,
         "requests": len(load.samples),
         "rate_target": load.rate,
         "rate_reached": round(len(load.samples) / duration, 1),
         "baseline_p99_ms": None if base_p99 is None else round(base_p99, 2),
+        # how late the generator itself started its requests (Go loadgen only): the
+        # part of every latency that is the instrument's, not the server's
+        "generator_lag_p99_ms": round(common.percentile(lags, 99) * 1000, 2) if lags else None,
         "baseline_outcomes": dict(Counter(s.outcome for s in outside)),
         "baseline_failures_at_s": [
             round(s.due - load.started, 2) for s in outside if s.outcome != "ok"
@@ -458,7 +559,68 @@ def summarise(
 
 def note(res: dict[str, Any]) -> str:
     text = f"{res['rate_reached']:g} req/s reached, base p99 {res['baseline_p99_ms']} ms"
+    if res.get("generator_lag_p99_ms") is not None:
+        text += f", generator's own lag p99 {res['generator_lag_p99_ms']} ms"
+    if res.get("instrument", GoLoad.instrument) != GoLoad.instrument:
+        text += f"; measured by the {res['instrument']}"
     return text + "".join(f"; cut short: {c}" for c in res.get("cut_short", []))
+
+
+# -- the instruments side by side ---------------------------------------------------------
+
+
+def compare_instruments(goapp: Path, rate: float, seconds: float, rounds: int) -> dict[str, Any]:
+    """The generators' own latency: each in turn against one idle goapp (no
+    supervisor, no restart), ``rounds`` times, so both see the same machine in
+    the same minute. The first second of each run is left out (warm-up)."""
+    port, tag = free_port(), common.new_tag()
+    argv = [str(goapp), "-name", "web", "-http", f"127.0.0.1:{port}"]
+    server = subprocess.Popen(
+        argv, env=common.bench_env(tag), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    rows: list[list[Any]] = []
+    runs: list[dict[str, Any]] = []
+    try:
+        wait_serving(port, 30)
+        makers: dict[str, Callable[[], GoLoad | LoadProcess]] = {
+            "Go loadgen": lambda: GoLoad(common.loadgen(), port, rate),
+            "Python asyncio generator": lambda: LoadProcess(port, rate),
+        }
+        for n in range(rounds):
+            for name, make_load in makers.items():
+                common.log(f"instruments: {name}, round {n + 1}/{rounds}, {seconds:g} s")
+                load = make_load()
+                load.start()
+                time.sleep(seconds)
+                load.stop()
+                kept = [x for x in load.samples if x.due >= load.started + 1.0]
+                lat = [x.latency * 1000 for x in kept]
+                failed = sum(1 for x in kept if x.outcome != "ok")
+                duration = max(load.stopped - load.started, 1e-9)
+                run = {
+                    "instrument": name,
+                    "round": n + 1,
+                    "requests": len(load.samples),
+                    "rate_reached": round(len(load.samples) / duration, 1),
+                    "failed": failed,
+                    **{k: round(v, 2) for k, v in common.describe(lat).items() if k != "n"},
+                    "loadavg_1m": round(os.getloadavg()[0], 2),
+                }
+                own = zip(load.samples, getattr(load, "lags", []), strict=False)
+                lags = [g * 1000 for x, g in own if x.due >= load.started + 1.0]
+                run["send_lag_p99"] = round(common.percentile(lags, 99), 2) if lags else None
+                runs.append(run)
+                rows.append([name, n + 1, run["requests"], run["rate_reached"], failed,
+                             run.get("p50"), run.get("p99"), run.get("max"),
+                             run["send_lag_p99"] or "-", run["loadavg_1m"]])  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+        common.sweep(tag)
+    columns = ["instrument", "round", "requests", "req/s reached", "failed", "p50 ms", "p99 ms",
+               "max ms", "own send lag p99 ms", "load avg 1m"]  # fmt: skip
+    title = f"Load generators against an idle goapp, no restart, {rate:g} req/s, {seconds:g} s each"
+    return {"runs": runs, "table": common.table(title, columns, rows)}
 
 
 LABELS = ("gosup-overlap", "gosup", "supervisord", "pm2", "circus")
@@ -468,7 +630,17 @@ def main() -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=1000.0, help="requests per second (default 1000)")
     p.add_argument("--restarts", type=int, help="restarts per kind (default 20, --quick 2)")
+    p.add_argument(
+        "--compare-instruments",
+        action="store_true",
+        help="only compare the Go and the Python generator against an idle goapp (no restart,"
+        " no result file): 2 rounds of 20 s each, alternately",
+    )
     args = p.parse_args()
+    if args.compare_instruments:
+        out = compare_instruments(common.goapp(), args.rate, 20.0, 2)
+        common.print_tables([out["table"]])
+        return 0
     restarts = args.restarts or (2 if args.quick else 20)
     names = common.selected(args)
     labels = [lb for lb in LABELS if lb.split("-")[0] in names]

@@ -1,0 +1,3 @@
+module gosup.bench/loadgen
+
+go 1.22
