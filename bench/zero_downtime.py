@@ -143,9 +143,9 @@ class GoLoad:
     """The Go generator (bench/loadgen) as a child process: it prints its start
     time, sends until its stdin closes, then writes one JSON line per request
     ([due, latency, mode, outcome, retried, lag]) to a file read here; lag is
-    how late the generator itself started the request (part of its latency). Its times are
-    CLOCK_MONOTONIC, time.monotonic() here, so they line up with the restart
-    windows taken here."""
+    how late the generator itself started the request (part of its latency).
+    Its times are CLOCK_MONOTONIC, time.monotonic() here, so they line up with
+    the restart windows taken here."""
 
     instrument = "Go loadgen"
 
@@ -175,7 +175,11 @@ class GoLoad:
         out = self._proc.stdout
         assert out is not None
         threading.Thread(target=self._read, args=(out,), daemon=True).start()
-        self.started = float(self._line(30)["started"])
+        try:
+            self.started = float(self._line(30)["started"])
+        except BaseException:
+            self._end()
+            raise
 
     def _read(self, out: Any) -> None:
         for line in out:
@@ -203,11 +207,14 @@ class GoLoad:
                     if retried:
                         self.retried.append(due)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            common.sweep(self._tag)
-            self._out.unlink(missing_ok=True)
+            self._end()
+
+    def _end(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        common.sweep(self._tag)
+        self._out.unlink(missing_ok=True)
 
 
 def load_generator(port: int, rate: float) -> GoLoad | LoadProcess:
