@@ -100,6 +100,7 @@ def test_next_gosup_stops_what_a_sigkilled_one_left(
     first = gosup_factory(config).start()
     api, worker = first.running_pid("api"), first.running_pid("worker")
     helpers = [_pid_in(tmp_path / "api-helper.pid"), _pid_in(tmp_path / "worker-helper.pid")]
+
     def written() -> dict[str, Any] | None:
         # pids.json is written from a disk thread, coalesced over PIDS_WINDOW.
         try:
