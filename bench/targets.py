@@ -247,8 +247,19 @@ def markdown(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str
         f"| finished | {finished} |",
         f"| mode | {QUICK_NOTE if quick else 'full'} |",
         "",
-        "Command: `.venv/bin/python bench/run.py" + (" --quick" if quick else "") + " --write-doc`",
+        "Command: `.venv/bin/python bench/run.py"
+        + (" --quick" if quick else "")
+        + (f" --only {','.join(ordered)}" if set(ORDER) - set(ordered) else "")
+        + " --write-doc`",
     ]
+    missing = [n for n in ORDER if n not in benches]
+    if missing:
+        lines += [
+            "",
+            "Not in this run (no result file; their targets read 'not measured'): "
+            + ", ".join(f"`{n}`" for n in missing)
+            + ".",
+        ]
     sections = [("Supervisors", results.get("setup", {})), ("Targets", summary)]
     sections += [(n.replace("_", " ").capitalize(), benches[n]) for n in ordered]
     for title, data in sections:
