@@ -68,6 +68,7 @@ __all__ = [
     "SocketSpec",
     "SupervisorSpec",
     "check_file",
+    "is_loopback_host",
     "load",
     "loads",
     "parse_duration",
@@ -406,7 +407,11 @@ def _metrics_url(value: object) -> str:
 
 
 def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -27,7 +27,6 @@ declare the replacement ready before it is (docs/zero-downtime.md).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from supervisor.config import AppConfig, ProbeKind, ProgramSpec, RestartMode
+from supervisor.config import AppConfig, ProbeKind, ProgramSpec, RestartMode, is_loopback_host
 from supervisor.core import spawn
 from supervisor.core.output import RunPipes
 
@@ -145,13 +144,4 @@ def _any_host(host: str) -> bool:
 
 
 def _same_host(a: str, b: str) -> bool:
-    return a == b or (_loopback(a) and _loopback(b))
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return a == b or (is_loopback_host(a) and is_loopback_host(b))
