@@ -13,6 +13,7 @@ and the old process is stopped only after that.
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -172,3 +173,36 @@ def test_datagrams_that_do_not_come_from_the_run_itself_are_ignored(
     for why in ("not KEY=VALUE lines", "larger than 4096 bytes", "not the main process"):
         assert f"({why}" in log, (why, log[-2000:])
     assert g.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("ready", "warned"),
+    [
+        ('http = "http://127.0.0.1:{port}/readyz"', True),
+        ('http = "http://localhost:{port}/readyz"', True),  # the same host, spelled otherwise
+        ('tcp = "127.0.0.1:{port}"', True),
+        ('http = "http://127.0.0.1:{port}/readyz?pid={{pid}}"', False),
+        ("notify = true", False),
+        ('http = "http://127.0.0.1:{other}/readyz"', False),  # not on its own socket
+    ],
+)
+def test_check_warns_about_a_ready_probe_the_old_process_can_answer(
+    tmp_path: Path, ready: str, warned: bool
+) -> None:
+    port, other = 18080, 18081  # never bound: `gosup check` only reads the config
+    config = tmp_path / "app.toml"
+    config.write_text(
+        "[programs.api]\n"
+        'command = ["/bin/true"]\n'
+        f'sockets = ["tcp://127.0.0.1:{port}"]\n'
+        'restart_mode = "overlap"\n'
+        "[programs.api.ready]\n" + ready.format(port=port, other=other) + "\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("is on the program's own socket" in result.stderr) is warned, result.stderr
