@@ -23,7 +23,7 @@ from conftest import ROOT, wait_for
 
 from supervisor import config as configmod
 
-USER = "gosupcaps"
+USER = f"gosupcaps{os.getpid()}"  # one per test run: suites may run side by side
 
 
 @pytest.fixture
@@ -33,10 +33,9 @@ def unprivileged_user() -> Iterator[str]:
     if shutil.which("useradd") is None:
         pytest.skip("useradd is not installed")
     subprocess.run(["userdel", USER], capture_output=True, check=False)
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-        check=True,
-    )
+    argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER]
+    # useradd fails at once when another one holds /etc/passwd's lock: try again.
+    wait_for(lambda: subprocess.run(argv, capture_output=True).returncode == 0, 30, "useradd")
     try:
         yield USER
     finally:

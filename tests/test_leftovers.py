@@ -8,6 +8,7 @@ write into its history."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -43,7 +44,15 @@ def stranger() -> pwd.struct_passwd:
         text=True,
     )
     if done.returncode != 0:
-        pytest.skip(f"useradd failed: {done.stderr.strip()}")
+        # Another test run may have made it meanwhile, or held /etc/passwd's lock.
+        def made() -> pwd.struct_passwd | None:
+            with contextlib.suppress(KeyError):
+                return pwd.getpwnam(STRANGER)
+            subprocess.run(done.args, capture_output=True)
+            return None
+
+        user: pwd.struct_passwd = wait_for(made, 30, f"useradd {STRANGER} ({done.stderr.strip()})")
+        return user
     return pwd.getpwnam(STRANGER)
 
 

@@ -228,6 +228,16 @@ def test_staging_on_another_filesystem(gosup_factory: Factory, goapp: Path) -> N
         assert sorted(p.name for p in shm.iterdir()) == []  # nothing left behind
         stage_at(g, POISON, shm / "app.conf.new")
         g.wait_event("config_rolled_back", "api")
+        # The record comes before the restore it announces (DESIGN §5), which
+        # runs in a thread; what is promised is that the next run starts only
+        # once the file is back.
+
+        def restarted_after_rollback() -> bool:
+            records = g.history("api")
+            last = max(i for i, r in enumerate(records) if r["event"] == "config_rolled_back")
+            return any(r["event"] == "started" for r in records[last + 1 :])
+
+        wait_for(restarted_after_rollback, 30, "the run after the rollback")
         assert live.read_bytes() == V1
     finally:
         shutil.rmtree(shm)
