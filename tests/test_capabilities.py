@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -42,8 +43,11 @@ def unprivileged_user() -> Iterator[str]:
         subprocess.run(["userdel", USER], capture_output=True, check=False)
 
 
-def _free_low_port(after: int = 899) -> int:
-    for port in range(after + 1, 1000):
+def _free_low_port(exclude: int = 0) -> int:
+    # In random order: two test runs side by side must not both take the first free one.
+    for port in random.sample(range(900, 1000), 100):
+        if port == exclude:
+            continue
         with contextlib.suppress(OSError), socket.socket() as s:
             s.bind(("127.0.0.1", port))
             return port
@@ -72,7 +76,7 @@ def test_a_user_binds_below_1024_with_cap_net_bind_service(
     gosup_factory: Any, public_goapp: Path, unprivileged_user: str
 ) -> None:
     with_cap = _free_low_port()
-    without = _free_low_port(after=with_cap)
+    without = _free_low_port(exclude=with_cap)
     g = gosup_factory(
         _program("web", public_goapp, with_cap, 'capabilities = ["CAP_NET_BIND_SERVICE"]')
         + _program("bare", public_goapp, without, "")
