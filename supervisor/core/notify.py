@@ -50,6 +50,7 @@ from pathlib import Path
 from loguru import logger
 
 from supervisor.config import ProbeKind, ProgramSpec
+from supervisor.core import spawn
 
 SOCKET_NAME = "notify"  # under state_dir; short, so it fits where gosup.sock fits
 MAX_DATAGRAM = 4096  # systemd's NOTIFY_BUFFER_MAX; a longer datagram is ignored, not cut
@@ -235,13 +236,7 @@ def _child(pid: int) -> Process | None:
     """(pid, start time) when ``pid`` is a direct child of gosup (a program's
     main process: spawn execs it in place, so its pid is the one gosup
     started), else None. One read of /proc/PID/stat; procfs does not block."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    fields = spawn.proc_stat(pid)
+    if fields is None or fields[1] != str(os.getpid()).encode():
         return None
-    # pid (comm) state ppid ... starttime (field 22): comm may hold spaces and ")"
-    rest = stat[stat.rfind(b")") + 2 :].split()
-    if len(rest) < 20 or rest[1] != str(os.getpid()).encode():
-        return None
-    return pid, int(rest[19])
+    return pid, int(fields[19])

@@ -283,15 +283,23 @@ def start_ticks() -> int:
     return math.floor(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
 
 
-def _started_at(pid: int) -> int | None:
-    """Process ``pid``'s start, in clock ticks since boot (None: it is gone)."""
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after ``pid (comm)``: [0] the state
+    letter, [1] the ppid, [19] the start time in clock ticks since boot. None
+    when the process is gone. One read; procfs does not block."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) "
-    return int(fields[19])  # field 22 of the line: starttime
+    fields = stat[stat.rfind(b")") + 2 :].split()  # comm may hold spaces and ")"
+    return fields if len(fields) >= 20 else None
+
+
+def _started_at(pid: int) -> int | None:
+    """Process ``pid``'s start, in clock ticks since boot (None: it is gone)."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def started_before(procs: list[psutil.Process], ticks: int) -> list[psutil.Process]:

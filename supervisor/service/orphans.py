@@ -582,13 +582,8 @@ def _zombie_children(skip: Iterable[int] = ()) -> set[int]:
 
 def _state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (R, S, Z ...), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    _, _, rest = stat.rpartition(b")")  # the name may hold spaces and parentheses
-    return rest[1:2].decode() or None
+    fields = spawn.proc_stat(pid)
+    return fields[0].decode() if fields is not None else None
 
 
 def _awaited() -> set[int]:
