@@ -337,6 +337,7 @@ class Child:
         self._exit_lag = 0.0  # how long before gosup noticed it the child had exited
         self._noticed: float | None = None  # time.monotonic() when gosup noticed
         self._dead_by: float | None = None  # found dead after a stall that began then
+        self._on_exit: list[Callable[[int], None]] = []  # told in the pidfd callback itself
         _PULSE.ensure()
         _PULSE.children.add(self)
         self._watch_exit()
@@ -354,7 +355,7 @@ class Child:
         if self.popen.poll() is None:
             loop.call_later(0.05, self._poll_exit_later, loop)
         elif not self.exited.done():
-            self.exited.set_result(self.popen.returncode)
+            self._set_exited(self.popen.returncode)
 
     def _on_exit_readable(self) -> None:
         # gosup may have been stopped (SIGSTOP) or its loop stalled when the
@@ -370,7 +371,23 @@ class Child:
         self._pidfd = None
         self._exit_lag, self._noticed = lag, time.monotonic()
         if not self.exited.done():
-            self.exited.set_result(code)
+            self._set_exited(code)
+
+    def _set_exited(self, code: int) -> None:
+        self.exited.set_result(code)
+        callbacks, self._on_exit = self._on_exit, []
+        for fn in callbacks:
+            fn(code)
+
+    def on_exit(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(code)`` once the child has exited: from the pidfd callback
+        itself, with no loop turn in between (a done callback of ``exited``
+        would wait for the next one); on the next turn when the exit is known
+        already. ``fn`` must not raise."""
+        if self.exited.done():
+            asyncio.get_running_loop().call_soon(fn, self.exited.result())
+        else:
+            self._on_exit.append(fn)
 
     def alive(self) -> bool:
         """Whether the child still runs now (not a zombie), without reaping it:
