@@ -17,6 +17,13 @@ latency measured from the kill, each restart splits into: kill (SIGKILL sent
 -> the process is dead), detection (dead -> the supervisor's code runs),
 bookkeeping (-> Popen is called), fork/exec (-> goapp's exec; for gosup this
 includes the setpriv wrapper's exec), Go start (exec -> the start stamp).
+
+Where the bookkeeping goes: with ``GOSUP_BENCH_STAMPS=1`` in the environment
+(and ``--keep``), gosup also writes ``NS > step`` and ``NS < step`` around
+each of ``_STEPS`` (the actor's exit handling, drain, records, the launch,
+the environment providers) into the same trace file; the wrappers cost a
+few microseconds each, so read the stamps for the order and the shares, not
+for the totals.
 """
 
 from __future__ import annotations
