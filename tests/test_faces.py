@@ -28,18 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, wait_for
+from conftest import Gosup, free_port, wait_for
 
 from supervisor.health import gometrics
 
 FLOOD = 2000
 GOSUP_NOFILE = 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def crashloop(goapp: Path, port: int, extra: str = "", say: str = "") -> str:
