@@ -56,6 +56,16 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         delay = min(delay * 2, 0.05)
 
 
+def gosup_check(config: Path) -> subprocess.CompletedProcess[str]:
+    """``gosup check CONFIG`` run as an operator would, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on at this moment."""
     with socket.socket() as s:
