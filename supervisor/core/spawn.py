@@ -176,7 +176,13 @@ PRIVATE_ENV = (
 
 def marks(state_dir: Path, program: str) -> dict[str, str]:
     """The marks of a child of ``program`` under the gosup of ``state_dir``."""
-    return {STATE_DIR_VAR: str(state_dir.resolve()), PROGRAM_VAR: program}
+    return {STATE_DIR_VAR: _resolved(state_dir), PROGRAM_VAR: program}
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(state_dir: Path) -> str:
+    # Once per state_dir, not at every start: resolving stats each component of the path.
+    return str(state_dir.resolve())
 
 
 def base_environment() -> dict[str, str]:
