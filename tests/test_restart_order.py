@@ -14,6 +14,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from test_program_unit import FAST, Harness, run
+
+from supervisor.core.program import Start
+from supervisor.core.states import ProcessState
+
+S = ProcessState
+
 
 def program(name: str, binary: Path, *args: str) -> str:
     """``running`` is written after reset_after: a crash from then on is after a healthy run."""
@@ -98,3 +105,42 @@ def test_a_replacement_that_cannot_start_is_recorded_after_the_crash(
     assert failed["pid"] is None and "not found" in failed["error"]
     assert records[5]["delay_s"] == 20.0  # a failed start backs off by `initial`
     assert g.stop() == 0
+
+
+def test_the_replacement_is_launched_before_the_crash_is_recorded(tmp_path: Path) -> None:
+    """The order inside gosup (fake children, a fake clock): at the moment the
+    launcher runs for the restart at once, the crash is not yet in the history;
+    a crash after a failed run still writes its records first."""
+    seen: list[list[str]] = []  # the history's events when each launch began
+
+    async def body(h: Harness) -> None:
+        launch = h._launch
+
+        async def spying(spec: Any, env: dict[str, str]) -> tuple[Any, str]:
+            seen.append([r["event"] for r in h.records()] if h.history_path.exists() else [])
+            return await launch(spec, env)
+
+        h.program.ctx.launcher = spying
+        h.program.post(Start())
+        await h.started(1)
+        await h.advance(65.0)  # RUNNING, and healthy for reset_after (60 s)
+        h.child.exit(-signal.SIGKILL)
+        await h.started(2)
+        h.child.exit(1)  # within start_seconds: a failed run, records first
+        await h.until(lambda: h.program.state is S.BACKOFF, "backoff")
+        await h.advance(1.0)
+        await h.started(3)
+        assert [r["event"] for r in h.records()] == [
+            "started",
+            "running",
+            "exited",
+            "backoff",
+            "started",
+            "exited",
+            "backoff",
+            "started",
+        ]
+
+    run(tmp_path, body, backoff=FAST, start_seconds=5.0)
+    assert seen[1] == ["started", "running"]  # launched before exited and backoff
+    assert seen[2][-2:] == ["exited", "backoff"]
