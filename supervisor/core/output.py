@@ -504,6 +504,7 @@ class OutputCapture:
 
     def adopt(self, pipes: RunPipes) -> None:
         """Make pipes set apart the current run's again (its replacement failed)."""
+        self._keep_files()  # (a write re-opens a closed file anyway: this spares it)
         self._pipes.transports += pipes.transports
         self._pipes.done += pipes.done
         self._pipes.tail = self.stderr.tail = pipes.tail
