@@ -456,7 +456,9 @@ class Supervisor:
             # Keep app.toml order for status listings.
             self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
             self.listeners.release_unused(self.config)
-            _settle_heap()
+            # A second later, not now: the collection takes tens of ms with
+            # many programs, and the changed programs' restarts come first.
+            asyncio.get_running_loop().call_later(1.0, _settle_heap)
             logger.info(
                 "reloaded: added {}, removed {}, restarted {}, updated in place {}",
                 added,
