@@ -69,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = status.parse_fast(args[1:])
         if ns is not None:
             return guarded(lambda: status.cmd_status(ns))
+    if args[:1] == ["run"]:
+        # The daemon: asyncio without ssl and libssl, loaded only once an https
+        # target is used (core/tls.py). Now, before loguru imports asyncio.
+        from supervisor.core import tls
+
+        tls.import_asyncio_without_ssl()
     from supervisor.cli.commands import main as cli_main
 
     return cli_main(args, daemon=Daemon())
