@@ -656,6 +656,7 @@ def start_child(
     try:
         popen = subprocess.Popen(
             argv,
+            bufsize=0,  # the pipes are read by fd (asyncio, os.read): no 4 KiB buffers each
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
