@@ -248,6 +248,14 @@ def _libc_handle() -> ctypes.CDLL:
     return _libc
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim``;
+    nothing where there is none): what start-up allocated and freed, about
+    1.3 MiB of an idle gosup's RSS with 50 programs (issue 18)."""
+    with contextlib.suppress(AttributeError, OSError):
+        _libc_handle().malloc_trim(0)
+
+
 def _set_parent_death_signal() -> None:
     # Runs in the child between fork and exec (the fallback without setpriv).
     _libc_handle().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -474,10 +474,12 @@ def _settle_heap() -> None:
     reach (``gc.freeze``, CPython's advice for long-lived servers): with 200
     programs a full collection walked it all on the loop, 35-60 ms of CPU
     each (issue 18). At a reload what was frozen is collected once first, so
-    a removed program's cycles are not kept for good."""
+    a removed program's cycles are not kept for good. Then the C heap's free
+    pages go back to the kernel."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    spawn.release_free_memory()
 
 
 def _listener_failed(exc: BaseException) -> None:
