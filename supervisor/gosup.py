@@ -69,6 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = status.parse_fast(args[1:])
         if ns is not None:
             return guarded(lambda: status.cmd_status(ns))
+    if args[:1] == ["reload"]:
+        # Likewise `gosup reload` (-c/--socket only), which a deployment waits on:
+        # without every subcommand's parser and module (stage's imports the config).
+        import argparse
+
+        from supervisor.cli import actions, status
+
+        ns = status.parse_fast(args[1:])
+        if ns is not None and not ns.names and not ns.json:
+            target = argparse.Namespace(config=ns.config, socket=ns.socket)
+            return guarded(lambda: actions.cmd_reload(target))
     from supervisor.cli.commands import main as cli_main
 
     return cli_main(args, daemon=Daemon())
