@@ -76,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from supervisor.cli import actions, status
 
-        ns = status.parse_fast(args[1:])
-        if ns is not None and not ns.names and not ns.json:
-            target = argparse.Namespace(config=ns.config, socket=ns.socket)
+        given = status.parse_fast(args[1:])
+        if given is not None and not given.names and not given.json:
+            target = argparse.Namespace(config=given.config, socket=given.socket)
             return guarded(lambda: actions.cmd_reload(target))
     from supervisor.cli.commands import main as cli_main
 
