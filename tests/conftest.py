@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,23 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def gosup_check(config: Path) -> subprocess.CompletedProcess[str]:
+    """``gosup check CONFIG`` run as an operator would, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at this moment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- Go fixtures ----------------------------------------------------------------

@@ -28,18 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, wait_for
+from conftest import Gosup, free_port, gosup_check, wait_for
 
 from supervisor.health import gometrics
 
 FLOOD = 2000
 GOSUP_NOFILE = 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def crashloop(goapp: Path, port: int, extra: str = "", say: str = "") -> str:
@@ -480,12 +474,7 @@ def test_check_warns_when_metrics_listen_is_not_loopback(
 ) -> None:
     config = tmp_path / "app.toml"
     config.write_text(f'[supervisor]\nmetrics_listen = "{listen}"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "check", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = gosup_check(config)
     assert result.returncode == 0, result.stderr
     warning = f"warning: {config}: supervisor.metrics_listen: {listen} is not a loopback address"
     assert (warning in result.stderr) is warned, result.stderr

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, free_port, wait_for
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,13 +38,6 @@ DESIGN_NAMES = {
     "gosup_program_heap_inuse_bytes",
     "gosup_config_changes_total",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str, str]:

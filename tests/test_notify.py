@@ -13,14 +13,13 @@ and the old process is stopped only after that.
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import Gosup, pid_alive, wait_for
+from conftest import Gosup, gosup_check, pid_alive, wait_for
 from test_sockets import ClientLoop, free_port
 
 GosupFactory = Callable[..., Gosup]
@@ -198,11 +197,6 @@ def test_check_warns_about_a_ready_probe_the_old_process_can_answer(
         'restart_mode = "overlap"\n'
         "[programs.api.ready]\n" + ready.format(port=port, other=other) + "\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "check", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = gosup_check(config)
     assert result.returncode == 0, result.stderr
     assert ("is on the program's own socket" in result.stderr) is warned, result.stderr

@@ -10,25 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, tagged_processes, wait_for
+from conftest import ROOT, free_port, tagged_processes, wait_for
 
 from supervisor import config as configmod
 from supervisor.config import MetricCheck, ProbeKind
 from supervisor.config.probespec import parse_metric_check
 from supervisor.core.program import output_tail
 from supervisor.health import evidence, probes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def program(name: str, argv: list[str], extra: str = "") -> str:

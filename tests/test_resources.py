@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import free_port, wait_for
 
 from supervisor import config as configmod
 from supervisor.config import LimitsSpec
@@ -174,12 +174,6 @@ def test_sockets_are_counted_from_the_fd_links() -> None:
 
 
 # -- the sampler service with real Go programs, in this process -------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def goapp_program(goapp: Path, *args: str, limits: str = "", extra: str = "") -> str:

@@ -24,15 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Gosup, pid_alive, wait_for
+from conftest import Gosup, free_port, pid_alive, wait_for
 
 GosupFactory = Callable[..., Gosup]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:

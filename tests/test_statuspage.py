@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import urllib.error
@@ -22,17 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, wait_for
+from conftest import Gosup, free_port, wait_for
 
 from supervisor.config import ConfigError, loads
 
 EVIL = "<script>alert(1)</script> & \x1b]0;pwned\x07"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(goapp: Path, port: int, app_port: int, page: bool = True) -> str:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import textwrap
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, wait_for
+from conftest import Gosup, free_port, wait_for
 
 from supervisor import config as configmod
 from supervisor.config import ProbeKind
@@ -41,12 +40,6 @@ CRASH = b"version 2\ncrash\n"
 UNREADY = b"version 0\n"  # goapp_config_version >= 1 fails for it
 OK_METRIC = "goapp_config_last_reload_successful == 1"
 VERSION_METRIC = "goapp_config_version >= 1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sha(data: bytes) -> str:
