@@ -13,7 +13,8 @@ we measure:
   [limits] section (interval 5 s) to every program: sampling for limits at
   1,000 programs must stay within 5% of one core (3 CPU-s/min);
 - status: wall time of the status command an operator types (``gosup
-  status``, ``supervisorctl status``, ``pm2 ls``), the median of several;
+  status``, ``supervisorctl status``, ``pm2 ls``), the median of several
+  (gosup's bytecode compiled first, as an install has it: bench/status_cli.py);
 - reload: one program's environment changes in the config file, then the
   reload command (``gosup reload``; supervisord: ``supervisorctl update``);
   timed from just before the command to (a) the command's return (the reply)
@@ -41,6 +42,7 @@ from typing import Any
 
 import common
 import drivers
+from drivers import _install
 
 NAME = "scale"
 CHANGED = "changed"  # the one program a reload changes
@@ -55,8 +57,24 @@ def programs(goapp: Path, wd: Path, n: int) -> list[drivers.Program]:
 
 
 def _run(d: drivers.Driver, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*d.ctl_command(), *args], cwd=d.dir, env=d.env(), text=True,
+    # The operator's command as installed: gosup's bytecode compiled (main()),
+    # as pip compiles supervisorctl's; PYTHONDONTWRITEBYTECODE would otherwise
+    # make every gosup command compile its modules again (bench/status_cli.py).
+    env = d.env()
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return subprocess.run([*d.ctl_command(), *args], cwd=d.dir, env=env, text=True,
                           capture_output=True, timeout=timeout)  # fmt: skip
+
+
+def compile_gosup() -> None:
+    """gosup's bytecode, compiled once before anything is timed."""
+    run = subprocess.run(
+        [_install.gosup_python(), "-m", "compileall", "-q", str(common.ROOT / "supervisor")],
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"compileall failed: {run.stdout[-500:]}{run.stderr[-500:]}")
 
 
 def all_running(kind: str, d: drivers.Driver, n: int) -> bool:
@@ -249,6 +267,8 @@ def main() -> None:
     variants = [v for s in names for v in (list(VARIANTS) if s == "gosup" else [s])]
     goapp = common.goapp()
     info = drivers.availability(names)
+    if "gosup" in names:
+        compile_gosup()
     results: dict[str, dict[str, Any]] = {}
     for variant in variants:
         kind = "gosup" if variant in VARIANTS else variant
