@@ -16,7 +16,8 @@ we measure:
   status``, ``supervisorctl status``, ``pm2 ls``), the median of several
   (gosup's bytecode compiled first, as an install has it: bench/status_cli.py);
 - reload: one program's environment changes in the config file, then the
-  reload command (``gosup reload``; supervisord: ``supervisorctl update``);
+  reload command (``gosup reload``; supervisord: ``supervisorctl update``),
+  ``--runs`` times, each changing it again (the median is reported);
   timed from just before the command to (a) the command's return (the reply)
   and (b) the changed program's new process stamping its start (applied);
   for gosup, "applied" split into stages by its history records (``STAGES``:
@@ -107,27 +108,34 @@ def status_ms(kind: str, d: drivers.Driver, runs: int) -> dict[str, float]:
     return common.describe(times)
 
 
-def reload(kind: str, d: drivers.Driver, wd: Path) -> dict[str, Any]:
-    """Change CHANGED's environment in the config file, apply it, time both ends."""
+def reload(kind: str, d: drivers.Driver, wd: Path, runs: int) -> dict[str, Any]:
+    """``runs`` reloads, each changing CHANGED's environment again: the median
+    (the stages of the median one for gosup) and every applied figure."""
     if kind == "pm2":
         return {"note": "pm2 has no apply-the-config-difference command"}
+    done = []
+    for i in range(runs):
+        done.append(reload_once(kind, d, wd, i))
+        time.sleep(1.5)  # the new process settles (supervisord: startsecs) before the next
+    done.sort(key=lambda r: r["applied_ms"])
+    median = done[len(done) // 2]
+    return {**median, "applied_all_ms": [r["applied_ms"] for r in done],
+            "reply_all_ms": sorted(r["reply_ms"] for r in done)}  # fmt: skip
+
+
+def reload_once(kind: str, d: drivers.Driver, wd: Path, i: int) -> dict[str, Any]:
+    """Change CHANGED's environment in the config file, apply it, time both ends."""
     if kind == "gosup":
-        path, header, line = (
-            d.dir / "app.toml",
-            f"[programs.{CHANGED}]\n",
-            'environment = { BENCH_RELOAD = "1" }\n',
-        )
-        argv = ["reload"]
+        path, header = d.dir / "app.toml", f"[programs.{CHANGED}]\n"
+        line, argv = 'environment = {{ BENCH_RELOAD = "{}" }}\n', ["reload"]
     else:
-        path, header, line = (
-            d.dir / "supervisord.conf",
-            f"[program:{CHANGED}]\n",
-            'environment = BENCH_RELOAD="1"\n',
-        )
-        argv = ["update"]
+        path, header = d.dir / "supervisord.conf", f"[program:{CHANGED}]\n"
+        line, argv = 'environment = BENCH_RELOAD="{}"\n', ["update"]
     startfile = wd / "changed.starts"
     seen = len(common.startfile_lines(startfile))
-    path.write_text(path.read_text().replace(header, header + line, 1))
+    text = path.read_text()
+    old = header + (line.format(i - 1) if i else "")
+    path.write_text(text.replace(old, header + line.format(i), 1))
     t0 = time.time_ns()
     run = _run(d, *argv)
     reply_ms = (time.time_ns() - t0) / 1e6
@@ -200,7 +208,7 @@ def measure(variant: str, goapp: Path, wd: Path, n: int, args: Any) -> dict[str,
             rss.append(common.rss_bytes(pids))
         cpu = (common.cpu_seconds(pids) - c0) / (time.monotonic() - w0) * 60
         status = status_ms(kind, d, args.runs)
-        rel = reload(kind, d, wd) if variant != "gosup-limits" else {}
+        rel = reload(kind, d, wd, args.runs) if variant != "gosup-limits" else {}
     return {
         "programs": n,
         "alive_s": round(alive_s, 2),
