@@ -27,12 +27,22 @@ program's runs) has its ``started`` record and an ``exited`` (or
 ``stopped``) record, and every kill its ``exited``; a missing one is a lost
 record.
 
+Beside the lag, what bounds it (load-independent where the lag is not):
+the CPU time of gosup's loop thread and of all its threads per crash-loop
+start in the window, how long the loop thread waited for a CPU (run queue,
+``/proc/PID/task/PID/schedstat``: a share of the window the loop could not
+run however little it had to do) and the load average at both ends.
+``--loop-rt`` is a diagnostic, never the measurement: it gives gosup's loop
+thread (only that thread; its children are not affected,
+``SCHED_RESET_ON_FORK``) the real-time policy SCHED_RR at priority 1, so the
+loop waits for no CPU; what lag remains is gosup's own.
+
 gosup only: no incumbent exports its loop's lateness. The status load talks
 to the socket directly instead of starting 10 Python interpreters a second,
 which on a 2-core machine would measure CPU starvation of the whole box
 rather than gosup's loop (``--status-cli`` uses the real command instead).
 
-    python bench/loop_lag.py [--quick] [--programs N] [--duration S] [--status-cli]
+    python bench/loop_lag.py [--quick] [--programs N] [--duration S] [--status-cli] [--loop-rt]
 """
 
 from __future__ import annotations
@@ -146,6 +156,43 @@ def lag_window(before: dict[str, float], after: dict[str, float]) -> dict[str, A
         "p99_le_s": p99,  # None: beyond the last bucket
         "max_le_s": top,
         "buckets": {k: int(v) for k, v in delta.items() if k not in ("count", "sum")},
+    }
+
+
+# -- what the loop costs -------------------------------------------------------------
+
+
+def cpu_snapshot(pid: int, wd: Path) -> dict[str, float]:
+    """gosup's CPU and run-queue wait (seconds: its loop thread, all its threads),
+    its history's ``started`` records so far, the clock and the load average."""
+    out = {"t": time.monotonic(), "load1": os.getloadavg()[0], "cpu": 0.0}
+    out["loop_cpu"] = out["loop_wait"] = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns, wait_ns, _ = (int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+        out["cpu"] += run_ns / 1e9
+        if int(tid) == pid:
+            out["loop_cpu"], out["loop_wait"] = run_ns / 1e9, wait_ns / 1e9
+    with open(wd / ".gosup" / "history.jsonl", "rb") as f:
+        out["starts"] = sum(1 for line in f if b'"event":"started"' in line)
+    return out
+
+
+def cpu_window(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
+    """The window's CPU: shares of one core, and milliseconds per start."""
+    secs, starts = b["t"] - a["t"], b["starts"] - a["starts"]
+    per = (lambda k: round(1000 * (b[k] - a[k]) / starts, 2)) if starts else (lambda k: None)
+    return {
+        "starts": int(starts),
+        "loop_cpu_pct": round(100 * (b["loop_cpu"] - a["loop_cpu"]) / secs, 1),
+        "all_cpu_pct": round(100 * (b["cpu"] - a["cpu"]) / secs, 1),
+        "loop_runq_wait_pct": round(100 * (b["loop_wait"] - a["loop_wait"]) / secs, 1),
+        "loop_cpu_ms_per_start": per("loop_cpu"),
+        "all_cpu_ms_per_start": per("cpu"),
+        "load1": [round(a["load1"], 2), round(b["load1"], 2)],
     }
 
 
@@ -304,12 +351,16 @@ def phase(goapp: Path, wd: Path, n: int, stress: bool, args: Any) -> dict[str, A
         common.wait_for(lambda: _current(wd / HEALTHY), 60, "the healthy program")
         if stress and args.flood_bytes:  # every kind of load is on before the window opens
             common.wait_for(lambda: common.startfile_lines(wd / "flood"), 60, "the flood")
-        before = scrape(port)
+        gosup_pid = d.supervisor_pids()[0]
+        if args.loop_rt:  # the diagnostic (module docstring); root or CAP_SYS_NICE
+            policy = os.SCHED_RR | os.SCHED_RESET_ON_FORK
+            os.sched_setscheduler(gosup_pid, policy, os.sched_param(1))
+        before, cpu_before = scrape(port), cpu_snapshot(gosup_pid, wd)
         t0 = time.monotonic()
         until = t0 + args.duration
         if stress:
             spy = common.RESULTS / f"profile-{NAME}.txt"
-            pid = d.supervisor_pids()[0] if args.profile else None
+            pid = gosup_pid if args.profile else None
             with (
                 profiling.profiled(pid, spy, args.profile) as hot,
                 Load(d, args.status_cli) as load,
@@ -326,7 +377,7 @@ def phase(goapp: Path, wd: Path, n: int, stress: bool, args: Any) -> dict[str, A
             }
         else:
             kills, extra = kill_healthy(d, wd / HEALTHY, every, until), {}
-        after = scrape(port)
+        after, cpu = scrape(port), cpu_window(cpu_before, cpu_snapshot(gosup_pid, wd))
         seconds = time.monotonic() - t0
         d.graceful_stop(120)
     lat = [k["latency_ms"] for k in kills]
@@ -334,6 +385,7 @@ def phase(goapp: Path, wd: Path, n: int, stress: bool, args: Any) -> dict[str, A
         "seconds": round(seconds, 1),
         "lag": lag_window(before, after),
         "restart_ms": common.describe(lat),
+        "cpu": cpu,
         "kills": kills,
         "history": audit(history(wd), wd, kills),
         "leftovers": d.leftovers,
@@ -365,6 +417,14 @@ def report(quiet: dict[str, Any], stress: dict[str, Any], n: int) -> tuple[list,
           st.get("p99"), stress.get("status_errors"), stress.get("stages"),
           stress.get("stage_errors"), h["config_applied"], h["config_confirmed"]]],
     )  # fmt: skip
+    cost = common.table(
+        "What the loop costs (% of one core; run-queue wait: the loop ready, no CPU free)",
+        ["phase", "starts", "loop CPU %", "all threads CPU %", "loop run-queue wait %",
+         "loop CPU ms/start", "all CPU ms/start", "load avg (begin, end)"],
+        [[label, c["starts"], c["loop_cpu_pct"], c["all_cpu_pct"], c["loop_runq_wait_pct"],
+          c["loop_cpu_ms_per_start"], c["all_cpu_ms_per_start"], c["load1"]]
+         for label, c in (("quiet", quiet["cpu"]), ("stress", stress["cpu"]))],
+    )  # fmt: skip
     lag = stress["lag"]
     q50, s50 = quiet["restart_ms"].get("p50"), stress["restart_ms"].get("p50")
     targets = [
@@ -380,7 +440,7 @@ def report(quiet: dict[str, Any], stress: dict[str, Any], n: int) -> tuple[list,
                      f"{h['kills']['kills']} kills)",
          "met": h["lost"] == 0},
     ]  # fmt: skip
-    return [tab, load], targets
+    return [tab, load, cost], targets
 
 
 def main() -> None:
@@ -388,6 +448,11 @@ def main() -> None:
     p.add_argument("--programs", type=int, help="crash-looping programs (default 200, quick 50)")
     p.add_argument("--duration", type=float, help="seconds of each phase (default 60, quick 12)")
     p.add_argument("--status-cli", action="store_true", help="ask with `gosup status` itself")
+    p.add_argument(
+        "--loop-rt",
+        action="store_true",
+        help="diagnostic: gosup's loop thread SCHED_RR (waits for no CPU); not the measurement",
+    )
     p.add_argument(
         "--flood-bytes",
         type=int,
@@ -418,7 +483,8 @@ def main() -> None:
         print(f"{t['target']}: {t['measured']} -> {t['met']}")
     params = {"crash_looping": n, "flood_bytes": args.flood_bytes, "status_per_s": STATUS_PER_S,
               "stage_every_s": STAGE_EVERY, "duration_s": args.duration,
-              "status_via": "cli" if args.status_cli else "socket"}  # fmt: skip
+              "status_via": "cli" if args.status_cli else "socket",
+              "loop_rt": args.loop_rt}  # fmt: skip
     data = {"params": params, "versions": info, "results": results, "targets": targets}
     common.write_result(NAME, args.quick, {**data, "tables": tabs})
 

@@ -17,6 +17,13 @@ latency measured from the kill, each restart splits into: kill (SIGKILL sent
 -> the process is dead), detection (dead -> the supervisor's code runs),
 bookkeeping (-> Popen is called), fork/exec (-> goapp's exec; for gosup this
 includes the setpriv wrapper's exec), Go start (exec -> the start stamp).
+
+Where the bookkeeping goes: with ``GOSUP_BENCH_STAMPS=1`` in the environment
+(and ``--keep``), gosup also writes ``NS > step`` and ``NS < step`` around
+each of ``_STEPS`` (the actor's exit handling, drain, records, the launch,
+the environment providers) into the same trace file; the wrappers cost a
+few microseconds each, so read the stamps for the order and the shares, not
+for the totals.
 """
 
 from __future__ import annotations
@@ -63,10 +70,68 @@ def _run_gosup() -> None:
 
     spawn.Child._on_exit_readable = exit_readable  # type: ignore[method-assign]
     sp.Popen.__init__ = popen  # type: ignore[method-assign]
+    if os.environ.get(STAMPS_VAR):
+        _stamp_steps(marks)
     import runpy
 
     sys.argv = ["gosup", *sys.argv[1:]]
     runpy.run_module("supervisor", run_name="__main__", alter_sys=True)
+
+
+STAMPS_VAR = "GOSUP_BENCH_STAMPS"
+# The steps of a restart (``--stamps``): when each is entered and left.
+_STEPS = (
+    ("supervisor.core.program", "Program", "_handle"),
+    ("supervisor.core.program", "Program", "_on_exit"),
+    ("supervisor.core.program", "Program", "_on_deadline"),
+    ("supervisor.core.program", "Program", "_spawn"),
+    ("supervisor.core.program", "Program", "_transition"),
+    ("supervisor.core.program", "Program", "_exit_info"),
+    ("supervisor.core.program", "Program", "_record"),
+    ("supervisor.core.output", "OutputCapture", "drain"),
+    ("supervisor.core.output", "OutputCapture", "attach"),
+    ("supervisor.core.spawn", None, "launch"),
+    ("supervisor.core.spawn", None, "start_ticks"),
+    ("supervisor.core.spawn", None, "_prepare_known"),
+    ("supervisor.core.spawn", None, "start_child"),
+    ("supervisor.core.program", "Context", "extra_env"),
+)
+
+
+def _stamp_steps(marks: Any) -> None:
+    """Wrap each of ``_STEPS`` to write ``NS > name`` on entry, ``NS < name`` on return."""
+    import functools
+    import importlib
+    import inspect
+
+    def wrap(fn: Any, name: str) -> Any:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                marks.write(f"{time.monotonic_ns()} > {name}\n")
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    marks.write(f"{time.monotonic_ns()} < {name}\n")
+
+            return awrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            marks.write(f"{time.monotonic_ns()} > {name}\n")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                marks.write(f"{time.monotonic_ns()} < {name}\n")
+
+        return wrapper
+
+    for module, cls, attr in _STEPS:
+        owner = importlib.import_module(module)
+        if cls is not None:
+            owner = getattr(owner, cls)
+        setattr(owner, attr, wrap(getattr(owner, attr), attr))
 
 
 # -- around it ---------------------------------------------------------------------------

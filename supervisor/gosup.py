@@ -80,6 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given is not None and not given.names and not given.json:
             target = argparse.Namespace(config=given.config, socket=given.socket)
             return guarded(lambda: actions.cmd_reload(target))
+    if args[:1] == ["run"]:
+        # The daemon: asyncio without ssl and libssl, loaded only once an https
+        # target is used (core/tls.py). Now, before loguru imports asyncio.
+        from supervisor.core import tls
+
+        tls.import_asyncio_without_ssl()
     from supervisor.cli.commands import main as cli_main
 
     return cli_main(args, daemon=Daemon())

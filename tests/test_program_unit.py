@@ -65,6 +65,9 @@ class FakeChild:
         os.close(self._w_err)
         self.exited.set_result(code)
 
+    def on_exit(self, fn: Any) -> None:
+        self.exited.add_done_callback(lambda fut: fn(fut.result()))
+
     def signal_group(self, sig: int) -> bool:
         self.signals.append(("group", sig))
         if sig == signal.SIGKILL or not self.ignore_term:

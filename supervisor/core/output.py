@@ -7,17 +7,22 @@ a child flooding its output costs one syscall per chunk and gosup's memory
 does not grow (asyncio stops reading the pipe while we write, and the kernel's
 pipe buffer pushes back on the child).
 
-stderr also keeps a bounded tail, which is what the Go crash parser reads
-after the child exits (the runtime writes its panic there), and can be tapped
-for the rest of a run (a SIGQUIT goroutine dump): taps end with the run's
-pipes, so the next child's output never reaches them.
+Each run's stderr also keeps a bounded tail of its own, which is what the Go
+crash parser and the exit record's ``output_tail`` read after that child
+exits (the runtime writes its panic there): during an overlap restart the old
+process's last words go to the old run's tail, never the replacement's.
+stderr can be tapped for the rest of a run (a SIGQUIT goroutine dump): taps
+end with the run's pipes, so the next child's output never reaches them.
 
 Logging degrades, supervision does not (docs/architecture.md): a log write
 that fails (a full disk, a deleted log_dir) drops that chunk, says so once
 per burst, and is tried again (the directory and file re-created) a second
 later or at the next start; nothing raises into the event loop. The files
-are open only while a run's pipes are attached, so a configured program that
-is not running holds no descriptor. The terminal echo goes through a
+are open while a run's pipes are attached and for ``IDLE_CLOSE`` seconds
+after, so a program restarting at once or after a short backoff (a crash
+loop) keeps its descriptors instead of paying a stat, two opens, a fstat
+and a close per file and run, and a configured program that is not running
+holds no descriptor for long. The terminal echo goes through a
 ``DroppingWriter``: a reader that stops reading (``gosup run | less``, paused)
 costs dropped echo lines, counted, never a stalled loop.
 """
@@ -47,6 +52,7 @@ _COLOURS = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)
 LOG_DIR_MODE = 0o750  # log files and their directory, whatever gosup's umask (docs/config.md)
 LOG_FILE_MODE = 0o640
 RETRY_AFTER = 1.0  # seconds a failed log file waits before it is tried again
+IDLE_CLOSE = 2.0  # seconds the files stay open after a run, for the next run of a restart
 
 
 def prepare_log_dir(path: Path) -> None:
@@ -61,14 +67,18 @@ def prepare_log_dir(path: Path) -> None:
 
 
 def _open_log(path: Path) -> int:
-    """Open ``path`` for appending; a file created here gets 0640 whatever the umask."""
+    """Open ``path`` for appending; a file created here gets 0640 whatever the umask.
+    The file usually exists: one ``open`` then, a second only to create it."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
-    except FileExistsError:
-        return os.open(path, flags)
-    os.fchmod(fd, LOG_FILE_MODE)
-    return fd
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(path, flags)
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+        except FileExistsError:  # created between the two: open it
+            continue
+        os.fchmod(fd, LOG_FILE_MODE)
+        return fd
 
 
 LINE_FINISH = 64 << 10  # how far past max_size a line is finished before rotating
@@ -101,8 +111,11 @@ class RotatingFile:
             return
         self.close()
         try:
-            prepare_log_dir(self.path.parent)
-            self._fd = _open_log(self.path)
+            try:
+                self._fd = _open_log(self.path)
+            except FileNotFoundError:  # log_dir is gone (or was never made): make it
+                prepare_log_dir(self.path.parent)
+                self._fd = _open_log(self.path)
             self.size = os.fstat(self._fd).st_size
         except OSError as exc:
             self._failed(exc, 0)
@@ -337,7 +350,8 @@ class Stream:
     def __init__(self, file: RotatingFile, echo: TerminalEcho | None, keep_tail: bool) -> None:
         self.file = file
         self.echo = echo
-        self.tail = Tail(TAIL_BYTES) if keep_tail else None
+        self.keep_tail = keep_tail
+        self.tail: Tail | None = None  # the current run's (each run feeds its own)
         self.bytes_total = 0
         self._taps: list[Callable[[bytes], None]] = []
 
@@ -346,8 +360,6 @@ class Stream:
         self.bytes_total += len(data)
         if self.echo is not None:
             self.echo.feed(data)
-        if self.tail is not None:
-            self.tail.feed(data)
         if self._taps:  # the hot path: no copy of an empty list per chunk
             self._feed_taps(data)
 
@@ -369,6 +381,21 @@ class Stream:
                 self._taps.remove(fn)
 
         return remove
+
+    def run_feed(self) -> tuple[Callable[[bytes], None], Tail | None]:
+        """A new run's feed, and its own tail (made the current one) if this
+        stream keeps tails: a process beside the run (the old one of an
+        overlap) goes on feeding its own tail, never the new run's."""
+        if not self.keep_tail:
+            return self.feed, None
+        tail = self.tail = Tail(TAIL_BYTES)
+        feed, keep = self.feed, tail.feed
+
+        def feed_and_keep(data: bytes) -> None:
+            feed(data)
+            keep(data)
+
+        return feed_and_keep, tail
 
     def untap_all(self) -> None:
         self._taps.clear()
@@ -410,6 +437,7 @@ class RunPipes:
 
     transports: list[asyncio.BaseTransport]
     done: list[asyncio.Future[None]]
+    tail: Tail | None = None  # the run's own stderr tail
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for both pipes to reach EOF, then close them."""
@@ -442,19 +470,22 @@ class OutputCapture:
             RotatingFile(log_dir / f"{name}.stderr.log", max_size, backups), echo(), keep_tail=True
         )
         self._pipes = RunPipes([], [])  # the current run's
+        self._idle: asyncio.TimerHandle | None = None  # closes the files IDLE_CLOSE after a run
 
     async def attach(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         """Open the log files (re-created if they or log_dir vanished) and start
         pumping a new child's pipes (the previous run's must be detached)."""
         loop = asyncio.get_running_loop()
+        self._keep_files()
         self.stdout.file.open()
         self.stderr.file.open()
-        if self.stderr.tail is not None:
-            self.stderr.tail.clear()
         for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
             done: asyncio.Future[None] = loop.create_future()
             at_end = stream.echo.flush if stream.echo is not None else None
-            protocol = PipeReader(stream.feed, done, at_end)
+            feed, tail = stream.run_feed()
+            if tail is not None:
+                self._pipes.tail = tail
+            protocol = PipeReader(feed, done, at_end)
             transport, _ = await loop.connect_read_pipe(_given(protocol), pipe)
             self._pipes.transports.append(transport)
             self._pipes.done.append(done)
@@ -466,19 +497,22 @@ class OutputCapture:
         self.detach()
 
     def hand_over(self) -> RunPipes:
-        """Set the current run's pipes apart (they keep feeding the log files),
-        so that the next run can attach while this one still runs."""
+        """Set the current run's pipes apart (they keep feeding the log files,
+        and their own tail), so that the next run can attach while this one still runs."""
         pipes, self._pipes = self._pipes, RunPipes([], [])
         return pipes
 
     def adopt(self, pipes: RunPipes) -> None:
         """Make pipes set apart the current run's again (its replacement failed)."""
+        self._keep_files()  # (a write re-opens a closed file anyway: this spares it)
         self._pipes.transports += pipes.transports
         self._pipes.done += pipes.done
+        self._pipes.tail = self.stderr.tail = pipes.tail
         pipes.transports, pipes.done = [], []
 
     def detach(self) -> None:
-        """Stop reading the run's pipes and close the log files until the next run."""
+        """Stop reading the run's pipes; the log files close ``IDLE_CLOSE`` later
+        unless the next run has attached by then."""
         self._pipes.close()
         self.stdout.untap_all()  # a tap lasts one run
         self.stderr.untap_all()
@@ -486,6 +520,21 @@ class OutputCapture:
             self.stdout.echo.flush()
         if self.stderr.echo is not None:
             self.stderr.echo.flush()
+        if self._idle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (gosup is ending): close now
+                self._close_files()
+                return
+            self._idle = loop.call_later(IDLE_CLOSE, self._close_files)
+
+    def _keep_files(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _close_files(self) -> None:
+        self._idle = None
         self.stdout.file.close()
         self.stderr.file.close()
 
@@ -496,3 +545,5 @@ class OutputCapture:
 
     def close(self) -> None:
         self.detach()
+        self._keep_files()
+        self._close_files()

@@ -195,6 +195,25 @@ class _RetireTimeout(Message):
     child: spawn.Child
 
 
+@dataclass
+class _Launch:
+    """A start's outcome: the child and its binary's hash, or what went wrong."""
+
+    started_from: int  # spawn.start_ticks() just before: what started since is not a leftover
+    child: spawn.Child | None = None
+    digest: str = ""
+    error: Exception | None = None
+
+    def discard(self) -> None:
+        """A child started ahead of its records that will not be run after all
+        (a bug in the bookkeeping): kill it, close its pipes; its exit is ignored."""
+        if self.child is not None:
+            self.child.signal_group(signal.SIGKILL)
+            for pipe in (self.child.stdout, self.child.stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
 class Program:
     def __init__(self, spec: ProgramSpec, ctx: Context) -> None:
         self.spec = spec
@@ -511,14 +530,20 @@ class Program:
         self._wait_for(msg, frozenset({S.RUNNING}))
         await self._spawn()
 
-    async def _spawn(self) -> None:
-        await self._holds_done()
-        self._transition(S.STARTING)
+    async def _spawn(self, launched: _Launch | None = None) -> None:
+        """-> STARTING, and the child started; ``launched``: started already
+        (a crash restarted at once, ``_on_exit``), its records come now."""
+        if launched is None:
+            await self._holds_done()
+            self._transition(S.STARTING)
+            launched = await self._launch()
+        else:
+            self._transition(S.STARTING)
         spec = self.spec
-        started_from = spawn.start_ticks()  # what starts from now on is not a leftover
-        try:
-            child, digest = await self.ctx.launcher(spec, self.ctx.extra_env(spec))
-        except Exception as exc:  # SpawnError, OSError (EMFILE ...), ValueError from Popen
+        started_from = launched.started_from
+        child, digest, exc = launched.child, launched.digest, launched.error
+        if child is None:  # SpawnError, OSError (EMFILE ...), ValueError from Popen
+            assert exc is not None
             self._log_exit(None)
             await self._sweep_crashed(None)
             logger.error("{}: cannot start: {}", self.name, exc)
@@ -537,9 +562,7 @@ class Program:
             )
             self._after_failed_run(healthy=False)
             return
-        # Its exit is watched before anything else can fail: never STARTING with a dead pid.
-        self.child = child
-        self._watch_exit(child)
+        self.child = child  # its exit is watched already (_launch)
         self._log_exit(None)
         await self._sweep_crashed(started_from)  # not awaited: it runs beside the new run
         self.start_seq = _next_start_seq()
@@ -561,6 +584,34 @@ class Program:
         else:  # the prober decides; this is only its backstop
             ready = spec.ready
             self._deadline = self.ctx.clock() + ready.within + ready.timeout + READY_GRACE
+
+    async def _launch(self) -> _Launch:
+        """Start the child; a failure is returned, not raised. Its exit is
+        watched before anything else can fail: never STARTING with a dead pid."""
+        started_from = spawn.start_ticks()  # what starts from now on is not a leftover
+        try:
+            child, digest = await self.ctx.launcher(self.spec, self.ctx.extra_env(self.spec))
+        except Exception as exc:
+            return _Launch(started_from, error=exc)
+        self._watch_exit(child)
+        return _Launch(started_from, child, digest)
+
+    def _restarts_at_once(self, child: spawn.Child, code: int, uptime: float) -> bool:
+        """Whether this exit is a crash after a healthy run that nothing else has
+        a say in: then the replacement starts before the exit's bookkeeping.
+
+        Not when anyone waits for the run's end (``exited``: a dump), holds the
+        next start, or may (ConfigSync rolls a file back before the next start
+        reads it): those take the ordinary path, records first."""
+        return (
+            self.state is S.RUNNING
+            and self._old is None
+            and not self._holds
+            and not self.spec.config_files
+            and not any(pid == child.pid for pid, _ in self._run_end)
+            and self._should_restart(code)
+            and self.policy.run_was_healthy(uptime)
+        )
 
     async def _on_deadline(self) -> None:
         if self.state is S.STARTING and self.spec.ready is not None:
@@ -585,8 +636,9 @@ class Program:
         return self.child is not None and self.child.alive()
 
     def _watch_exit(self, child: spawn.Child) -> None:
-        """Post the child's exit to the inbox once it happens (a duplicate is ignored)."""
-        child.exited.add_done_callback(lambda fut: self.post(_Exited(child, fut.result())))
+        """Post the child's exit to the inbox once it happens (a duplicate is ignored),
+        from the exit's own callback: the actor wakes on the next loop turn."""
+        child.on_exit(lambda code: self.post(_Exited(child, code)))
 
     async def _on_not_ready(self, msg: NotReady) -> None:
         if self.state is S.STARTING and msg.pid == self.pid:
@@ -621,6 +673,26 @@ class Program:
         # The run's end, not when gosup heard of it (gosup may have been stopped).
         ended = self.ctx.clock() - child.ended_ago()
         uptime = max(ended - (self.started_at or ended), 0.0)
+        # A healthy run that crashed is back at once, and first: what DESIGN §5
+        # records about the exit (exited, backoff, then started: the same
+        # records, in the same order) is written just after the Popen, with the
+        # crash reading, the state listeners and the log lines.
+        launched = await self._launch() if self._restarts_at_once(child, code, uptime) else None
+        try:
+            await self._account_exit(child, code, uptime)
+        except BaseException:
+            if launched is not None:
+                launched.discard()
+            raise
+        if launched is not None:
+            if self.state is S.BACKOFF:
+                await self._spawn(launched)
+            else:  # pragma: no cover - _restarts_at_once decided it would be
+                launched.discard()
+
+    async def _account_exit(self, child: spawn.Child, code: int, uptime: float) -> None:
+        """The run is over: drain its output, read how it ended, record it, and
+        decide (restart at once, back off, give up, or stay EXITED/STOPPED)."""
         try:
             await self.output.drain(DRAIN_TIMEOUT)
         except Exception as exc:  # the exit is handled all the same

@@ -120,12 +120,15 @@ def go_env(
     """
     if not spec.go_env:
         return {}
-    env = {**inherited, **spec.environment}
+
+    def unset(var: str) -> bool:  # no copy of os.environ: this runs before every start
+        return var not in spec.environment and var not in inherited
+
     out: dict[str, str] = {}
     caps = [c for c in (spec.limits.rss if spec.limits else None, limits.memory) if c]
-    if "GOMEMLIMIT" not in env and caps:
+    if unset("GOMEMLIMIT") and caps:
         out["GOMEMLIMIT"] = _go_size(int(min(caps) * MEMLIMIT_FRACTION))
-    if "GOMAXPROCS" not in env and limits.cpus is not None:
+    if unset("GOMAXPROCS") and limits.cpus is not None:
         procs = max(1, math.ceil(limits.cpus))
         if procs < (os.cpu_count() or procs + 1):
             out["GOMAXPROCS"] = str(procs)

@@ -20,14 +20,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
+from supervisor.core import tls
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from ssl import SSLContext
+
+    import h11
+else:
+    h11 = None  # imported by prepare(): most configurations never speak HTTP
 
 MAX_HEADER_BYTES = 64 * 1024  # a metrics endpoint sends a few hundred bytes of headers
 READ_SIZE = 64 * 1024
+
+
+def prepare(https: bool = False) -> None:
+    """Import what talking HTTP needs: h11 (about 0.5 MiB resident), and for
+    ``https`` the ssl module (`core.tls`). An idle gosup whose configuration
+    names no URL carries neither. The composition root calls this before the
+    loop runs for the URLs a configuration names; a client made without it
+    (a URL added by a reload) imports h11 itself, once."""
+    global h11
+    import h11  # binds the module's name (``global``); a dict lookup once imported
+
+    if https:
+        tls.load()
 
 
 class ScrapeError(Exception):
@@ -56,7 +76,7 @@ class _Connection:
         """Close the socket now and wait until it is (an unanswered request may
         still be buffered: abort, do not flush)."""
         self.writer.transport.abort()
-        with contextlib.suppress(OSError, ssl.SSLError):
+        with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
             await self.writer.wait_closed()
 
 
@@ -70,11 +90,13 @@ class HttpClient:
     """
 
     def __init__(self, url: str) -> None:
+        prepare()
         parts = urlsplit(url)
         self.base, self.netloc = f"{parts.scheme}://{parts.netloc}", parts.netloc
         self.host, self.https = parts.hostname or "", parts.scheme == "https"
         self.port = parts.port or (443 if self.https else 80)
         self._conn: _Connection | None = None
+        self._tls: SSLContext | None = None  # made once, in a thread (it reads the CA store)
         self._requests: dict[tuple[str, bool], h11.Request] = {}  # built (and checked) once
 
     async def get(self, target: str, timeout: float, max_bytes: int, keep: bool = True) -> Response:
@@ -127,11 +149,20 @@ class HttpClient:
 
     async def _connection(self) -> _Connection:
         if self._conn is None:
-            ctx = ssl.create_default_context() if self.https else None
+            ctx = await self._tls_context() if self.https else None
             reader, writer = await asyncio.open_connection(self.host, self.port, ssl=ctx)
             http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
             self._conn = _Connection(reader, writer, http)
         return self._conn
+
+    async def _tls_context(self) -> SSLContext:
+        """The client's TLS context. The first one loads ssl and OpenSSL's libssl
+        into gosup (`core.tls`: an idle gosup without https does not carry
+        them) and every one reads the system's CA certificates: disk work, so
+        in a thread, once per client."""
+        if self._tls is None:
+            self._tls = await asyncio.to_thread(_default_context)
+        return self._tls
 
     async def _exchange(self, conn: _Connection, request: h11.Request, max_bytes: int) -> Response:
         conn.writer.write(conn.http.send(request) + conn.http.send(h11.EndOfMessage()))
@@ -163,6 +194,13 @@ class HttpClient:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+
+
+def _default_context() -> SSLContext:
+    tls.load()  # ssl, and asyncio made able to use it
+    import ssl
+
+    return ssl.create_default_context()
 
 
 async def _next_event(conn: _Connection) -> object:

@@ -19,19 +19,23 @@ A part that only some configurations use is imported only when the
 configuration uses it, still here and by name: ``/metrics`` (and with it
 prometheus_client) only with ``metrics_listen``, ConfigSync (watchdog) only
 for a program with ``config_files``, dev mode (watchdog, pathspec) only with
-``--dev`` or a ``[build]`` section. An idle gosup without them does not pay
-their memory (docs/benchmarks.md, "Overhead").
+``--dev`` or a ``[build]`` section, the HTTP client's h11 only when a URL is
+named (a probe, ``go_metrics``) and ssl only for an ``https`` one (asyncio
+itself is imported without it: ``core/tls.py``). An idle gosup without them
+does not pay their memory (docs/benchmarks.md, "Overhead").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from supervisor.config import AppConfig
 from supervisor.core.notify import SOCKET_NAME, NotifySocket
 from supervisor.core.program import Program
-from supervisor.health import probing
+from supervisor.health import gohttp, probing
 from supervisor.health.evidence import Dumps
 from supervisor.health.goenv import GoEnv
 from supervisor.health.resources import ResourceSampler
@@ -47,6 +51,9 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     """The Supervisor for ``config`` with every part it needs, wired."""
     sup = Supervisor(config, echo=echo, dev=dev)
     state_dir = config.supervisor.state_dir
+    urls = [u for u in _strings(config) if u.startswith(("http://", "https://"))]
+    if urls:  # imported now, not on the loop at the first probe (a reload imports its own)
+        gohttp.prepare(https=any(u.startswith("https://") for u in urls))
 
     server = control.ControlServer(sup)
     dumps = Dumps(sup.history, state_dir / "dumps")
@@ -122,3 +129,19 @@ def _dev_build(sup: Supervisor, program: Program) -> Attachment | None:
     from supervisor.service import devmode  # watchdog and pathspec: only when used
 
     return devmode.build_for(sup, program)
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string in a config tree (frozen dataclasses, tuples, dicts): the
+    URLs among them say what the HTTP client will need."""
+    if isinstance(value, str):
+        yield value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _strings(getattr(value, field.name))
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
