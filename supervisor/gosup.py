@@ -69,6 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = status.parse_fast(args[1:])
         if ns is not None:
             return guarded(lambda: status.cmd_status(ns))
+    if args[:1] == ["reload"]:
+        # Likewise `gosup reload` (-c/--socket only), which a deployment waits on:
+        # without every subcommand's parser and module (stage's imports the config).
+        import argparse
+
+        from supervisor.cli import actions, status
+
+        given = status.parse_fast(args[1:])
+        if given is not None and not given.names and not given.json:
+            target = argparse.Namespace(config=given.config, socket=given.socket)
+            return guarded(lambda: actions.cmd_reload(target))
     if args[:1] == ["run"]:
         # The daemon: asyncio without ssl and libssl, loaded only once an https
         # target is used (core/tls.py). Now, before loguru imports asyncio.

@@ -90,4 +90,7 @@ _LINES = str.maketrans({c: v for c, v in _TABLE.items() if c not in (0x09, 0x0A)
 def escape(text: object, lines: bool = False) -> str:
     """``text`` safe to print on a terminal: control characters shown as
     ``\\x1b`` etc. With ``lines``, newlines and tabs are kept."""
-    return str(text).translate(_LINES if lines else _ONE_LINE)
+    text = str(text)
+    if text.isprintable():  # the common case, in C: every character escaped is unprintable
+        return text
+    return text.translate(_LINES if lines else _ONE_LINE)

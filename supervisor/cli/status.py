@@ -79,32 +79,36 @@ def parse_fast(argv: list[str]) -> SimpleNamespace | None:
 def format_status(programs: list[dict[str, Any]]) -> str:
     """The status table: one row per program, resource columns when known, and
     a NOTE column only when some program has a limit or scrape to point out."""
-    figures = [(k, t) for k, t in FIGURE_COLUMNS if any(p.get(k) is not None for p in programs)]
+    # Column by column: a thousand programs are a thousand rows, and gosup
+    # status must stay quick (docs/benchmarks.md, "Scale").
+    get = dict.get
+    figures = [(k, t) for k, t in FIGURE_COLUMNS if any(get(p, k) is not None for p in programs)]
     notes = [format_note(p) for p in programs]
-    header = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", *(t for _, t in figures), "LAST EXIT"]
+    columns = [
+        ("NAME", [escape(p["name"]) for p in programs]),
+        ("STATE", [escape(p["state"]) for p in programs]),
+        ("PID", [_or_dash(get(p, "pid")) for p in programs]),
+        ("UPTIME", [format_duration(get(p, "uptime_s")) for p in programs]),
+        ("RESTARTS", [_or_dash(get(p, "restarts")) for p in programs]),
+        *((t, [escape(_figure(k, get(p, k))) for p in programs]) for k, t in figures),
+        ("LAST EXIT", [escape(format_exit(get(p, "last_exit"))) for p in programs]),
+    ]
     if any(notes):
-        header.append("NOTE")
-    rows = [header]
-    for p, note in zip(programs, notes, strict=True):
-        cells = [
-            str(p["name"]),
-            str(p["state"]),
-            _or_dash(p.get("pid")),
-            format_duration(p.get("uptime_s")),
-            _or_dash(p.get("restarts")),
-            *(_figure(k, p.get(k)) for k, _ in figures),
-            format_exit(p.get("last_exit")),
-            *([note or "-"] if any(notes) else []),
-        ]
-        rows.append([escape(c) for c in cells])  # crash messages, errors: a program's words
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        columns.append(("NOTE", [escape(n or "-") for n in notes]))
+    # ljust pads to a width; the last column is never padded (no trailing blanks).
+    padded = [
+        [c.ljust(w) for c in (title, *cells)]
+        for title, cells in columns[:-1]
+        for w in [max([len(title), *map(len, cells)])]
+    ]
+    last_title, last = columns[-1]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        "  ".join(row).rstrip() for row in zip(*padded, (last_title, *last), strict=True)
     )
 
 
 def _or_dash(value: object) -> str:
-    return "-" if value is None else str(value)
+    return "-" if value is None else escape(value)
 
 
 def _figure(key: str, value: object) -> str:
