@@ -67,7 +67,6 @@ __all__ = [
     "RestartPolicy",
     "SocketSpec",
     "SupervisorSpec",
-    "TomlParser",
     "check_file",
     "is_loopback_host",
     "load",
@@ -974,24 +973,12 @@ def _deeper_than(value: object, limit: int) -> bool:
     return any(_deeper_than(item, limit - 1) for item in nested)
 
 
-# A TOML parser that reads what tomllib reads into the same values, faster
-# (the daemon hands in tomli's compiled build for a reload: service/daemon.py).
-TomlParser = Callable[[str], dict[str, object]]
-
-
-def _parse(text: str, source: str, sha256: str, parser: TomlParser | None = None) -> AppConfig:
+def _parse(text: str, source: str, sha256: str) -> AppConfig:
     # The file may come from anyone who can write it: nesting that exhausts
     # the parser's recursion, or ours, is a config error, never a traceback.
     too_deep = f"{source}: nested deeper than {MAX_DEPTH} levels"
-    data: dict[str, object] | None = None
-    if parser is not None:
-        try:
-            data = parser(text)
-        except Exception:  # RecursionError too: tomllib below words every error
-            data = None
     try:
-        if data is None:
-            data = tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(source, text, exc)]) from None
     except RecursionError:
@@ -1018,12 +1005,8 @@ def loads(text: str, path: str | os.PathLike[str]) -> AppConfig:
     return _parse(text, os.fspath(path), fileops.sha256_bytes(text.encode()))
 
 
-def load(path: str | os.PathLike[str], parser: TomlParser | None = None) -> AppConfig:
-    """Read and validate the config file at `path`; ConfigError lists every problem.
-
-    ``parser``: a faster TOML parser of the same language (tomli's compiled
-    build, TOML 1.0 like tomllib); a file it refuses is parsed again by
-    tomllib, whose words the error keeps."""
+def load(path: str | os.PathLike[str]) -> AppConfig:
+    """Read and validate the config file at `path`; ConfigError lists every problem."""
     source = os.fspath(path)
     try:
         raw = Path(source).read_bytes()
@@ -1033,7 +1016,7 @@ def load(path: str | os.PathLike[str], parser: TomlParser | None = None) -> AppC
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not valid UTF-8 (byte {exc.start})"]) from None
-    return _parse(text, source, fileops.sha256_bytes(raw), parser)
+    return _parse(text, source, fileops.sha256_bytes(raw))
 
 
 def check_file(path: str | os.PathLike[str]) -> list[str]:

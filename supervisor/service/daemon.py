@@ -414,7 +414,7 @@ class Supervisor:
                 logger.warning("reload ignored: gosup is shutting down")
                 return {"added": [], "removed": [], "changed": [], "updated": []}
             # Off the loop: reading app.toml, and the user lookups (NSS may ask LDAP).
-            new = await asyncio.to_thread(configmod.load, self.config.path, _fast_toml())
+            new = await asyncio.to_thread(configmod.load, self.config.path)
             if errors := await asyncio.to_thread(privilege_errors, new, self.config):
                 raise configmod.ConfigError(errors)
             # A socket that cannot be bound refuses the reload, nothing changed.
@@ -473,23 +473,6 @@ class Supervisor:
                 updated,
             )
             return {"added": added, "removed": removed, "changed": changed, "updated": updated}
-
-
-def _fast_toml() -> configmod.TomlParser | None:
-    """tomli's compiled build, when it speaks TOML 1.0 like tomllib (tomli
-    2.2 is the parser tomllib was made from: the same values and errors,
-    about twice as fast; at 1,000 programs the parse is most of a reload).
-    None: tomllib, also where tomli reads TOML 1.1, which tomllib (and so
-    ``gosup check`` and the start) would refuse."""
-    try:
-        import tomli
-    except ImportError:
-        return None
-    try:
-        tomli.loads('x = "\\e"')  # an escape TOML 1.1 added
-    except tomli.TOMLDecodeError:
-        return tomli.loads
-    return None
 
 
 def _settle_heap() -> None:
