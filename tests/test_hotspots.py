@@ -9,6 +9,7 @@
 - the crash sweep of a subreaper gosup reads only the environments of the
   orphans it adopted, not every process's.
 - the reaper reads the state of the children it did not start only.
+- a stop's tree walk reads the tree's own /proc entries, not every process's.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import Gosup, pid_alive, wait_for
 
 from supervisor.config import appconfig
-from supervisor.core import cgroup
+from supervisor.core import cgroup, spawn
 from supervisor.health import goenv
 from supervisor.service import orphans
 
@@ -238,6 +240,43 @@ def test_the_reaper_reads_no_state_of_the_children_it_is_told_to_skip() -> None:
             p.kill()
             p.wait()
         os.waitpid(orphan, 0)
+
+
+def test_a_tree_is_walked_through_its_own_proc_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child, its children and a grandchild started from a second thread
+    (the kernel lists a child under the thread that forked it) are all found,
+    without psutil's scan of every process on the host (40-110 ms per stop
+    at 1,000 programs); so is every member for kill_tree."""
+    code = (
+        "import subprocess, threading, time\n"
+        "subprocess.Popen(['sleep', '60'])\n"
+        "t = threading.Thread(target=lambda: subprocess.Popen(['sh', '-c', 'sleep 60 & wait']))\n"
+        "t.start(); t.join(); time.sleep(60)\n"
+    )
+    root = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        expected = wait_for(
+            lambda: len(d := psutil.Process(root.pid).children(recursive=True)) == 3 and d,
+            WAIT,
+            "the tree of four",
+        )
+
+        def no_scan() -> dict[int, int]:
+            raise AssertionError("a scan of every process's stat file")
+
+        with monkeypatch.context() as m:
+            m.setattr(psutil, "_ppid_map", no_scan)
+            tree = spawn.process_tree(root.pid)
+            assert tree[0].pid == root.pid
+            assert {p.pid for p in tree[1:]} == {p.pid for p in expected}
+            assert spawn.process_tree(2**22 + 1) == []  # no such process
+            assert spawn.kill_tree(tree[:1]) == 4  # the root; kill_tree finds the rest itself
+        root.wait(WAIT)
+        for proc in expected:
+            wait_for(lambda p=proc: not p.is_running() or p.status() == "zombie", WAIT, "the end")
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)
+        root.wait()
 
 
 # -- the config parse at a reload ---------------------------------------------------------------

@@ -892,7 +892,7 @@ class Program:
     async def _tree_of(self, child: spawn.Child) -> list[psutil.Process]:
         """The child's tree and the daemons it double-forked, taken before any
         signal (descendants that left the group are only found through their
-        parents). A walk of all of /proc: in a thread."""
+        parents). /proc reads, one process after another: in a thread."""
 
         def walk() -> list[psutil.Process]:
             return child.tree() + spawn.adopted(self.name)

@@ -292,7 +292,7 @@ def adopted(program: str) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             if proc.environ().get(PROGRAM_VAR) == program:
-                found += [proc, *proc.children(recursive=True)]
+                found += process_tree(pid)
     return found
 
 
@@ -477,11 +477,52 @@ class Child:
     def tree(self) -> list[psutil.Process]:
         """The child and every descendant now (taken before signalling: descendants
         that left the group are only found through their parents)."""
-        try:
-            root = psutil.Process(self.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return process_tree(self.pid)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants now, parents first; [] when it is gone.
+
+    Walked down through ``/proc/PID/task/*/children`` (``children``: a few
+    reads per process of the tree) instead of psutil's
+    ``children(recursive=True)``, which reads the stat file of every process
+    on the host (at 1,000 programs, 40-110 ms per stop: issue 18). A process
+    that ends meanwhile is left out."""
+    try:
+        found = [psutil.Process(pid)]
+    except psutil.Error:
+        return []
+    at = 0
+    while at < len(found):
+        found += children(found[at])
+        at += 1
+    return found
+
+
+def children(proc: psutil.Process) -> list[psutil.Process]:
+    """``proc``'s children now, from ``/proc/PID/task/*/children``; psutil's
+    scan of all of /proc where the kernel lacks those files."""
+    if not _children_files():
+        with contextlib.suppress(psutil.Error):
+            return proc.children()
+        return []
+    pids: list[int] = []
+    with contextlib.suppress(OSError):  # it ended meanwhile
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            path = f"/proc/{proc.pid}/task/{task}/children"
+            with contextlib.suppress(OSError), open(path) as f:  # a thread may end meanwhile
+                pids += (int(c) for c in f.read().split())
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            out.append(psutil.Process(pid))
+    return out
+
+
+@functools.cache
+def _children_files() -> bool:
+    """Whether this kernel lists children in /proc (CONFIG_PROC_CHILDREN)."""
+    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
 async def launch(
@@ -770,7 +811,7 @@ def kill_tree(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
         with contextlib.suppress(psutil.Error):
             if not proc.is_running():
                 continue
-            pending.extend(proc.children())
+            pending.extend(children(proc))
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             proc.send_signal(sig)
