@@ -366,7 +366,7 @@ def test_the_wrapper_moves_fds_and_sets_the_pid(
             env = wait_for(lambda: env_file.exists() and read_env(env_file), 10, "env")
             out = b""
             while b"inherited: fd=4" not in out:
-                out += await asyncio.wait_for(asyncio.to_thread(child.stdout.read1), 10)
+                out += await asyncio.wait_for(asyncio.to_thread(child.stdout.read, 65536), 10)
             return child.pid, out.decode(), env
         finally:
             child.signal_group(signal.SIGKILL)
