@@ -111,7 +111,9 @@ class Harness:
         spec = ProgramSpec(name="api", command=("api",), directory=tmp, **spec_keys)
         self.program = Program(spec, ctx)
 
-    async def _launch(self, spec: ProgramSpec, env: dict[str, str]) -> tuple[Any, str]:
+    async def _launch(
+        self, spec: ProgramSpec, env: dict[str, str], *, at_once: bool = False
+    ) -> tuple[Any, str]:
         child = FakeChild(10_000 + len(self.children), self.ignore_term)
         self.children.append(child)
         return child, "f" * 64

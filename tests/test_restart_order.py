@@ -112,12 +112,14 @@ def test_the_replacement_is_launched_before_the_crash_is_recorded(tmp_path: Path
     launcher runs for the restart at once, the crash is not yet in the history;
     a crash after a failed run still writes its records first."""
     seen: list[list[str]] = []  # the history's events when each launch began
+    on_loop: list[bool] = []  # each launch's at_once: forked on the loop's thread
 
     async def body(h: Harness) -> None:
         launch = h._launch
 
-        async def spying(spec: Any, env: dict[str, str]) -> tuple[Any, str]:
+        async def spying(spec: Any, env: dict[str, str], *, at_once: bool) -> tuple[Any, str]:
             seen.append([r["event"] for r in h.records()] if h.history_path.exists() else [])
+            on_loop.append(at_once)
             return await launch(spec, env)
 
         h.program.ctx.launcher = spying
@@ -144,3 +146,6 @@ def test_the_replacement_is_launched_before_the_crash_is_recorded(tmp_path: Path
     run(tmp_path, body, backoff=FAST, start_seconds=5.0)
     assert seen[1] == ["started", "running"]  # launched before exited and backoff
     assert seen[2][-2:] == ["exited", "backoff"]
+    # Only the restart at once forks on the loop; the first start and the
+    # restart after a backoff delay fork in the spawn thread.
+    assert on_loop == [False, True, False]

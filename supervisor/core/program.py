@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 from loguru import logger
@@ -86,6 +86,14 @@ class RestartFailed(CommandError):
         self.error = error
 
 
+class Launcher(Protocol):
+    """Starts a program's child: (child, binary sha256); ``spawn.launch``."""
+
+    def __call__(
+        self, spec: ProgramSpec, extra_env: dict[str, str], *, at_once: bool = False
+    ) -> Awaitable[tuple[spawn.Child, str]]: ...
+
+
 @dataclass
 class Context:
     """What every program shares with its supervisor."""
@@ -101,10 +109,8 @@ class Context:
     # program name -> processes of its past runs that left its group and were
     # found by their marks (service/orphans.py); swept with the group at a stop
     marked_escapees: Callable[[str], list[psutil.Process]] = lambda name: []
-    # (spec, extra env) -> (child, binary sha256); tests inject fakes here
-    launcher: Callable[[ProgramSpec, dict[str, str]], Awaitable[tuple[spawn.Child, str]]] = (
-        spawn.launch
-    )
+    # (spec, extra env, at_once=) -> (child, binary sha256); tests inject fakes here
+    launcher: Launcher = spawn.launch
 
     def extra_env(self, spec: ProgramSpec) -> dict[str, str]:
         """The providers' variables for ``spec``, a later provider winning."""
@@ -536,7 +542,7 @@ class Program:
         if launched is None:
             await self._holds_done()
             self._transition(S.STARTING)
-            launched = await self._launch()
+            launched = await self._launch(at_once=False)
         else:
             self._transition(S.STARTING)
         spec = self.spec
@@ -585,12 +591,15 @@ class Program:
             ready = spec.ready
             self._deadline = self.ctx.clock() + ready.within + ready.timeout + READY_GRACE
 
-    async def _launch(self) -> _Launch:
+    async def _launch(self, *, at_once: bool) -> _Launch:
         """Start the child; a failure is returned, not raised. Its exit is
-        watched before anything else can fail: never STARTING with a dead pid."""
+        watched before anything else can fail: never STARTING with a dead pid.
+        ``at_once``: fork on the loop's thread (a restart at once), else in
+        the spawn thread (``spawn.launch``)."""
         started_from = spawn.start_ticks()  # what starts from now on is not a leftover
         try:
-            child, digest = await self.ctx.launcher(self.spec, self.ctx.extra_env(self.spec))
+            env = self.ctx.extra_env(self.spec)
+            child, digest = await self.ctx.launcher(self.spec, env, at_once=at_once)
         except Exception as exc:
             return _Launch(started_from, error=exc)
         self._watch_exit(child)
@@ -677,7 +686,8 @@ class Program:
         # records about the exit (exited, backoff, then started: the same
         # records, in the same order) is written just after the Popen, with the
         # crash reading, the state listeners and the log lines.
-        launched = await self._launch() if self._restarts_at_once(child, code, uptime) else None
+        at_once = self._restarts_at_once(child, code, uptime)
+        launched = await self._launch(at_once=True) if at_once else None
         try:
             await self._account_exit(child, code, uptime)
         except BaseException:

@@ -129,10 +129,11 @@ class Listeners:
         return [self._held[s.text][1] for s in spec.sockets if s.text in self._held]
 
     async def launch(
-        self, spec: ProgramSpec, extra_env: Mapping[str, str]
+        self, spec: ProgramSpec, extra_env: Mapping[str, str], *, at_once: bool = False
     ) -> tuple[spawn.Child, str]:
         """``spawn.launch`` with the program's sockets (``Context.launcher``)."""
-        return await spawn.launch(spec, extra_env, self.for_program(spec), spec.name)
+        listeners = self.for_program(spec)
+        return await spawn.launch(spec, extra_env, listeners, spec.name, at_once=at_once)
 
     def _close(self, texts: Iterable[str]) -> None:
         for text in texts:
