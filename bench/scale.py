@@ -67,17 +67,6 @@ def _run(d: drivers.Driver, *args: str, timeout: float = 120) -> subprocess.Comp
                           capture_output=True, timeout=timeout)  # fmt: skip
 
 
-def compile_gosup() -> None:
-    """gosup's bytecode, compiled once before anything is timed."""
-    run = subprocess.run(
-        [_install.gosup_python(), "-m", "compileall", "-q", str(common.ROOT / "supervisor")],
-        capture_output=True,
-        text=True,
-    )
-    if run.returncode != 0:
-        raise SystemExit(f"compileall failed: {run.stdout[-500:]}{run.stderr[-500:]}")
-
-
 def all_running(kind: str, d: drivers.Driver, n: int) -> bool:
     """Every program RUNNING (online) by the supervisor's own account."""
     if kind == "gosup":
@@ -276,7 +265,7 @@ def main() -> None:
     goapp = common.goapp()
     info = drivers.availability(names)
     if "gosup" in names:
-        compile_gosup()
+        _install.compile_gosup()
     results: dict[str, dict[str, Any]] = {}
     for variant in variants:
         kind = "gosup" if variant in VARIANTS else variant

@@ -148,13 +148,7 @@ def main() -> None:
     for name in ("gosup", "supervisord"):
         if not info[name]["ok"]:
             raise SystemExit(f"{name} is not usable: {info[name]['reason']}")
-    compiled = subprocess.run(
-        [_install.gosup_python(), "-m", "compileall", "-q", str(common.ROOT / "supervisor")],
-        capture_output=True,
-        text=True,
-    )
-    if compiled.returncode != 0:
-        raise SystemExit(f"compileall failed: {compiled.stdout[-500:]}{compiled.stderr[-500:]}")
+    _install.compile_gosup()
     with common.workdir(NAME, args.keep) as wd:
         common.log(f"gosup status vs supervisorctl status, {runs} runs each")
         data = report(measure(goapp, wd, runs), info, runs)
