@@ -25,13 +25,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from test_resources import free_port
 
 from supervisor import config as configmod
 from supervisor import fileops
 from supervisor.cli.stage import stage_file
+from supervisor.core import spawn
 from supervisor.core.program import CommandError, Program, Restart, Start, Stop
 from supervisor.core.states import ProcessState
 from supervisor.files import configswap
@@ -179,16 +179,16 @@ async def running(
 def test_a_stop_walks_the_process_tree_off_the_loop(
     tmp_path: Path, goapp: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Before a stop gosup takes the child's tree (psutil reads every process's
-    parent: a walk of all of /proc), and SIGKILLs what is left of it after
-    stop_timeout: with thousands of processes each walk takes tens of ms."""
+    """Before a stop gosup takes the child's tree (/proc reads for every
+    process of it, ``spawn.children``), and SIGKILLs what is left of it after
+    stop_timeout: /proc can stall (a process in D state), so never on the loop."""
     args = ["-ignore-term"] if how != "stop" else []
 
     async def main() -> None:
         text = app(goapp, *args, stop="300ms" if how != "stop" else "5s")
         async with running(tmp_path, text) as r:
             await r.running()
-            walks = slowed(monkeypatch, psutil.Process, "children")
+            walks = slowed(monkeypatch, spawn, "children")
             async with Heartbeat() as beat:
                 async with asyncio.timeout(WAIT):
                     await r.program().request(Stop())
@@ -209,7 +209,7 @@ def test_an_overlap_restart_walks_the_old_tree_off_the_loop(
     async def main() -> None:
         async with running(tmp_path, app(goapp, extra='restart_mode = "overlap"')) as r:
             old = await r.running()
-            walks = slowed(monkeypatch, psutil.Process, "children")
+            walks = slowed(monkeypatch, spawn, "children")
             async with Heartbeat() as beat:
                 async with asyncio.timeout(WAIT):
                     await r.program().request(Restart())
