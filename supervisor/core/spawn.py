@@ -272,15 +272,11 @@ def become_subreaper() -> bool:
 def own_children() -> set[int]:
     """Pids of gosup's children now, from ``/proc/self/task/*/children`` (no
     scan of the whole /proc); psutil's scan where the kernel lacks that file."""
-    pids: set[int] = set()
-    try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids.update(int(pid) for pid in f.read().split())
-    except OSError:
-        with contextlib.suppress(psutil.Error):
-            pids = {p.pid for p in psutil.Process().children()}
-    return pids
+    if _children_files():
+        return set(_child_pids("self"))
+    with contextlib.suppress(psutil.Error):
+        return {p.pid for p in psutil.Process().children()}
+    return set()
 
 
 def adopted(program: str) -> list[psutil.Process]:
@@ -507,17 +503,23 @@ def children(proc: psutil.Process) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
             return proc.children()
         return []
-    pids: list[int] = []
-    with contextlib.suppress(OSError):  # it ended meanwhile
-        for task in os.listdir(f"/proc/{proc.pid}/task"):
-            path = f"/proc/{proc.pid}/task/{task}/children"
-            with contextlib.suppress(OSError), open(path) as f:  # a thread may end meanwhile
-                pids += (int(c) for c in f.read().split())
     out = []
-    for pid in pids:
+    for pid in _child_pids(str(proc.pid)):
         with contextlib.suppress(psutil.Error):
             out.append(psutil.Process(pid))
     return out
+
+
+def _child_pids(pid: str) -> list[int]:
+    """The children of process ``pid`` (a number, or "self"), each thread's
+    ``/proc/PID/task/TID/children`` (the kernel lists a child under the thread
+    that forked it); [] for a process, or the part of a thread, that ended."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += (int(c) for c in f.read().split())
+    return pids
 
 
 @functools.cache
