@@ -1,0 +1,115 @@
+"""An idle gosup loads neither OpenSSL's libcrypto (``hashlib``) nor psutil
+(issue 18, RSS), and its hashes are still SHA-256 as hashlib makes them.
+
+fileops hashes with CPython's builtin ``_sha256`` in process, and a file of
+``CHILD_MIN`` bytes or more (a Go binary at its first start) in a short-lived
+``python -I -S`` child with hashlib; psutil is imported only where a
+leftover, an orphan or a stop's tree is looked at, and pids.json's start
+times come from /proc. Real gosup, real Go children; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import Gosup, wait_for
+
+from supervisor import fileops
+from supervisor.service import orphans
+
+
+def _program(goapp: Path, name: str) -> str:
+    argv = json.dumps([str(goapp), "-name", name])
+    return f'[programs.{name}]\ncommand = {argv}\nstart_seconds = "100ms"\n'
+
+
+def _imported(g: Gosup) -> set[str]:
+    """Modules gosup imported (PYTHONPROFILEIMPORTTIME's lines on its stderr)."""
+    return {
+        line.split("|")[-1].strip()
+        for line in g.log().splitlines()
+        if line.startswith("import time:")
+    }
+
+
+def test_idle_daemon_loads_no_libcrypto_nor_psutil(gosup_factory: Any, goapp: Path) -> None:
+    names = ("a", "b", "c")
+    g = gosup_factory("".join(_program(goapp, n) + "\n" for n in names))
+    g.start({"PYTHONPROFILEIMPORTTIME": "1"})
+    pids = {n: g.running_pid(n) for n in names}
+    assert g.cli("status").returncode == 0
+
+    # pids.json is written (with each child's start time, read from /proc) ...
+    def recorded() -> dict[str, Any] | None:
+        path = g.state_dir / orphans.PIDS_FILE
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if set(data["programs"]) == set(names) else None
+
+    data = wait_for(recorded, 15, "pids.json with every program")
+    # ... and says what psutil says, so the records of either compare.
+    for name, pid in pids.items():
+        rec = data["programs"][name]
+        assert rec["pid"] == pid
+        assert abs(rec["create_time"] - psutil.Process(pid).create_time()) < 1e-6
+    me = data["supervisor"]
+    assert abs(me["create_time"] - psutil.Process(g.pid).create_time()) < 1e-6
+
+    maps = Path(f"/proc/{g.pid}/maps").read_text()
+    assert "libcrypto" not in maps, "OpenSSL's libcrypto is mapped in an idle daemon"
+    imported = _imported(g)
+    assert not imported & {"hashlib", "_hashlib", "psutil"}, sorted(imported & {"hashlib", "psutil"})
+
+    # Every start recorded its binary's hash (the Go binary is hashed by the
+    # OpenSSL child: it is over CHILD_MIN), identical to hashlib's.
+    assert goapp.stat().st_size >= fileops.CHILD_MIN
+    expected = hashlib.sha256(goapp.read_bytes()).hexdigest()
+    for name in names:
+        started = g.history(name, "started")
+        assert started and started[-1]["binary_sha256"] == expected
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, 55, 64, fileops.CHUNK - 1, fileops.CHUNK, 3 * fileops.CHUNK + 7,
+     fileops.CHILD_MIN - 1, fileops.CHILD_MIN, 5 * fileops.CHILD_MIN + 3],
+)  # fmt: skip
+def test_digests_are_hashlibs(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    expected = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert fileops.sha256_bytes(data) == expected
+    assert fileops.sha256_file(path) == expected
+    copied = io.BytesIO()
+    with open(path, "rb") as f:
+        assert fileops.sha256_stream(f, copy_to=copied.write) == expected
+    assert copied.getvalue() == data
+
+
+def test_large_files_go_to_the_child_and_fall_back_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(2 * fileops.CHILD_MIN + 5)
+    expected = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert fileops._child_sha256(f.fileno()) == expected  # the child itself
+    # No interpreter to start, or one that fails: hashed in process, from the start.
+    monkeypatch.setattr(sys, "executable", "")
+    assert fileops.sha256_file(path) == expected
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    assert fileops.sha256_file(path) == expected
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    assert fileops.sha256_file(path) == expected
