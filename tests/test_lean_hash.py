@@ -1,5 +1,6 @@
-"""An idle gosup loads neither OpenSSL's libcrypto (``hashlib``) nor psutil
-(issue 18, RSS), and its hashes are still SHA-256 as hashlib makes them.
+"""An idle gosup loads neither OpenSSL's libcrypto (``hashlib``) nor psutil,
+nor the compression modules shutil imports for its archives (issue 18,
+RSS), and its hashes are still SHA-256 as hashlib makes them.
 
 fileops hashes with CPython's builtin ``_sha256`` in process, and a file of
 ``CHILD_MIN`` bytes or more (a Go binary at its first start) in a short-lived
@@ -14,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ def _imported(g: Gosup) -> set[str]:
     }
 
 
-def test_idle_daemon_loads_no_libcrypto_nor_psutil(gosup_factory: Any, goapp: Path) -> None:
+def test_idle_daemon_loads_no_libcrypto_psutil_or_archives(gosup_factory: Any, goapp: Path) -> None:
     names = ("a", "b", "c")
     g = gosup_factory("".join(_program(goapp, n) + "\n" for n in names))
     g.start({"PYTHONPROFILEIMPORTTIME": "1"})
@@ -69,6 +71,9 @@ def test_idle_daemon_loads_no_libcrypto_nor_psutil(gosup_factory: Any, goapp: Pa
     assert "libcrypto" not in maps, "OpenSSL's libcrypto is mapped in an idle daemon"
     lazy = _imported(g) & {"hashlib", "_hashlib", "psutil"}
     assert not lazy, f"imported by an idle daemon: {sorted(lazy)}"
+    # (importtime also logs shutil's attempts that were turned away: the maps say.)
+    for lib in ("libz.", "zlib.cpython", "libbz2", "_bz2.", "liblzma", "_lzma."):
+        assert lib not in maps, f"{lib} mapped in an idle daemon"
 
     # Every start recorded its binary's hash (the Go binary is hashed by the
     # OpenSSL child: it is over CHILD_MIN), identical to hashlib's.
@@ -113,3 +118,18 @@ def test_large_files_go_to_the_child_and_fall_back_in_process(
     assert fileops.sha256_file(path) == expected
     monkeypatch.setattr(sys, "executable", "/bin/false")
     assert fileops.sha256_file(path) == expected
+
+
+def test_shutil_without_archives_leaves_them_importable() -> None:
+    code = (
+        "import sys\n"
+        "from supervisor import gosup\n"
+        "gosup._import_shutil_without_archives()\n"
+        "import shutil\n"
+        "assert not {'zlib', 'bz2', 'lzma'} & set(sys.modules), sorted(sys.modules)\n"
+        "assert shutil.which('sh')\n"
+        "import bz2, lzma, zlib\n"
+        "assert bz2.decompress(bz2.compress(b'x')) == b'x'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
