@@ -14,12 +14,15 @@ SHA-256 (``_sha256``), which is about 5x slower than OpenSSL's and holds
 the GIL while it hashes: it is handed ``CHUNK`` bytes at a time (about 1 ms
 of hashing each; every read between them lets the loop thread take the
 GIL). A file of ``CHILD_MIN`` bytes or more (a Go binary at its first
-start) is hashed by a short-lived ``python -I -S`` child with hashlib
-instead, handed the file gosup opened by its descriptor (the very inode
-gosup looked at), whose start (15-30 ms) is repaid by OpenSSL's speed, and
-which the calling thread waits for without the GIL; the child dies with
-gosup (its parent-death signal). When that child cannot run or says nothing
+start, a large live config file: ``sha256_file``, ``sha256_fd``) is hashed
+by a short-lived ``python -I -S`` child with hashlib instead, handed the
+file gosup opened by its descriptor (the very inode gosup looked at), whose
+start (15-30 ms) is repaid by OpenSSL's speed, and which the calling thread
+waits for without the GIL; the child dies with gosup (its parent-death
+signal). When that child cannot run or says nothing
 usable, the file is hashed in process: the digest is the same either way.
+(A staged file is read through a bound on its size, ``sha256_stream``: in
+process, whatever its size.)
 
 Files are read into one reused buffer: hashing large binaries in worker
 threads with a fresh buffer per chunk left ~4 MiB of freed memory in each
@@ -88,14 +91,22 @@ def sha256_stream(f: Readable, copy_to: Callable[[memoryview], object] | None = 
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The hex SHA-256 of the file at ``path`` (OSError when it cannot be
-    read): by a child with OpenSSL from ``CHILD_MIN`` bytes, else in process."""
+    """The hex SHA-256 of the file at ``path`` (OSError when it cannot be read)."""
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size >= CHILD_MIN:
-            digest = _child_sha256(f.fileno())
-            if digest is not None:
-                return digest
-            f.seek(0)
+        return sha256_fd(f.fileno())
+
+
+def sha256_fd(fd: int) -> str:
+    """The hex SHA-256 of what is left to read of the regular file open at
+    ``fd`` (its offset moves): by a child with OpenSSL when that is
+    ``CHILD_MIN`` bytes or more, else (or when the child cannot say) in process."""
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size - start >= CHILD_MIN:
+        digest = _child_sha256(fd)
+        if digest is not None:
+            return digest
+        os.lseek(fd, start, os.SEEK_SET)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
         return sha256_stream(f)
 
 

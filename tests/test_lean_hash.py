@@ -25,6 +25,7 @@ import pytest
 from conftest import Gosup, wait_for
 
 from supervisor import fileops
+from supervisor.files import configswap as swap
 from supervisor.service import orphans
 
 
@@ -100,6 +101,15 @@ def test_digests_are_hashlibs(tmp_path: Path, size: int) -> None:
     with open(path, "rb") as f:
         assert fileops.sha256_stream(f, copy_to=copied.write) == expected
     assert copied.getvalue() == data
+    assert swap.sha256_or_none(path) == expected  # a live config file's hash
+    # From where the descriptor's offset stands (to EOF, which it then is at).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, min(3, size), os.SEEK_SET)
+        assert fileops.sha256_fd(fd) == hashlib.sha256(data[3:]).hexdigest()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == size
+    finally:
+        os.close(fd)
 
 
 def test_large_files_go_to_the_child_and_fall_back_in_process(
@@ -111,6 +121,12 @@ def test_large_files_go_to_the_child_and_fall_back_in_process(
     path.write_bytes(data)
     with open(path, "rb") as f:
         assert fileops._child_sha256(f.fileno()) == expected  # the child itself
+    fd = os.open(path, os.O_RDONLY)
+    try:  # it reads from the offset gosup's descriptor stands at
+        os.lseek(fd, 5, os.SEEK_SET)
+        assert fileops._child_sha256(fd) == hashlib.sha256(data[5:]).hexdigest()
+    finally:
+        os.close(fd)
     # No interpreter to start, or one that fails: hashed in process, from the start.
     monkeypatch.setattr(sys, "executable", "")
     assert fileops.sha256_file(path) == expected
