@@ -149,3 +149,60 @@ def test_shutil_without_archives_leaves_them_importable() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def _maps_hold(pid: int, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_the_hashing_child_dies_with_its_parent() -> None:
+    # The child hashes a pipe whose writer (this test) stays open: it waits
+    # for ever, until its parent is SIGKILLed and the kernel kills it too.
+    code = (
+        "import sys\n"
+        "from supervisor import fileops\n"
+        "print('ready', flush=True)\n"
+        "fileops._child_sha256(int(sys.argv[1]))\n"
+    )
+    r, w = os.pipe()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, text=True, pass_fds=(r,)
+    )
+    os.close(r)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        kids = wait_for(lambda: _children(parent.pid), 15, "the hashing child")
+        # Past its set-up (hashlib's libcrypto is loaded just before it reads).
+        wait_for(lambda: all(_maps_hold(k, "libcrypto") for k in kids), 15, "the child hashing")
+        parent.kill()
+        parent.wait(15)
+
+        def gone() -> bool:
+            for pid in kids:
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            return False
+                except OSError:
+                    pass
+            return True
+
+        wait_for(gone, 15, "the hashing child gone with its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
+        os.close(w)
