@@ -271,7 +271,18 @@ def become_subreaper() -> bool:
 
 def own_children() -> set[int]:
     """Pids of gosup's children now, from ``/proc/self/task/*/children`` (no
-    scan of the whole /proc); psutil's scan where the kernel lacks that file."""
+    scan of the whole /proc); psutil's scan where the kernel lacks that file.
+    Inside ``one_look`` (on that thread), the first answer is reused."""
+    look: set[int] | None = getattr(_look, "children", None)
+    if look is not None:
+        return look
+    found = _own_children_now()
+    if getattr(_look, "depth", 0):
+        _look.children = found
+    return found
+
+
+def _own_children_now() -> set[int]:
     if _children_files():
         return set(_child_pids("self"))
     with contextlib.suppress(psutil.Error):
@@ -279,18 +290,62 @@ def own_children() -> set[int]:
     return set()
 
 
+_look = threading.local()
+
+
+@contextlib.contextmanager
+def one_look() -> Iterator[None]:
+    """gosup's children read once for the whole block (on this thread): a
+    crash's sweep asks for them twice (the run's adopted orphans, then the
+    marked escapees among them), and each read is a file per gosup thread."""
+    _look.depth = getattr(_look, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _look.depth -= 1
+        if not _look.depth:
+            _look.children = None
+
+
 def adopted(program: str) -> list[psutil.Process]:
     """Orphans of ``program``'s runs re-parented to gosup (the subreaper), found
     by their ``GOSUP_PROGRAM`` mark, with their descendants. Children gosup
-    started itself (programs, builds, validators) are not orphans."""
+    started itself (programs, builds, validators) are not orphans.
+
+    A child being started meanwhile (in another thread, not yet among those
+    gosup started) is a candidate too: each candidate's environment is read
+    raw and only a match becomes a ``psutil.Process`` (under a crash loop,
+    most candidates are such starts of other programs)."""
     mine = _started_pids(running_only=True)
     found: list[psutil.Process] = []
+    mark = f"{PROGRAM_VAR}={program}".encode()
     for pid in own_children() - mine:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if proc.environ().get(PROGRAM_VAR) == program:
+        if _environ_has(pid, mark):
+            with contextlib.suppress(psutil.Error):
                 found += process_tree(pid)
     return found
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    """Whether process ``pid``'s environment holds ``entry`` (``NAME=value``)
+    as a whole variable; False when it is gone or unreadable."""
+    try:
+        block = _read_proc(f"/proc/{pid}/environ")
+    except OSError:
+        return False
+    return block.startswith(entry + b"\0") or b"\0" + entry + b"\0" in block
+
+
+def _read_proc(path: str) -> bytes:
+    """A /proc file whole, read by fd (no file object: this runs per crash)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def start_ticks() -> int:
@@ -517,8 +572,8 @@ def _child_pids(pid: str) -> list[int]:
     pids: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
-                pids += (int(c) for c in f.read().split())
+            with contextlib.suppress(OSError):
+                pids += map(int, _read_proc(f"/proc/{pid}/task/{task}/children").split())
     return pids
 
 
