@@ -42,6 +42,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -130,9 +131,11 @@ def resolve_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> s
     path = locate_executable(argv0, directory, env)
     if path is None:
         raise SpawnError(f"binary {argv0!r} not found on PATH")
-    if not os.path.exists(path):
-        raise SpawnError(f"binary {argv0!r} not found (looked for {path})")
-    if os.path.isdir(path):
+    try:  # one lookup of the path for both questions: every start asks them
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        raise SpawnError(f"binary {argv0!r} not found (looked for {path})") from None
+    if is_dir:
         raise SpawnError(f"binary {argv0!r} is a directory ({path})")
     if not os.access(path, os.X_OK):
         raise SpawnError(f"binary {argv0!r} is not executable ({path})")
@@ -361,10 +364,10 @@ def proc_stat(pid: int) -> list[bytes] | None:
     when the process is gone. One read; procfs does not block."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            data = f.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2 :].split()  # comm may hold spaces and ")"
+    fields = data[data.rfind(b")") + 2 :].split()  # comm may hold spaces and ")"
     return fields if len(fields) >= 20 else None
 
 
@@ -710,6 +713,7 @@ def _start(
             pass_fds=tuple(fds),
             listen_fds=fds,
             capabilities=spec.capabilities,
+            resolved=True,  # by launch, just before
         )
     _widen_pipes(popen)
     return popen
@@ -786,17 +790,20 @@ def start_child(
     pass_fds: tuple[int, ...] = (),
     listen_fds: Sequence[int] = (),
     capabilities: tuple[str, ...] = (),
+    resolved: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` the way gosup starts every child; SpawnError if it cannot.
 
     ``command[0]`` is resolved first (``resolve_executable``, on ``env``'s
     PATH), so that a missing binary is a SpawnError, not an exit code of the
-    setpriv wrapper. The child gets its own session, the parent-death signal,
-    stdin from /dev/null, stdout as a pipe and ``stderr`` as asked (a pipe, or
-    STDOUT for one stream in order), and runs as ``identity`` when gosup is
-    root. ``env`` should come from ``child_environment`` (``base_environment``
-    plus the program's variables and gosup's marks). ``listen_fds`` (also in
-    ``pass_fds``) become fds 3.. of the program, with LISTEN_PID its pid.
+    setpriv wrapper; ``resolved``: the caller did that just before, and
+    ``command[0]`` is the path it found (a program's start). The child gets
+    its own session, the parent-death signal, stdin from /dev/null, stdout
+    as a pipe and ``stderr`` as asked (a pipe, or STDOUT for one stream in
+    order), and runs as ``identity`` when gosup is root. ``env`` should come
+    from ``child_environment`` (``base_environment`` plus the program's
+    variables and gosup's marks). ``listen_fds`` (also in ``pass_fds``)
+    become fds 3.. of the program, with LISTEN_PID its pid.
 
     The parent-death signal belongs to the thread that starts the child: a
     caller in a worker thread must keep that thread until the child is gone
@@ -806,7 +813,7 @@ def start_child(
     ambient capabilities after the user switch: setpriv switches the user
     then, not Popen (whose switch would drop them).
     """
-    executable = resolve_executable(command[0], directory, env)
+    executable = command[0] if resolved else resolve_executable(command[0], directory, env)
     drop = identity is not None and os.geteuid() == 0
     argv = [executable, *command[1:]]
     if listen_fds:
