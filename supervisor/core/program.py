@@ -424,20 +424,25 @@ class Program:
             logger.opt(exception=exc).error("{}: cannot settle after an error", self.name)
 
     async def _next(self) -> Message | None:
-        """The next message, or None when the deadline has passed."""
+        """The next message, or None when the deadline has passed.
+
+        The deadline is a timer that sets ``_wake`` (not ``asyncio.timeout``,
+        which cancels the wait and turns the CancelledError into a
+        TimeoutError: a crash loop passes a deadline at every run)."""
         while not self._inbox:
             self._wake.clear()
-            timeout = None
+            timer = None
             if self._deadline is not None:
                 timeout = self._deadline - self.ctx.clock()
                 if timeout <= 0:
                     self._deadline = None
                     return None
+                timer = asyncio.get_running_loop().call_later(timeout, self._wake.set)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
         self._log_exit(None)
         await self._sweep_crashed(None)  # a message before the restart: sweep first
         return self._inbox.popleft()
