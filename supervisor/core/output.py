@@ -234,9 +234,10 @@ class DroppingWriter:
     (``dropped_bytes``), and once the reader keeps up again a line says how
     much was lost. Thread-safe: the event loop and loguru's sink (any thread)
     may share one. ``close`` waits at most ``timeout`` for the queue to drain.
-    Lines queued within ``COALESCE`` of each other go out in one write: the
-    thread is woken once for them, not once per line (a crash loop of 200
-    programs logs a few hundred lines a second).
+    While lines keep coming (within ``COALESCE`` of the last write), those
+    of the next ``COALESCE`` go out in one write: the thread is woken once
+    for them, not once per line (a crash loop of 200 programs logs a few
+    hundred lines a second); a line after a quiet spell is written at once.
     """
 
     def __init__(self, fd: int, max_bytes: int = 1 << 20, label: str = "output") -> None:
@@ -251,6 +252,7 @@ class DroppingWriter:
         self._closed = False
         self._broken = False  # the reader is gone (EPIPE): nothing more is written
         self._thread: threading.Thread | None = None
+        self._wrote_at = -COALESCE  # time.monotonic() of the thread's last write
 
     def write(self, data: bytes) -> int:
         """Queue ``data``; returns its length, or 0 when it was dropped."""
@@ -292,9 +294,11 @@ class DroppingWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
-                if not self._closed and self._queued < COALESCE_BYTES:
-                    # A few lines at a time (a crash loop logs two per run): wait
-                    # a moment for more, one wake-up and one write for them all.
+                busy = time.monotonic() - self._wrote_at < COALESCE
+                if busy and not self._closed and self._queued < COALESCE_BYTES:
+                    # Lines keep coming (a crash loop logs two per run): wait a
+                    # moment for more, one wake-up and one write for them all.
+                    # A line after a quiet spell is written at once.
                     self._cond.wait(COALESCE)
                 chunks, self._queue = list(self._queue), collections.deque()
                 self._queued = 0
@@ -310,6 +314,7 @@ class DroppingWriter:
                     self._broken = True
                     self._queue.clear()
                 return
+            self._wrote_at = time.monotonic()
 
     def _write_all(self, data: bytes) -> bool:
         view = memoryview(data)
