@@ -4,21 +4,62 @@ and bytes, the one way gosup hashes content, and making renames durable.
 Every hash gosup records or compares goes through here: the binary of each
 start (core/spawn.py, which caches it), staged and live config files
 (files/configswap.py), ``gosup stage`` (cli/stage.py, which copies while it
-hashes), app.toml (config/appconfig.py) and dev mode's save check.
+hashes), app.toml (config/appconfig.py), dev mode's save check, the
+instance name (service/control.py) and the confirmed copies' keys
+(files/confirmed.py).
 
-Files are read into one reused 1 MiB buffer: hashing large binaries in
-worker threads with a fresh buffer per chunk left ~4 MiB of freed memory in
-each thread's arena.
+No OpenSSL in the daemon (issue 18, RSS): ``import hashlib`` maps libcrypto,
+3.6 MiB resident for good. Hashes are made in process by CPython's own
+SHA-256 (``_sha256``), which is about 5x slower than OpenSSL's and holds
+the GIL while it hashes: it is handed ``CHUNK`` bytes at a time (about 1 ms
+of hashing each; every read between them lets the loop thread take the
+GIL). A file of ``CHILD_MIN`` bytes or more (a Go binary at its first
+start, a large live config file: ``sha256_file``, ``sha256_fd``) is hashed
+by a short-lived ``python -I -S`` child with hashlib instead, handed the
+file gosup opened by its descriptor (the very inode gosup looked at), whose
+start (15-30 ms) is repaid by OpenSSL's speed, and which the calling thread
+waits for without the GIL; the child dies with gosup (its parent-death
+signal). When that child cannot run or says nothing
+usable, the file is hashed in process: the digest is the same either way.
+(A staged file is read through a bound on its size, ``sha256_stream``: in
+process, whatever its size.)
+
+Files are read into one reused buffer: hashing large binaries in worker
+threads with a fresh buffer per chunk left ~4 MiB of freed memory in each
+thread's arena.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-CHUNK = 1 << 20
+if TYPE_CHECKING:  # the same interface, and typeshed knows this one
+    from hashlib import sha256 as _new_sha256
+else:
+    try:
+        from _sha256 import sha256 as _new_sha256  # CPython's own: no libcrypto
+    except ImportError:  # a Python built without it
+        from hashlib import sha256 as _new_sha256
+
+CHUNK = 256 << 10  # bytes handed to the builtin SHA-256 at a time (about 1 ms)
+# bytes: a file this large is hashed by a child with OpenSSL. Where the two
+# cost the same here: the builtin hashes about 5 ms/MiB, the child costs a
+# Python start (15-30 ms) plus about 1 ms/MiB.
+CHILD_MIN = 4 << 20
+# The child: parent-death signal (prctl PR_SET_PDEATHSIG, SIGKILL), then
+# hashlib's own file_digest of gosup's descriptor, from where its read stands.
+_CHILD_CODE = (
+    "import ctypes,os,sys\n"
+    "ctypes.CDLL(None).prctl(1,9,0,0,0)\n"
+    "if os.getppid()!=int(sys.argv[1]):sys.exit(1)\n"
+    "import hashlib\n"
+    "with open(int(sys.argv[2]),'rb',closefd=False) as f:\n"
+    " print(hashlib.file_digest(f,'sha256').hexdigest())\n"
+)
 
 
 class Readable(Protocol):
@@ -28,8 +69,8 @@ class Readable(Protocol):
 
 
 def sha256_bytes(data: bytes) -> str:
-    """The hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
+    """The hex SHA-256 of ``data`` (small: a path, app.toml)."""
+    return _new_sha256(data).hexdigest()
 
 
 def sha256_stream(f: Readable, copy_to: Callable[[memoryview], object] | None = None) -> str:
@@ -39,7 +80,7 @@ def sha256_stream(f: Readable, copy_to: Callable[[memoryview], object] | None = 
     so a copy costs no second read. The chunk is a view of a buffer that the
     next read overwrites: ``copy_to`` must be done with it when it returns.
     """
-    digest = hashlib.sha256()
+    digest = _new_sha256()
     buffer = memoryview(bytearray(CHUNK))
     while size := f.readinto(buffer):
         chunk = buffer[:size]
@@ -52,7 +93,44 @@ def sha256_stream(f: Readable, copy_to: Callable[[memoryview], object] | None = 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """The hex SHA-256 of the file at ``path`` (OSError when it cannot be read)."""
     with open(path, "rb") as f:
+        return sha256_fd(f.fileno())
+
+
+def sha256_fd(fd: int) -> str:
+    """The hex SHA-256 of what is left to read of the regular file open at
+    ``fd`` (its offset moves): by a child with OpenSSL when that is
+    ``CHILD_MIN`` bytes or more, else (or when the child cannot say) in process."""
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size - start >= CHILD_MIN:
+        digest = _child_sha256(fd)
+        if digest is not None:
+            return digest
+        os.lseek(fd, start, os.SEEK_SET)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
         return sha256_stream(f)
+
+
+def _child_sha256(fd: int) -> str | None:
+    """The hex SHA-256 of the file open at ``fd`` by a ``python -I -S``
+    child with hashlib; None when it cannot say (no interpreter, killed,
+    unreadable file): the caller hashes in process then."""
+    if not sys.executable:
+        return None
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _CHILD_CODE, str(os.getpid()), str(fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(fd,),
+        )
+    except OSError:
+        return None
+    out, _ = child.communicate()
+    digest = out.strip().decode("ascii", "replace")
+    if child.returncode != 0 or len(digest) != 64:
+        return None
+    return digest
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

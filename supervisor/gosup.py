@@ -58,6 +58,27 @@ class Daemon:
         return DroppingWriter(fd, label="stderr")
 
 
+def _import_shutil_without_archives() -> None:
+    """Import shutil with zlib, bz2 and lzma held back (issue 18, RSS).
+
+    shutil imports the three (and libz, libbz2, liblzma: about 0.25 MiB of an
+    idle daemon) only to say which archive formats ``make_archive`` offers;
+    gosup uses ``which``, ``copymode``, ``copyfileobj`` and
+    ``get_terminal_size`` (argparse). Held back, they are not imported and
+    shutil's archive functions offer none of them; afterwards any of the
+    three can be imported as usual."""
+    held = [name for name in ("zlib", "bz2", "lzma") if name not in sys.modules]
+    if "shutil" in sys.modules or not held:
+        return
+    for name in held:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        import shutil  # noqa: F401
+    finally:
+        for name in held:
+            sys.modules.pop(name, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``gosup ARGS``: the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -86,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from supervisor.core import tls
 
         tls.import_asyncio_without_ssl()
+        _import_shutil_without_archives()
     from supervisor.cli.commands import main as cli_main
 
     return cli_main(args, daemon=Daemon())

@@ -19,7 +19,6 @@ Stdlib only (``supervisor.fileops`` is too): the fast CLI path (``gosup check``,
 
 from __future__ import annotations
 
-import difflib
 import enum
 import ipaddress
 import json
@@ -461,6 +460,8 @@ class _Table:
         self._errors, self._source, self._data, self.path = errors, source, data, path
         for key in data:
             if known is not None and key not in known:
+                import difflib  # only for a mistake's suggestion
+
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 self.error(key, f"unknown key{hint}")
@@ -824,6 +825,8 @@ def _capabilities(value: object) -> tuple[str, ...]:
         name = item.upper()
         name = name if name.startswith("CAP_") else "CAP_" + name
         if name not in CAPABILITIES:
+            import difflib  # only for a mistake's suggestion
+
             close = difflib.get_close_matches(name, CAPABILITIES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(

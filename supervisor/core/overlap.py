@@ -30,14 +30,15 @@ import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import psutil
 
 from supervisor.config import AppConfig, ProbeKind, ProgramSpec, RestartMode, is_loopback_host
 from supervisor.core import spawn
 from supervisor.core.output import RunPipes
+
+if TYPE_CHECKING:  # only named in annotations here
+    import psutil
 
 
 @dataclass

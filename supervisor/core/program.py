@@ -47,9 +47,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
 from loguru import logger
 
 from supervisor.config import ProgramSpec, RestartMode, RestartPolicy
@@ -60,6 +59,9 @@ from supervisor.core.output import OutputCapture
 from supervisor.core.overlap import OldRun, Retiring
 from supervisor.core.states import SIGNALLABLE_STATES, ProcessState, check_transition
 from supervisor.history import History
+
+if TYPE_CHECKING:  # only named in annotations here
+    import psutil
 
 S = ProcessState
 DRAIN_TIMEOUT = 0.5  # how long a crash's last words may take to arrive after the exit

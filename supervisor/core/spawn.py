@@ -51,12 +51,13 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import psutil
+from typing import IO, TYPE_CHECKING, Any
 
 from supervisor import fileops
 from supervisor.config import CAPABILITIES, ProgramSpec
+
+if TYPE_CHECKING:  # imported where used: an idle daemon never loads psutil (issue 18, RSS)
+    import psutil
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -288,6 +289,8 @@ def own_children() -> set[int]:
 def _own_children_now() -> set[int]:
     if _children_files():
         return set(_child_pids("self"))
+    import psutil
+
     with contextlib.suppress(psutil.Error):
         return {p.pid for p in psutil.Process().children()}
     return set()
@@ -319,6 +322,8 @@ def adopted(program: str) -> list[psutil.Process]:
     gosup started) is a candidate too: each candidate's environment is read
     raw and only a match becomes a ``psutil.Process`` (under a crash loop,
     most candidates are such starts of other programs)."""
+    import psutil
+
     mine = _started_pids(running_only=True)
     found: list[psutil.Process] = []
     mark = f"{PROGRAM_VAR}={program}".encode()
@@ -391,6 +396,8 @@ def started_before(procs: list[psutil.Process], ticks: int) -> list[psutil.Proce
 def reap(procs: list[psutil.Process]) -> None:
     """Reap those of ``procs`` that are gosup's zombie children and were not
     started by gosup (adopted orphans, which no Popen waits for)."""
+    import psutil
+
     me = os.getpid()
     mine = _started_pids(running_only=False)
     for proc in procs:
@@ -502,6 +509,8 @@ class Child:
 
     def signal_escaped(self, procs: list[psutil.Process], sig: int) -> None:
         """Send ``sig`` to the processes of a snapshot that left the child's group."""
+        import psutil
+
         for proc in procs:
             if _pgid(proc.pid) not in (self.pid, None):
                 with contextlib.suppress(psutil.Error):
@@ -509,6 +518,8 @@ class Child:
 
     def group_members(self) -> list[psutil.Process]:
         """Processes still in the child's process group (after the leader is gone)."""
+        import psutil
+
         try:
             os.killpg(self.pid, 0)  # cheap test first: does anyone of the group remain?
         except OSError:
@@ -543,6 +554,8 @@ def process_tree(pid: int) -> list[psutil.Process]:
     ``children(recursive=True)``, which reads the stat file of every process
     on the host (at 1,000 programs, 40-110 ms per stop: issue 18). A process
     that ends meanwhile is left out."""
+    import psutil
+
     try:
         found = [psutil.Process(pid)]
     except psutil.Error:
@@ -557,6 +570,8 @@ def process_tree(pid: int) -> list[psutil.Process]:
 def children(proc: psutil.Process) -> list[psutil.Process]:
     """``proc``'s children now, from ``/proc/PID/task/*/children``; psutil's
     scan of all of /proc where the kernel lacks those files."""
+    import psutil
+
     if not _children_files():
         with contextlib.suppress(psutil.Error):
             return proc.children()
@@ -920,6 +935,8 @@ def kill_tree(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
     ``psutil.Process`` remembers each process's start time, so a pid reused
     since the snapshot is never hit. Returns how many were signalled.
     """
+    import psutil
+
     seen: set[int] = set()
     hit = 0
     pending = list(procs)
@@ -941,6 +958,8 @@ def kill_tree(procs: list[psutil.Process], sig: int = signal.SIGKILL) -> int:
 
 def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     """The processes of a snapshot that still exist and are not zombies."""
+    import psutil
+
     out = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):

@@ -17,8 +17,9 @@ use it from then on exactly as if it had been there from the start. Only
 those three modules test ``ssl``; the rest of asyncio (streams, transports)
 reaches TLS through them.
 
-``hashlib`` still loads libcrypto (gosup hashes binaries and config files),
-so what is saved is ``ssl`` and libssl, not OpenSSL as a whole.
+gosup's own hashing loads no OpenSSL either (``fileops``: CPython's builtin
+SHA-256, or a short-lived child for a large binary), so a plain daemon maps
+neither libssl nor libcrypto.
 """
 
 from __future__ import annotations

@@ -163,10 +163,12 @@ def sha256_or_none(path: Path) -> str | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, IsADirectoryError):
         return None
-    with open(fd, "rb") as f:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return fileops.sha256_stream(f)
+        return fileops.sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ per crash loop.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ class Confirmed:
 
     @classmethod
     def of(cls, state_dir: Path, program: str, live: Path) -> Confirmed:
-        key = f"{live.name}-{hashlib.sha256(str(live).encode()).hexdigest()[:12]}"
+        key = f"{live.name}-{fileops.sha256_bytes(str(live).encode())[:12]}"
         return cls(live, state_dir / "confirmed" / program / key)
 
     @property

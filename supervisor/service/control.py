@@ -43,7 +43,6 @@ import concurrent.futures
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -55,7 +54,7 @@ from typing import Any
 
 from loguru import logger
 
-from supervisor import __version__
+from supervisor import __version__, fileops
 from supervisor import config as configmod
 from supervisor import history as events
 from supervisor.core.program import CommandError, Message, Restart, SendSignal, Start, Stop
@@ -555,7 +554,7 @@ def remove_stale_socket(path: Path) -> None:
 def instance_name(state_dir: Path) -> bytes:
     """The abstract-namespace socket name that says "a gosup runs for this
     state_dir": tied to the directory's resolved path, not to its inode."""
-    digest = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:40]
+    digest = fileops.sha256_bytes(os.fsencode(state_dir.resolve()))[:40]
     return b"\0gosup-instance-" + digest.encode()
 
 

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -83,7 +84,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 from loguru import logger
 
 from supervisor.config import ProgramSpec
@@ -93,6 +93,8 @@ from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import Last
 
 if TYPE_CHECKING:
+    import psutil  # imported where used: an idle daemon never loads it (issue 18, RSS)
+
     from supervisor.service.daemon import Supervisor
 
 STATE_DIR_VAR = spawn.STATE_DIR_VAR
@@ -116,9 +118,11 @@ class ProcessRecord:
 
     @classmethod
     def of(cls, pid: int) -> ProcessRecord | None:
-        try:
-            create_time = psutil.Process(pid).create_time()
-        except psutil.Error:
+        """The record of ``pid`` now; None when it is gone. Its start time
+        from ``/proc/PID/stat`` (``create_time``), not psutil: pids.json is
+        written by every daemon, idle ones too."""
+        create_time = _create_time(pid)
+        if create_time is None:
             return None
         return cls(pid, create_time, _id(os.getpgid, pid), _id(os.getsid, pid))
 
@@ -131,6 +135,8 @@ class ProcessRecord:
     def process(self, zombie: bool = False) -> psutil.Process | None:
         """The recorded process if it still exists (not a reused pid); a zombie
         only when asked for."""
+        import psutil
+
         try:
             proc = psutil.Process(self.pid)
             same = abs(proc.create_time() - self.create_time) <= CREATE_TIME_SLACK
@@ -139,6 +145,32 @@ class ProcessRecord:
         except psutil.Error:
             pass
         return None
+
+
+def _create_time(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch, as psutil's
+    ``create_time()`` says it (so records of either compare): its start in
+    clock ticks since boot (``/proc/PID/stat``) plus the boot time
+    (``btime`` in ``/proc/stat``). None when it is gone."""
+    fields = spawn.proc_stat(pid)
+    if fields is None:
+        return None
+    try:
+        return int(fields[19]) / _CLK_TCK + _boot_time()
+    except OSError:
+        return None
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
 
 
 def _id(fn: Any, pid: int) -> int | None:
@@ -316,6 +348,8 @@ class Trust:
 
     def allows(self, proc: psutil.Process, name: str) -> bool:
         """``proc`` runs as one of ``name``'s uids and started in the window."""
+        import psutil
+
         allowed = self.uids.get(name, self.default_uids)
         try:
             real, effective, _saved = proc.uids()
@@ -345,6 +379,8 @@ def program_uids(specs: Iterable[ProgramSpec]) -> dict[str, frozenset[int]]:
 
 
 def _environ(proc: psutil.Process) -> dict[str, str]:
+    import psutil
+
     try:
         return proc.environ()
     except (psutil.Error, OSError):
@@ -364,6 +400,8 @@ def with_environment(*entries: str, uids: frozenset[int] | None = None) -> list[
     of ``entries`` exactly, run by one of ``uids`` (None: by anyone). Reads
     /proc/*/environ directly (about 0.4 ms for 70 processes), and only of
     processes of ``uids``; the caller is never listed."""
+    import psutil
+
     needles = _needles(entries)
     me = os.getpid()
     found = []
@@ -428,6 +466,8 @@ def find_leftovers(
     """Processes of a previous gosup of ``state_dir``, by program name: the
     recorded ones (same start time), members of their groups and sessions,
     and processes carrying our marks; each only when ``trust`` allows it."""
+    import psutil
+
     found: dict[str, dict[int, psutil.Process]] = {}
     groups: dict[int, tuple[str, ProcessRecord]] = {}
     for name, rec in records.items():
@@ -462,6 +502,8 @@ def find_leftovers(
 
 
 def _older_than(proc: psutil.Process, limit: float) -> bool:
+    import psutil
+
     try:
         return proc.create_time() <= limit
     except psutil.Error:
@@ -485,6 +527,8 @@ def _leftover_name(
 
 async def stop_leftovers(procs: list[psutil.Process], grace: float) -> bool:
     """SIGTERM, wait up to ``grace``, then SIGKILL the rest; True when SIGKILL was needed."""
+    import psutil
+
     procs = spawn.alive(procs)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
@@ -609,7 +653,9 @@ class OrphanService:
         self.state_dir = sup.config.supervisor.state_dir.resolve()
         self.pids = PidFile(self.state_dir / PIDS_FILE)
         self.reaper: Reaper | None = None
-        self.born = self.pids.me.create_time if self.pids.me else psutil.Process().create_time()
+        # (No record of itself only where /proc/self/stat cannot be read: then
+        # now, before any program of this gosup started, is the bound.)
+        self.born = self.pids.me.create_time if self.pids.me else time.time()
         self._uids: dict[str, frozenset[int]] = {}
         self.adopts = False  # orphans of our children come to us (subreaper, PID 1)
 
