@@ -34,12 +34,11 @@ MAX_LINES = 200_000  # Prometheus text: a big Go service exports a few thousand
 MAX_LINE = 64 * 1024
 THREAD_ABOVE = 256 * 1024
 
-# Anchored at a line start, and a label set never crosses a newline: each
-# byte is looked at a bounded number of times, whatever the answer holds.
-_PROM_LINE = re.compile(
-    rb"^(go_goroutines|go_memstats_heap_inuse_bytes)(?:\{[^}\n]*\})?[ \t]+([^\s]+)",
-    re.MULTILINE,
-)
+# A sample's name is found by bytes.find (a line start checked by hand),
+# then what follows it matched from there: a label set never crosses a
+# newline, so each byte is looked at a bounded number of times, whatever the
+# answer holds (and no pattern is tried at every byte of it).
+_PROM_VALUE = re.compile(rb"(?:\{[^}\n]*\})?[ \t]+([^\s]+)")
 _PROM_KEYS = {b"go_goroutines": "goroutines", b"go_memstats_heap_inuse_bytes": "heap_inuse_bytes"}
 _PPROF_TOTAL = re.compile(rb"^goroutine profile: total (\d+)")
 # Go's expvar handler writes one top-level variable a line (``"name": value``,
@@ -113,16 +112,29 @@ def _expvar_by_pattern(text: bytes) -> dict[str, int]:
 def _parse_prometheus(text: bytes) -> dict[str, int]:
     check_text(text)
     found: dict[str, int] = {}
-    for name, value in _PROM_LINE.findall(text):
-        try:
-            number = float(value)
-        except ValueError:
-            continue  # not a number: as if the line were not there
-        if math.isfinite(number) and number >= 0:
-            found[_PROM_KEYS[name]] = int(number)
+    for name, key in _PROM_KEYS.items():
+        for value in _prom_values(text, name):
+            try:
+                number = float(value)
+            except ValueError:
+                continue  # not a number: as if the line were not there
+            if math.isfinite(number) and number >= 0:
+                found[key] = int(number)  # the last one counts
     if not found:
         raise ScrapeError("no go_goroutines or go_memstats_heap_inuse_bytes in the answer")
     return found
+
+
+def _prom_values(text: bytes, name: bytes) -> list[bytes]:
+    """The values of every sample of ``name`` (at a line start) in ``text``."""
+    values, start = [], 0
+    while (at := text.find(name, start)) >= 0:
+        start = at + len(name)
+        if at == 0 or text[at - 1] == 0x0A:
+            match = _PROM_VALUE.match(text, start)
+            if match is not None:
+                values.append(match[1])
+    return values
 
 
 def _is_count(value: object) -> bool:

@@ -39,7 +39,14 @@ from supervisor.health.gohttp import MAX_HEADER_BYTES, HttpClient, ScrapeError, 
 
 Result = Callable[[dict[str, int] | None, str | None], None]  # (figures, error): one is None
 
-_STATUS = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: [^\r\n]*)?")
+_STATUS = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: [^\r\n]*)?(?:\r\n|$)")
+# The headers that frame the answer; the others are not looked at. A line
+# that is no header at all (no colon, or folded) is no HTTP answer.
+_FRAMING = re.compile(
+    rb"^(content-length|transfer-encoding|connection)[ \t]*:[ \t]*([^\r]*?)[ \t]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_MALFORMED = re.compile(rb"^(?:[ \t]|[^:\r\n]*\r?$)", re.MULTILINE)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_LINE = 1024  # a chunk-size line (with extensions) longer than this is refused
@@ -115,7 +122,7 @@ class GoScraper:
         if self.https:  # the h11 client has a timeout of its own
             self._h11 = loop.create_task(self._scrape_h11(timeout), name="sampler:scrape")
             return
-        self._timer = loop.call_later(timeout, self._timed_out, timeout)
+        self._timer = loop.call_at(loop.time() + timeout, self._timed_out, timeout)
         if self._conn is None:
             self._connect(loop)
         else:
@@ -126,6 +133,7 @@ class GoScraper:
         turn) and any scrape under way: its callback never runs."""
         self._busy = False
         self._stop_waiting()
+        self._reset_answer()
         if self._client is not None:
             self._client.close()
         self._drop()
@@ -156,7 +164,6 @@ class GoScraper:
 
     def _send(self) -> None:
         assert self._conn is not None and self._conn.transport is not None
-        self._reset_answer()
         self._conn.transport.write(self._request)
 
     def _drop(self) -> None:
@@ -227,15 +234,15 @@ class GoScraper:
             return False
         if end > MAX_HEADER_BYTES:
             raise _Refused(f"not an HTTP answer (headers longer than {MAX_HEADER_BYTES} bytes)")
-        lines = bytes(self._buf[:end]).split(b"\r\n")
+        head = bytes(self._buf[:end])
         del self._buf[: end + 4]
-        status = _STATUS.fullmatch(lines[0])
+        status = _STATUS.match(head)
         if status is None:
             raise _Refused("not an HTTP answer (no HTTP/1.x status line)")
         code = int(status[2])
         if 100 <= code < 200 and code != 101:
             return True  # informational: the real answer follows
-        headers = _headers(lines[1:])
+        headers = _headers(head, status.end())
         self._status, self._head_done = code, True
         self._keep = status[1] == b"1" and b"close" not in _tokens(headers.get(b"connection"))
         coding = headers.get(b"transfer-encoding")
@@ -391,15 +398,14 @@ class GoScraper:
         self.on_result(figures, error)
 
 
-def _headers(lines: list[bytes]) -> dict[bytes, bytes]:
-    """Header names (lower case) to values; a repeated header's values joined
-    by commas. A line without a colon, or folded, is no HTTP answer."""
+def _headers(head: bytes, start: int) -> dict[bytes, bytes]:
+    """The framing headers' names (lower case) to values, a repeated one's
+    values joined by commas, from the header lines at ``head[start:]``."""
+    if _MALFORMED.search(head, start) is not None:
+        raise _Refused("not an HTTP answer (a malformed header line)")
     headers: dict[bytes, bytes] = {}
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
-            raise _Refused("not an HTTP answer (a malformed header line)")
-        key, value = name.lower(), value.strip(b" \t")
+    for name, value in _FRAMING.findall(head, start):
+        key = name.lower()
         headers[key] = headers[key] + b", " + value if key in headers else value
     return headers
 
