@@ -56,7 +56,14 @@ class _Refused(Exception):
     """The answer cannot be read: its text is the scrape error's problem."""
 
 
-class _Connection(asyncio.Protocol):
+# What every scraper's socket is read into (a BufferedProtocol's buffer): the
+# bytes are copied out in the same call, so one buffer serves them all. A
+# plain Protocol would have each read allocate asyncio's 256 KiB and shrink
+# it, about 12 us of the scrape's CPU.
+_READ_BUFFER = memoryview(bytearray(64 * 1024))
+
+
+class _Connection(asyncio.BufferedProtocol):
     """One TCP connection of a scraper: passes what happens to it on, unless
     the scraper has moved to another connection since."""
 
@@ -69,9 +76,12 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.scraper._conn is self:
-            self.scraper._received(data)
+            self.scraper._received(_READ_BUFFER[:nbytes])
 
     def eof_received(self) -> bool:
         return False  # close: connection_lost follows
@@ -200,7 +210,7 @@ class GoScraper:
         self._status, self._keep, self._framing, self._left = 0, True, "length", 0
         self._trailers = False
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes | memoryview) -> None:
         if not self._busy:
             self._drop()  # bytes nobody asked for: the connection cannot be trusted
             return
