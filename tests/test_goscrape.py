@@ -122,6 +122,8 @@ def answering(*parts: bytes, then: str = "stay", requests: int = 1_000_000) -> H
                 await writer.drain()
                 await asyncio.sleep(0.01)  # separate reads on the other side
             if then == "close":
+                writer.close()  # after what was written
+                await writer.wait_closed()
                 return
         if then == "close-on-next":  # an idle timeout that strikes as the next request comes
             await reader.readuntil(b"\r\n\r\n")
@@ -228,6 +230,8 @@ async def _answers(handler: Handler, times: int = 1, max_bytes: int = 1 << 20) -
 
 
 FIGURES = {"goroutines": 7, "heap_inuse_bytes": 4096}
+BIG = PROM + b"# padding\n" * 30_000
+assert len(BIG) > gometrics.THREAD_ABOVE
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"%x;ext=1\r\n%s\r\n" % (20, PROM[:20]),
@@ -246,8 +250,10 @@ CHUNKED = (
         ((b"HTTP/1.1 100 Continue\r\n\r\n", ok(PROM)), "stay", 2, FIGURES, 1),
         # closes an answered keep-alive connection (an idle timeout): asked again
         ((ok(PROM),), "close", 3, FIGURES, 3),
+        # over THREAD_ABOVE: read in a thread, while the server closes the connection
+        ((ok(BIG),), "close", 2, FIGURES, 2),
     ],
-    ids=["length", "chunked", "connection-close", "eof", "continue", "server-closes-idle"],
+    ids=["length", "chunked", "connection-close", "eof", "continue", "server-closes-idle", "big"],
 )
 def test_answers_framed_every_way_give_the_figures(
     parts: tuple[bytes, ...], then: str, times: int, answer: dict[str, int], connections: int

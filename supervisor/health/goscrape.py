@@ -189,8 +189,8 @@ class GoScraper:
         conn = self._conn
         assert conn is not None
         self._conn = None
-        if not self._busy:
-            return  # idle: the next scrape connects afresh
+        if not self._busy or self._thread is not None:
+            return  # idle, or the answer is in (and being read): the next scrape connects afresh
         if self._framing == "eof" and self._head_done:
             self._complete()  # a body read to EOF ends here
         elif not self._got_bytes and conn.used and not self._retried:
@@ -211,7 +211,7 @@ class GoScraper:
         self._trailers = False
 
     def _received(self, data: bytes | memoryview) -> None:
-        if not self._busy:
+        if not self._busy or self._thread is not None:
             self._drop()  # bytes nobody asked for: the connection cannot be trusted
             return
         self._got_bytes = True
@@ -403,7 +403,7 @@ class GoScraper:
     def _deliver(self, figures: dict[str, int] | None, error: str | None) -> None:
         if not self._busy:
             return  # closed meanwhile
-        self._busy = False
+        self._busy, self._thread = False, None
         self._reset_answer()
         self.on_result(figures, error)
 
