@@ -269,7 +269,8 @@ class GoScraper:
                 raise _Refused("not an HTTP answer (bad Content-Length)")
             self._framing, self._left = "length", int(length)
             if self._left > self.max_bytes:
-                raise _Refused(f"answer of {self._left} bytes, more than {self.max_bytes}")
+                too_long = f"answer longer than {self.max_bytes} bytes"
+                raise _Refused(f"{too_long} (Content-Length {self._left})")
         else:
             self._framing, self._keep = "eof", False
         return True
