@@ -84,6 +84,11 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Values that read back from JSON as they are: a record of only these is not
+# parsed again for its listeners (most records; a crash loop writes three a run).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def _json_default(value: object) -> object:
     # Crash and similar records know their own JSON shape; anything else
     # (Path, enum members) is written as its string form.
@@ -149,11 +154,11 @@ class History:
         if program is not None:
             head["program"] = program
         head["event"] = event
-        line = json.dumps(
-            head | fields, separators=(",", ":"), ensure_ascii=False, default=_json_default
-        )
+        rec: dict[str, object] = head | fields
+        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False, default=_json_default)
         self._append((line + "\n").encode())
-        rec: dict[str, object] = json.loads(line)
+        if not all(type(value) in _PLAIN for value in fields.values()):
+            rec = json.loads(line)  # as a reader will see it: Crash -> dict, Path -> str
         self._notify(rec)
         return rec
 

@@ -1,6 +1,6 @@
 """Capture of a child's stdout and stderr.
 
-The hot path is ``PipeReader.data_received`` (``Stream.feed``): the event loop hands over
+The hot path is ``PipePump._read_ready`` (``Stream.feed``): the event loop hands over
 chunks of up to 256 KiB, which go straight to an unbuffered file with one
 ``write`` each. Nothing is split into lines unless a terminal is attached, so
 a child flooding its output costs one syscall per chunk and gosup's memory
@@ -102,6 +102,7 @@ class RotatingFile:
         self.dropped = 0  # bytes lost to write errors, all told
         self._mid_line = False  # the file ends inside a line (no newline yet)
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._failed_at: float | None = None  # when the current burst of failures began
         self._burst = 0  # bytes dropped in the current burst
 
@@ -116,17 +117,19 @@ class RotatingFile:
             except FileNotFoundError:  # log_dir is gone (or was never made): make it
                 prepare_log_dir(self.path.parent)
                 self._fd = _open_log(self.path)
-            self.size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            self.size, self._identity = st.st_size, (st.st_dev, st.st_ino)
         except OSError as exc:
             self._failed(exc, 0)
 
     def _still_ours(self) -> bool:
-        assert self._fd is not None
+        """Whether the path still names the open file (one stat: the open
+        file's identity was taken when it was opened)."""
         try:
-            on_disk, ours = os.stat(self.path), os.fstat(self._fd)
+            on_disk = os.stat(self.path)
         except OSError:
             return False
-        return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
+        return (on_disk.st_dev, on_disk.st_ino) == self._identity
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -188,6 +191,8 @@ class RotatingFile:
         self.size = 0
         self._mid_line = False
         self._fd = _open_log(self.path)
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino)
 
     def _failed(self, exc: OSError, lost: int) -> None:
         self.close()
@@ -216,6 +221,10 @@ class Writer(Protocol):
     def write(self, data: bytes) -> object: ...
 
 
+COALESCE = 0.01  # seconds a writer thread waits for more after a few lines
+COALESCE_BYTES = 64 << 10  # past this much queued, it writes at once
+
+
 class DroppingWriter:
     """Writes to an output that may stall (a terminal, a pipe, journald's
     stream) without ever blocking the caller.
@@ -225,6 +234,10 @@ class DroppingWriter:
     (``dropped_bytes``), and once the reader keeps up again a line says how
     much was lost. Thread-safe: the event loop and loguru's sink (any thread)
     may share one. ``close`` waits at most ``timeout`` for the queue to drain.
+    While lines keep coming (within ``COALESCE`` of the last write), those
+    of the next ``COALESCE`` go out in one write: the thread is woken once
+    for them, not once per line (a crash loop of 200 programs logs a few
+    hundred lines a second); a line after a quiet spell is written at once.
     """
 
     def __init__(self, fd: int, max_bytes: int = 1 << 20, label: str = "output") -> None:
@@ -239,6 +252,7 @@ class DroppingWriter:
         self._closed = False
         self._broken = False  # the reader is gone (EPIPE): nothing more is written
         self._thread: threading.Thread | None = None
+        self._wrote_at = -COALESCE  # time.monotonic() of the thread's last write
 
     def write(self, data: bytes) -> int:
         """Queue ``data``; returns its length, or 0 when it was dropped."""
@@ -251,7 +265,10 @@ class DroppingWriter:
                 return 0
             self._queue.append(data)
             self._queued += len(data)
-            self._cond.notify()
+            # The thread waits for a first chunk, then COALESCE for more unless
+            # COALESCE_BYTES are queued: only those two moments need a wake-up.
+            if len(self._queue) == 1 or self._queued >= COALESCE_BYTES:
+                self._cond.notify()
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name=f"gosup-writer:{self.label}", daemon=True
@@ -265,7 +282,7 @@ class DroppingWriter:
     def close(self, timeout: float = 1.0) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify()  # (also ends a wait for more lines)
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
@@ -277,6 +294,12 @@ class DroppingWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
+                busy = time.monotonic() - self._wrote_at < COALESCE
+                if busy and not self._closed and self._queued < COALESCE_BYTES:
+                    # Lines keep coming (a crash loop logs two per run): wait a
+                    # moment for more, one wake-up and one write for them all.
+                    # A line after a quiet spell is written at once.
+                    self._cond.wait(COALESCE)
                 chunks, self._queue = list(self._queue), collections.deque()
                 self._queued = 0
                 lost, self._unreported = self._unreported, 0
@@ -291,6 +314,7 @@ class DroppingWriter:
                     self._broken = True
                     self._queue.clear()
                 return
+            self._wrote_at = time.monotonic()
 
     def _write_all(self, data: bytes) -> bool:
         view = memoryview(data)
@@ -426,8 +450,62 @@ class PipeReader(asyncio.Protocol):
             self.done.set_result(None)
 
 
-def _given(protocol: PipeReader) -> Callable[[], PipeReader]:
-    return lambda: protocol
+READ_SIZE = 256 * 1024  # what one read of a pipe hands over at most (as asyncio's pipes)
+
+
+class PipePump:
+    """One of a child's output pipes, read on the loop: each chunk goes to
+    ``feed``; at its end (EOF, a read error, ``close``) ``at_end`` is called
+    and ``done`` resolved.
+
+    What asyncio's pipe transport (``connect_read_pipe``) would do, without
+    its loop turns: three to connect (connection_made, the reader, the
+    waiter) and two at EOF, per pipe and run, where a crash loop of 200
+    programs starts a hundred runs a second."""
+
+    def __init__(
+        self,
+        pipe: IO[bytes],
+        feed: Callable[[bytes], None],
+        done: asyncio.Future[None],
+        at_end: Callable[[], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._pipe: IO[bytes] | None = pipe
+        self._fd = pipe.fileno()
+        self._feed, self._done, self._at_end = feed, done, at_end
+        os.set_blocking(self._fd, False)
+        self._loop.add_reader(self._fd, self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EIO and the like: the pipe is over for us
+            logger.warning("reading a child's output failed: {}", exc)
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            self._feed(data)
+        except Exception as exc:  # a bug in what consumes the output: stop reading
+            logger.opt(exception=exc).error("handling a child's output failed")
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading and close the pipe (done at EOF by itself)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is None:
+            return
+        self._loop.remove_reader(self._fd)
+        with contextlib.suppress(OSError):
+            pipe.close()
+        if self._at_end is not None:
+            self._at_end()
+        if not self._done.done():
+            self._done.set_result(None)
 
 
 @dataclass
@@ -435,14 +513,15 @@ class RunPipes:
     """One run's pipes set apart from the program's current run (an overlap
     restart: the old process keeps writing while its replacement starts)."""
 
-    transports: list[asyncio.BaseTransport]
+    transports: list[PipePump]
     done: list[asyncio.Future[None]]
     tail: Tail | None = None  # the run's own stderr tail
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for both pipes to reach EOF, then close them."""
-        if self.done:
-            await asyncio.wait(self.done, timeout=timeout)
+        pending = [fut for fut in self.done if not fut.done()]
+        if pending:  # (usually both ended with the child: no wait, no loop turn)
+            await asyncio.wait(pending, timeout=timeout)
         self.close()
 
     def close(self) -> None:
@@ -479,16 +558,18 @@ class OutputCapture:
         self._keep_files()
         self.stdout.file.open()
         self.stderr.file.open()
-        for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
-            done: asyncio.Future[None] = loop.create_future()
-            at_end = stream.echo.flush if stream.echo is not None else None
-            feed, tail = stream.run_feed()
-            if tail is not None:
-                self._pipes.tail = tail
-            protocol = PipeReader(feed, done, at_end)
-            transport, _ = await loop.connect_read_pipe(_given(protocol), pipe)
-            self._pipes.transports.append(transport)
-            self._pipes.done.append(done)
+        try:
+            for pipe, stream in ((stdout, self.stdout), (stderr, self.stderr)):
+                done: asyncio.Future[None] = loop.create_future()
+                at_end = stream.echo.flush if stream.echo is not None else None
+                feed, tail = stream.run_feed()
+                if tail is not None:
+                    self._pipes.tail = tail
+                self._pipes.transports.append(PipePump(pipe, feed, done, at_end))
+                self._pipes.done.append(done)
+        except BaseException:
+            self._pipes.close()  # no reader left behind on a pipe the caller closes
+            raise
 
     async def drain(self, timeout: float) -> None:
         """Wait for both pipes to reach EOF (so a crash's last words are read), then

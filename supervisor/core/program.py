@@ -424,20 +424,25 @@ class Program:
             logger.opt(exception=exc).error("{}: cannot settle after an error", self.name)
 
     async def _next(self) -> Message | None:
-        """The next message, or None when the deadline has passed."""
+        """The next message, or None when the deadline has passed.
+
+        The deadline is a timer that sets ``_wake`` (not ``asyncio.timeout``,
+        which cancels the wait and turns the CancelledError into a
+        TimeoutError: a crash loop passes a deadline at every run)."""
         while not self._inbox:
             self._wake.clear()
-            timeout = None
+            timer = None
             if self._deadline is not None:
                 timeout = self._deadline - self.ctx.clock()
                 if timeout <= 0:
                     self._deadline = None
                     return None
+                timer = asyncio.get_running_loop().call_later(timeout, self._wake.set)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
         self._log_exit(None)
         await self._sweep_crashed(None)  # a message before the restart: sweep first
         return self._inbox.popleft()
@@ -710,8 +715,11 @@ class Program:
         healthy = self.state is S.RUNNING and self.policy.run_was_healthy(uptime)
         # A healthy run that crashed is back at once: what it left is looked for
         # (a scan of the process table) just after the replacement has started.
+        # Otherwise a crash's leftovers are listed and killed in one thread hop
+        # (``_sweep_crashed``) once ``exited`` is written; a stop lists them now.
         at_once = healthy and self._should_restart(code)
-        leftovers = [] if at_once else await self._list_leftovers(child)
+        stopping = self.state is S.STOPPING
+        leftovers = await self._list_leftovers(child) if stopping else []
         try:
             info = self._exit_info(child, code, uptime)
         except Exception as exc:
@@ -720,7 +728,7 @@ class Program:
         self.last_exit = info
         self.child = None
         self._deadline = None
-        if self.state is S.STOPPING:
+        if stopping:
             if self.policy.run_was_healthy(uptime):
                 self.failures = 0  # a long run ended on request still ends a failure series
             await self._finish_stop(child, info, leftovers)
@@ -730,7 +738,7 @@ class Program:
         # group; finding them scans the process table: off the loop.
         self._crashed = (child, list(self._snapshot))
         if not at_once:
-            await self._sweep_crashed(None, leftovers)
+            await self._sweep_crashed(None)
         self._log_exit(info, later=at_once)
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy)
@@ -760,10 +768,9 @@ class Program:
         stop, and the daemons it double-forked (re-parented to gosup)."""
         return snapshot + child.group_members() + spawn.adopted(self.name)
 
-    async def _sweep_crashed(
-        self, started_from: int | None = None, leftovers: list[psutil.Process] | None = None
-    ) -> None:
-        """Kill what is left of the crashed run (``_crashed``), in a thread.
+    async def _sweep_crashed(self, started_from: int | None = None) -> None:
+        """List and kill what is left of the crashed run (``_crashed``), in one
+        thread hop (gosup's children are read once for both lists: ``one_look``).
 
         Without ``started_from`` this is awaited: nothing of the program runs
         yet. After a start at once it runs beside the new run, which it must
@@ -775,18 +782,23 @@ class Program:
         (child, snapshot), self._crashed = self._crashed, None
 
         def sweep() -> None:
-            procs = self._leftovers(child, snapshot) if leftovers is None else leftovers
-            procs = procs + self.ctx.marked_escapees(self.name)
+            with spawn.one_look():
+                procs = self._leftovers(child, snapshot) + self.ctx.marked_escapees(self.name)
             if started_from is not None:
                 procs = spawn.started_before(procs, started_from)
             spawn.kill_tree(procs)
 
+        if started_from is None:
+            try:
+                await asyncio.to_thread(sweep)
+            except Exception as exc:
+                logger.opt(exception=exc).error(
+                    "{}: sweeping the run's leftovers failed", self.name
+                )
+            return
         task = asyncio.ensure_future(asyncio.to_thread(sweep))
         task.add_done_callback(self._swept)
-        if started_from is None:
-            await asyncio.wait([task])
-        else:
-            self._sweeps.add(task)
+        self._sweeps.add(task)
 
     def _swept(self, task: asyncio.Future[None]) -> None:
         self._sweeps.discard(task)

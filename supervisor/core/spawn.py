@@ -42,6 +42,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -130,9 +131,11 @@ def resolve_executable(argv0: str, directory: Path, env: Mapping[str, str]) -> s
     path = locate_executable(argv0, directory, env)
     if path is None:
         raise SpawnError(f"binary {argv0!r} not found on PATH")
-    if not os.path.exists(path):
-        raise SpawnError(f"binary {argv0!r} not found (looked for {path})")
-    if os.path.isdir(path):
+    try:  # one lookup of the path for both questions: every start asks them
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        raise SpawnError(f"binary {argv0!r} not found (looked for {path})") from None
+    if is_dir:
         raise SpawnError(f"binary {argv0!r} is a directory ({path})")
     if not os.access(path, os.X_OK):
         raise SpawnError(f"binary {argv0!r} is not executable ({path})")
@@ -271,7 +274,18 @@ def become_subreaper() -> bool:
 
 def own_children() -> set[int]:
     """Pids of gosup's children now, from ``/proc/self/task/*/children`` (no
-    scan of the whole /proc); psutil's scan where the kernel lacks that file."""
+    scan of the whole /proc); psutil's scan where the kernel lacks that file.
+    Inside ``one_look`` (on that thread), the first answer is reused."""
+    look: set[int] | None = getattr(_look, "children", None)
+    if look is not None:
+        return look
+    found = _own_children_now()
+    if getattr(_look, "depth", 0):
+        _look.children = found
+    return found
+
+
+def _own_children_now() -> set[int]:
     if _children_files():
         return set(_child_pids("self"))
     with contextlib.suppress(psutil.Error):
@@ -279,18 +293,62 @@ def own_children() -> set[int]:
     return set()
 
 
+_look = threading.local()
+
+
+@contextlib.contextmanager
+def one_look() -> Iterator[None]:
+    """gosup's children read once for the whole block (on this thread): a
+    crash's sweep asks for them twice (the run's adopted orphans, then the
+    marked escapees among them), and each read is a file per gosup thread."""
+    _look.depth = getattr(_look, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _look.depth -= 1
+        if not _look.depth:
+            _look.children = None
+
+
 def adopted(program: str) -> list[psutil.Process]:
     """Orphans of ``program``'s runs re-parented to gosup (the subreaper), found
     by their ``GOSUP_PROGRAM`` mark, with their descendants. Children gosup
-    started itself (programs, builds, validators) are not orphans."""
+    started itself (programs, builds, validators) are not orphans.
+
+    A child being started meanwhile (in another thread, not yet among those
+    gosup started) is a candidate too: each candidate's environment is read
+    raw and only a match becomes a ``psutil.Process`` (under a crash loop,
+    most candidates are such starts of other programs)."""
     mine = _started_pids(running_only=True)
     found: list[psutil.Process] = []
+    mark = f"{PROGRAM_VAR}={program}".encode()
     for pid in own_children() - mine:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if proc.environ().get(PROGRAM_VAR) == program:
+        if _environ_has(pid, mark):
+            with contextlib.suppress(psutil.Error):
                 found += process_tree(pid)
     return found
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    """Whether process ``pid``'s environment holds ``entry`` (``NAME=value``)
+    as a whole variable; False when it is gone or unreadable."""
+    try:
+        block = _read_proc(f"/proc/{pid}/environ")
+    except OSError:
+        return False
+    return block.startswith(entry + b"\0") or b"\0" + entry + b"\0" in block
+
+
+def _read_proc(path: str) -> bytes:
+    """A /proc file whole, read by fd (no file object: this runs per crash)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def start_ticks() -> int:
@@ -306,10 +364,10 @@ def proc_stat(pid: int) -> list[bytes] | None:
     when the process is gone. One read; procfs does not block."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            data = f.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2 :].split()  # comm may hold spaces and ")"
+    fields = data[data.rfind(b")") + 2 :].split()  # comm may hold spaces and ")"
     return fields if len(fields) >= 20 else None
 
 
@@ -517,8 +575,8 @@ def _child_pids(pid: str) -> list[int]:
     pids: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
-                pids += (int(c) for c in f.read().split())
+            with contextlib.suppress(OSError):
+                pids += map(int, _read_proc(f"/proc/{pid}/task/{task}/children").split())
     return pids
 
 
@@ -655,6 +713,7 @@ def _start(
             pass_fds=tuple(fds),
             listen_fds=fds,
             capabilities=spec.capabilities,
+            resolved=True,  # by launch, just before
         )
     _widen_pipes(popen)
     return popen
@@ -731,17 +790,20 @@ def start_child(
     pass_fds: tuple[int, ...] = (),
     listen_fds: Sequence[int] = (),
     capabilities: tuple[str, ...] = (),
+    resolved: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` the way gosup starts every child; SpawnError if it cannot.
 
     ``command[0]`` is resolved first (``resolve_executable``, on ``env``'s
     PATH), so that a missing binary is a SpawnError, not an exit code of the
-    setpriv wrapper. The child gets its own session, the parent-death signal,
-    stdin from /dev/null, stdout as a pipe and ``stderr`` as asked (a pipe, or
-    STDOUT for one stream in order), and runs as ``identity`` when gosup is
-    root. ``env`` should come from ``child_environment`` (``base_environment``
-    plus the program's variables and gosup's marks). ``listen_fds`` (also in
-    ``pass_fds``) become fds 3.. of the program, with LISTEN_PID its pid.
+    setpriv wrapper; ``resolved``: the caller did that just before, and
+    ``command[0]`` is the path it found (a program's start). The child gets
+    its own session, the parent-death signal, stdin from /dev/null, stdout
+    as a pipe and ``stderr`` as asked (a pipe, or STDOUT for one stream in
+    order), and runs as ``identity`` when gosup is root. ``env`` should come
+    from ``child_environment`` (``base_environment`` plus the program's
+    variables and gosup's marks). ``listen_fds`` (also in ``pass_fds``)
+    become fds 3.. of the program, with LISTEN_PID its pid.
 
     The parent-death signal belongs to the thread that starts the child: a
     caller in a worker thread must keep that thread until the child is gone
@@ -751,7 +813,7 @@ def start_child(
     ambient capabilities after the user switch: setpriv switches the user
     then, not Popen (whose switch would drop them).
     """
-    executable = resolve_executable(command[0], directory, env)
+    executable = command[0] if resolved else resolve_executable(command[0], directory, env)
     drop = identity is not None and os.geteuid() == 0
     argv = [executable, *command[1:]]
     if listen_fds:
