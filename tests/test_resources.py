@@ -544,6 +544,41 @@ def test_go_env_respects_what_the_program_sets(tmp_path: Path, goapp: Path) -> N
     run(main())
 
 
+def test_a_restarted_program_is_scraped_over_a_connection_to_its_new_process(
+    tmp_path: Path, goapp: Path
+) -> None:
+    port = free_port()
+    limits = f'interval = "200ms"\ngo_metrics = "http://127.0.0.1:{port}/debug/vars"\n'
+    prog = goapp_program(goapp, "-http", f"127.0.0.1:{port}", limits=limits)
+
+    def peers(pid: int) -> set[int]:
+        """The local ports of gosup's connections to ``pid``'s port."""
+        return {
+            c.laddr.port
+            for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        }
+
+    async def main() -> None:
+        async with sampled(tmp_path, prog) as h:
+            first = await h.until(lambda: h.app.state.value == "RUNNING" and h.app.pid, 20, "run")
+            await h.until(lambda: seen(h).figures.get("goroutines"), 20, "the Go figures")
+            before = await h.until(lambda: peers(first), 20, "the kept-alive connection")
+            start = seen(h).samples
+            await h.until(lambda: seen(h).samples >= start + 5, 30, "five more samples")
+            assert peers(first) == before  # kept alive across samples
+            await h.app.request(Restart(reason="operator"))
+            second = await h.until(
+                lambda: h.app.state.value == "RUNNING" and h.app.pid != first and h.app.pid,
+                20, "the second run",
+            )  # fmt: skip
+            await h.until(lambda: seen(h).figures.get("heap_inuse_bytes"), 20, "its figures")
+            after = await h.until(lambda: peers(second), 20, "a connection to the new run")
+            assert after.isdisjoint(before) and seen(h).scrape_error is None
+
+    run(main())
+
+
 def test_dump_on_request_keeps_the_program_running(tmp_path: Path, goapp: Path) -> None:
     port = free_port()
     limits = f'go_metrics = "http://127.0.0.1:{port}/metrics"\n'

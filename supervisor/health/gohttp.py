@@ -1,5 +1,8 @@
-"""The one HTTP/1.1 client gosup uses to talk to its programs: GETs over
-asyncio streams, framed by h11.
+"""gosup's HTTP/1.1 client for its programs' probes, leak evidence and https
+``go_metrics`` scrapes: GETs over asyncio streams, framed by h11. (A plain
+``http`` ``go_metrics`` scrape, asked of every program every few seconds,
+has a lean client of its own for that one shape of answer:
+`supervisor.health.goscrape`.)
 
 Why not an HTTP library with a pool: scraping hundreds of programs must not
 need a thread pool, and each program gets exactly one connection, kept alive

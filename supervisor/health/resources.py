@@ -15,12 +15,14 @@ what that costs and why), looks for new descendants at most every
 ``FIGURES_TREE_REFRESH`` where figures are only shown (a pass over all of
 /proc, in a thread, skipped when no process was made on the machine since
 the last pass), and
-scrapes a program's Go metrics over one kept-alive connection. What it
+scrapes a program's Go metrics over one kept-alive connection
+(`supervisor.health.goscrape`: started in the turn that reads /proc, ended
+by a callback in the turn its answer arrives, no task of its own). What it
 finds is kept in ``program.observations``.
 
-Every task the sampler starts (its loop, a scrape, a leak response) is
+Every task the sampler starts (its loop, a tree pass, a leak response) is
 owned by it: a failure is logged as it happens, and ``close`` cancels and
-awaits them all.
+awaits them all; ``close`` also drops every scraper's connection.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import contextlib
 import math
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from loguru import logger
@@ -37,8 +40,7 @@ from loguru import logger
 from supervisor.config import LimitsSpec
 from supervisor.core.program import Program
 from supervisor.core.states import ProcessState
-from supervisor.health import gometrics
-from supervisor.health.gohttp import HttpClient, ScrapeError
+from supervisor.health.goscrape import GoScraper
 from supervisor.health.sampling import Hysteresis, ProcessTree, children_map, last_pid
 from supervisor.health.watermarks import LeakResponse
 
@@ -65,10 +67,10 @@ class _Sampled:
     next_due: float
     tree: ProcessTree | None = None  # the run being sampled
     hysteresis: Hysteresis | None = None
-    scraping: bool = False
     scrape_error: str | None = None  # the last one logged
     go: dict[str, int] = field(default_factory=dict)  # the last Go figures read
-    client: HttpClient | None = None  # the kept-alive connection to go_metrics
+    scraper: GoScraper | None = None  # go_metrics, over its kept-alive connection
+    scraping: tuple[int, dict[str, int]] | None = None  # the pid and /proc figures it waits on
 
     @property
     def sockets(self) -> bool:
@@ -107,9 +109,10 @@ class ResourceSampler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # failures were logged already
         for one in self.sampled.values():
-            if one.client is not None:
-                await one.client.aclose()
             self._forget(one)
+            if one.scraper is not None:
+                one.scraper.close()
+        await asyncio.sleep(0)  # the scrapers' sockets close at this turn
 
     def on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
         """A state listener: wakes the sampler for a process to sample or forget."""
@@ -188,8 +191,9 @@ class ResourceSampler:
         """The run is gone (or the program is): drop what belonged to it."""
         one.tree = one.hysteresis = None
         one.go = {}
-        if one.client is not None:
-            one.client.close()
+        one.scraping = None
+        if one.scraper is not None:
+            one.scraper.close()  # a new run is scraped over a new connection
         one.program.observations.run_ended()
 
     # -- sampling ----------------------------------------------------------------------
@@ -222,7 +226,7 @@ class ResourceSampler:
     def _sample(self, due: list[_Sampled], now: float) -> None:
         for one in due:
             one.next_due = now + one.interval  # never a burst to catch up
-            if one.tree is None or one.scraping:
+            if one.tree is None or one.scraping is not None:
                 continue
             figures = one.tree.sample(one.sockets)
             if figures is None:
@@ -230,29 +234,29 @@ class ResourceSampler:
             url = one.limits.go_metrics if one.limits else None
             if url is None:
                 self._evaluate(one, one.tree.pid, figures)
-            else:
-                one.scraping = True
-                self._spawn(self._scrape(one, one.tree.pid, figures, url), "sampler:scrape")
+                continue
+            if one.scraper is None:
+                one.scraper = GoScraper(url, partial(self._scraped, one))
+            one.scraping = (one.tree.pid, figures)
+            one.scraper.scrape(min(2.0, max(0.5, one.interval)))
 
-    async def _scrape(self, one: _Sampled, pid: int, figures: dict[str, int], url: str) -> None:
-        timeout = min(2.0, max(0.5, one.interval))
-        error = None
-        if one.client is None:
-            one.client = HttpClient(url)
+    def _scraped(self, one: _Sampled, go: dict[str, int] | None, error: str | None) -> None:
+        """A scrape's end (its scraper's callback, in the turn its answer came)."""
+        if one.scraping is None:
+            return
+        (pid, figures), one.scraping = one.scraping, None
         try:
-            one.go = await gometrics.scrape(url, timeout, one.client)
-        except ScrapeError as exc:
-            error = str(exc)
-        finally:
-            one.scraping = False
-        if error != one.scrape_error:  # log changes, not every failed sample
-            if error:
-                logger.warning("{}: cannot read Go metrics: {}", one.program.name, error)
-            else:
-                logger.info("{}: Go metrics readable again", one.program.name)
-            one.scrape_error = error
-        go = {} if error else one.go
-        self._evaluate(one, pid, {**figures, **go}, error)
+            if go is not None:
+                one.go = go
+            if error != one.scrape_error:  # log changes, not every failed sample
+                if error:
+                    logger.warning("{}: cannot read Go metrics: {}", one.program.name, error)
+                else:
+                    logger.info("{}: Go metrics readable again", one.program.name)
+                one.scrape_error = error
+            self._evaluate(one, pid, {**figures, **(go or {})}, error)
+        except Exception as exc:  # a bug: log it, keep sampling
+            logger.opt(exception=exc).error("sampler: internal error after a scrape")
 
     def _evaluate(
         self, one: _Sampled, pid: int, figures: dict[str, int], error: str | None = None
