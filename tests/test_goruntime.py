@@ -61,8 +61,25 @@ PPROF = b"""goroutine profile: total 1234
         (PPROF, {"goroutines": 1234}),
         (b'go_goroutines{job="x"} 7\n', {"goroutines": 7}),
         (b'\n  {"memstats": {"HeapInuse": 5}}', {"heap_inuse_bytes": 5}),
+        # Go's layout for memstats, goroutines published in another one: both read.
+        (
+            b'{\n"goroutines": {"n": 3},\n"memstats": {"Alloc":1,"HeapInuse":9,"BySize":[]}\n}',
+            {"heap_inuse_bytes": 9},
+        ),
+        (
+            b'{\n"memstats": {"Alloc":1,"HeapInuse":9,"BySize":[]},\n"goroutines": 4\n}',
+            {"heap_inuse_bytes": 9, "goroutines": 4},
+        ),
     ],
-    ids=["prometheus", "expvar", "pprof", "prometheus-labels", "expvar-no-goroutines"],
+    ids=[
+        "prometheus",
+        "expvar",
+        "pprof",
+        "prometheus-labels",
+        "expvar-no-goroutines",
+        "expvar-goroutines-not-a-count",
+        "expvar-go-layout",
+    ],
 )
 def test_parse_metrics_reads_each_format(body: bytes, expected: dict[str, int]) -> None:
     assert gometrics.parse_metrics(body) == expected

@@ -79,10 +79,8 @@ def check_text(body: bytes) -> None:
 
 
 def _parse_expvar(text: bytes) -> dict[str, int]:
-    if text.startswith(_EXPVAR_START):
-        quick = _expvar_by_pattern(text)
-        if quick:
-            return quick
+    if text.startswith(_EXPVAR_START) and (quick := _expvar_by_pattern(text)) is not None:
+        return quick
     try:
         data = json.loads(text)
     except RecursionError:
@@ -100,12 +98,20 @@ def _parse_expvar(text: bytes) -> dict[str, int]:
     return found
 
 
-def _expvar_by_pattern(text: bytes) -> dict[str, int]:
-    found: dict[str, int] = {}
-    if (heap := _EXPVAR_HEAP.search(text)) is not None:
-        found["heap_inuse_bytes"] = int(heap[1])
+def _expvar_by_pattern(text: bytes) -> dict[str, int] | None:
+    """Both figures by pattern, or None: then json.loads reads the answer.
+
+    Never half of them: a figure the patterns miss may be there in another
+    layout, and a limit on it would go unenforced.
+    """
+    heap = _EXPVAR_HEAP.search(text)
+    if heap is None:
+        return None
+    found = {"heap_inuse_bytes": int(heap[1])}
     if (goroutines := _EXPVAR_GOROUTINES.search(text)) is not None:
         found["goroutines"] = int(goroutines[1])
+    elif b'"goroutines"' in text:
+        return None  # published, laid out otherwise
     return found
 
 
