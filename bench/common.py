@@ -231,6 +231,34 @@ def wait_for(cond: Callable[[], T | None], timeout: float, what: str, poll: floa
         delay = min(delay * 2, poll)
 
 
+def _cpu_busy_idle() -> tuple[int, int]:
+    """The machine's busy and idle clock ticks so far (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks[:8]) - idle, idle
+
+
+def wait_quiet(busy_cores: float = 0.25, window: float = 1.0, timeout: float = 60.0) -> float:
+    """Wait until the whole machine used at most ``busy_cores`` CPUs over a
+    ``window`` (what was just started has finished starting); the seconds
+    waited. After ``timeout`` it goes on and says so: a busy machine is
+    reported, never waited on forever."""
+    t0 = time.monotonic()
+    ncpu = os.cpu_count() or 1
+    while True:
+        b0, i0 = _cpu_busy_idle()
+        time.sleep(window)  # a measurement window, not a wait for a condition
+        b1, i1 = _cpu_busy_idle()
+        used = ncpu * (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
+        waited = time.monotonic() - t0
+        if used <= busy_cores:
+            return waited
+        if waited > timeout:
+            log(f"the machine is still busy ({used:.2f} CPUs) after {waited:.0f}s: going on")
+            return waited
+
+
 def startfile_lines(path: Path) -> list[tuple[int, int]]:
     """(pid, unix nanos) lines goapp's -startfile appended, oldest first."""
     try:
