@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, self_signed_cert, wait_for
 
 from supervisor.health import gometrics
 from supervisor.health.goscrape import GoScraper
@@ -330,16 +329,7 @@ def test_close_mid_scrape_drops_the_callback_and_the_socket() -> None:
 
 
 def test_https_scrape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)

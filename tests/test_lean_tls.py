@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gosup, wait_for
+from conftest import Gosup, self_signed_cert, wait_for
 
 # Top-level modules an idle plain gosup must not import. ssl is checked in
 # /proc/PID/maps (libssl, _ssl): importtime also logs asyncio's attempts that
@@ -73,16 +71,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path, http.server.ThreadingHTTPServer]]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate for that
     address: (port, the certificate to trust, the server)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
