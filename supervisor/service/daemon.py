@@ -1,9 +1,11 @@
 """The Supervisor: loads the config, owns the programs, turns signals into
 commands, applies a reloaded app.toml, and shuts everything down in order.
 
-Signal handlers only enqueue (``loop.add_signal_handler`` + ``put_nowait``);
+Signal handlers only enqueue (``signals.SignalRouter`` + ``put_nowait``);
 ``_dispatch_signals`` is the one task that acts on them, so nothing runs
-inside a handler and nothing races with the programs' own tasks.
+inside a handler and nothing races with the programs' own tasks. Once gosup
+is stopping for good the signals it handles are ignored, never handed back
+to their default action (SIGTERM would kill the close half-way).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from supervisor.core.states import SIGNALLABLE_STATES, ProcessState
 from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import History
 from supervisor.protocol import HISTORY_NAME
+from supervisor.service.signals import SignalRouter
 
 # How a program's child runs (DESIGN §4): a reload that changes one of these
 # restarts the program; any other change (limits, probes, logs, backoff,
@@ -173,6 +176,7 @@ class Supervisor:
         self._running_services: list[Service] = []
         self.shutting_down = False
         self._started = False
+        self.signals: SignalRouter | None = None  # while ``run`` runs (the reaper's SIGCHLD too)
 
     def _echo_width(self, programs: tuple[ProgramSpec, ...]) -> int | None:
         if not self.echo:
@@ -184,8 +188,9 @@ class Supervisor:
     async def run(self) -> int:
         """Run until told to stop; return the exit code."""
         loop = asyncio.get_running_loop()
+        router = self.signals = SignalRouter(loop)
         for sig in HANDLED_SIGNALS:
-            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+            router.on(sig, self._signals.put_nowait)
         dispatcher = loop.create_task(self._dispatch_signals(), name="signals")
         try:
             for service in self.services:
@@ -218,8 +223,12 @@ class Supervisor:
             _settle_heap()
             await self._done.wait()
         finally:
+            # Ignored, not handed back: a SIGTERM from now on (systemd
+            # repeating it, the programs all stopped) must not end gosup
+            # before it has closed; nor SIGINT (KeyboardInterrupt) nor SIGHUP.
+            # They stay ignored until the process exits: ``run`` is its life.
             for sig in HANDLED_SIGNALS:
-                loop.remove_signal_handler(sig)
+                router.ignore(sig)
             # Our own tasks end before we close anything: a reload cancelled
             # here still runs its cleanup (a removed program's log files).
             await cancel_and_wait(dispatcher, *self._reloads)
@@ -227,7 +236,10 @@ class Supervisor:
                 await self._stop_all()
             else:
                 await self._shutdown_task
-            await self._close()
+            try:
+                await self._close()
+            finally:
+                router.close()
         return 0
 
     async def _add_program(self, spec: ProgramSpec) -> Program:

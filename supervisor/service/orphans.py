@@ -567,14 +567,12 @@ class Reaper:
     async def _run(self) -> None:
         # A zombie only appears after a SIGCHLD: wait for one, then look again
         # every ``interval`` while a zombie is left (the second look reaps it).
-        # Without the handler (not the main thread) every ``interval``, as before.
-        loop = asyncio.get_running_loop()
-        ended, polling = asyncio.Event(), False
+        # Without a router (not under ``Supervisor.run``) every ``interval``.
+        router = self.sup.signals  # None: not under ``Supervisor.run``
+        ended, polling = asyncio.Event(), router is None
         ended.set()  # a first look: orphans inherited before the handler
-        try:
-            loop.add_signal_handler(signal.SIGCHLD, ended.set)
-        except (RuntimeError, ValueError):
-            polling = True
+        if router is not None:
+            router.on(signal.SIGCHLD, lambda _sig: ended.set())
         try:
             while True:
                 if polling or self._seen or ended.is_set():
@@ -589,8 +587,8 @@ class Reaper:
                 except Exception as exc:  # the next look may do better
                     logger.opt(exception=exc).error("reaping orphans failed: {}", exc)
         finally:
-            with contextlib.suppress(RuntimeError, ValueError):
-                loop.remove_signal_handler(signal.SIGCHLD)
+            if router is not None:
+                router.release(signal.SIGCHLD)
 
     def reap_once(self, zombie_children: set[int] | None = None) -> None:
         """Reap what was a zombie at the previous look too; ``zombie_children``
