@@ -38,3 +38,18 @@ def test_stop_signals_while_gosup_closes_change_nothing(
         time.sleep(0.0005)  # pacing of the signals, not a wait for a condition
     assert g.proc.wait(30) == 0, g.log()[-3000:]
     assert g.history(event="supervisor_stopped"), "the close was cut short"
+
+
+def test_only_the_router_takes_the_wakeup_fd() -> None:
+    """The interpreter has one wakeup fd: asyncio's ``add_signal_handler``
+    (or another ``set_wakeup_fd``) anywhere else in gosup would take it from
+    ``service/signals.py``, and a signal landing in another thread would
+    then wait for the loop's next timer."""
+    root = Path(__file__).resolve().parent.parent / "supervisor"
+    takers = [
+        str(path.relative_to(root))
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "signals.py"
+        and any(word in path.read_text() for word in ("add_signal_handler(", "set_wakeup_fd("))
+    ]
+    assert not takers
