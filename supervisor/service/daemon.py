@@ -475,13 +475,7 @@ class Supervisor:
             # Keep app.toml order for status listings.
             self.programs = {n: self.programs[n] for n in new_specs if n in self.programs}
             self.listeners.release_unused(self.config)
-            # A second later, not now: the collection takes tens of ms with
-            # many programs, and the changed programs' restarts come first.
-            self._left_unsettled += len(removed) + len(changed)
-            full = self._left_unsettled >= SETTLE_FULL_AFTER
-            if full:
-                self._left_unsettled = 0
-            asyncio.get_running_loop().call_later(1.0, _settle_heap, full)
+            self._settle_later(left=len(removed) + len(changed))
             logger.info(
                 "reloaded: added {}, removed {}, restarted {}, updated in place {}",
                 added,
@@ -490,6 +484,16 @@ class Supervisor:
                 updated,
             )
             return {"added": added, "removed": removed, "changed": changed, "updated": updated}
+
+    def _settle_later(self, left: int) -> None:
+        """Settle the heap a second after a reload that removed or restarted
+        ``left`` programs (not now: the collection takes tens of ms with many
+        programs, and the restarts come first); in full once enough have left."""
+        self._left_unsettled += left
+        full = self._left_unsettled >= SETTLE_FULL_AFTER
+        if full:
+            self._left_unsettled = 0
+        asyncio.get_running_loop().call_later(1.0, _settle_heap, full)
 
 
 # Programs removed or restarted by reloads whose cycles may sit in the frozen

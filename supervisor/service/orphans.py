@@ -568,7 +568,7 @@ class Reaper:
         # A zombie only appears after a SIGCHLD: wait for one, then look again
         # every ``interval`` while a zombie is left (the second look reaps it).
         # Without a router (not under ``Supervisor.run``) every ``interval``.
-        router = self.sup.signals  # None: not under ``Supervisor.run``
+        router = self.sup.signals
         ended, polling = asyncio.Event(), router is None
         ended.set()  # a first look: orphans inherited before the handler
         if router is not None:

@@ -24,6 +24,7 @@ beside it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -40,7 +41,7 @@ def _caught(signum: int, frame: Any) -> None:
 class SignalRouter:
     """Hands signals to callbacks on the loop; see the module docstring."""
 
-    def __init__(self, loop: Any) -> None:  # asyncio.AbstractEventLoop
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._callbacks: dict[int, Callback] = {}
         self._previous: dict[int, Any] = {}  # handlers before ours, for ``release``
