@@ -9,6 +9,13 @@ starts). Programs without a ``[limits]`` section are still sampled, first
 ``FIRST_SAMPLE`` after a start and then every ``DEFAULT_INTERVAL``, for
 ``gosup status`` and the metrics.
 
+A round that a state change woke looks only at the programs that changed
+(a crash loop of hundreds of programs wakes it at every run); a round that
+is due, or that finds a new programs mapping (a reload), looks at all of
+them. A new run's /proc files are first read by its first sample, not when
+it starts: it is being exec'd then, and a crash-looping run is gone long
+before.
+
 A sample reads the process tree from /proc (see `supervisor.health.sampling` for
 what that costs and why), looks for new descendants at most every
 ``TREE_REFRESH`` seconds where a limit is enforced, every
@@ -28,7 +35,6 @@ awaits them all; ``close`` also drops every scraper's connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +101,11 @@ class ResourceSampler:
         self._children_at = -math.inf
         self._children_last_pid: int | None = None  # the kernel's last pid at that pass
         self._wake = asyncio.Event()
+        # The programs whose state changed since the last round: a round that a
+        # state change woke syncs only these (a crash loop of 200 programs
+        # wakes the sampler for every run; every program each time was O(n)).
+        self._changed: dict[str, Program] = {}
+        self._seen: Mapping[str, Program] | None = None  # the mapping the last full sync saw
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -117,6 +128,7 @@ class ResourceSampler:
     def on_state(self, program: Program, old: ProcessState, new: ProcessState) -> None:
         """A state listener: wakes the sampler for a process to sample or forget."""
         if new in SAMPLED_STATES or old in SAMPLED_STATES:
+            self._changed[program.name] = program
             self._wake.set()
 
     # -- tasks -------------------------------------------------------------------------
@@ -135,50 +147,76 @@ class ResourceSampler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        wake_at, full = -math.inf, True
         while True:
             now = loop.time()
             self._wake.clear()  # a state change from here on (the tree pass awaits): one more round
+            changed, self._changed = self._changed, {}
             try:
-                self._sync(now)
-                # Up to EARLY x interval ahead of time: programs fall into batches
-                # that share one wake-up (and one tree refresh) instead of waking
-                # the loop once per program.
-                due = [s for s in self.sampled.values() if s.next_due <= now + EARLY * s.interval]
-                if self._tree_refresh_due(due, now):
-                    await self._refresh_trees(now)
-                if due:
-                    self._sample(due, now)
+                if full or now >= wake_at or self.programs() is not self._seen:
+                    # Due (or a reload replaced the mapping): every program.
+                    self._sync(now)
+                    # Up to EARLY x interval ahead of time: programs fall into batches
+                    # that share one wake-up (and one tree refresh) instead of waking
+                    # the loop once per program.
+                    due = [
+                        s for s in self.sampled.values() if s.next_due <= now + EARLY * s.interval
+                    ]
+                    if self._tree_refresh_due(due, now):
+                        await self._refresh_trees(now)
+                    if due:
+                        self._sample(due, now)
+                    wake_at = min((s.next_due for s in self.sampled.values()), default=math.inf)
+                else:  # only state changes: only those programs
+                    programs = self.programs()
+                    for name, program in changed.items():
+                        if programs.get(name) is program:  # else a full sync cleans up
+                            wake_at = min(wake_at, self._sync_one(name, program, now).next_due)
             except Exception as exc:  # a bug: log it, keep sampling the others next time
                 logger.opt(exception=exc).error("sampler: internal error")
                 for one in self.sampled.values():
                     one.next_due = max(one.next_due, now + one.interval)
-            wake_at = min((s.next_due for s in self.sampled.values()), default=math.inf)
-            with contextlib.suppress(TimeoutError):  # the earliest program is due
+                wake_at = min((s.next_due for s in self.sampled.values()), default=math.inf)
+            full = False
+            try:  # until the earliest program is due, or a state changes
                 async with asyncio.timeout(min(wake_at - loop.time(), DEFAULT_INTERVAL)):
                     await self._wake.wait()
+            except TimeoutError:
+                full = True
 
     def _sync(self, now: float) -> None:
         """Follow the supervisor's programs (a reload replaces changed ones)."""
-        programs = self.programs()
+        programs = self._seen = self.programs()
         for name, old in list(self.sampled.items()):
-            program = programs.get(name)
-            # Removed or replaced by a reload, or its [limits] updated in place:
-            # followed afresh (new interval, counts start over).
-            if program is not old.program or program.spec.limits is not old.limits:
+            if programs.get(name) is not old.program:  # removed or replaced by a reload
                 self._forget(old)
                 del self.sampled[name]
         for name, program in programs.items():
-            one = self.sampled.get(name) or self._follow(program, now)
-            self.sampled[name] = one
-            pid = program.pid if program.state in SAMPLED_STATES else None
-            if one.tree is not None and one.tree.pid != pid:
-                self._forget(one)
-            if pid is not None and one.tree is None:  # a new process: counts start afresh
-                one.tree = ProcessTree(pid)
-                one.tree.refresh(self._children)
-                one.hysteresis = Hysteresis(one.limits) if one.limits else None
-                first = one.interval if one.limits else min(one.interval, FIRST_SAMPLE)
-                one.next_due = now + first
+            self._sync_one(name, program, now)
+
+    def _sync_one(self, name: str, program: Program, now: float) -> _Sampled:
+        """Follow ``program``'s current run (a new process: counts start afresh)."""
+        one = self.sampled.get(name)
+        limits = program.spec.limits
+        if one is not None and (one.program is not program or limits is not one.limits):
+            # Replaced by a reload, or its [limits] updated in place: followed
+            # afresh (new interval, counts start over).
+            self._forget(one)
+            one = None
+        if one is None:
+            one = self.sampled[name] = self._follow(program, now)
+        pid = program.pid if program.state in SAMPLED_STATES else None
+        if one.tree is not None and one.tree.pid != pid:
+            self._forget(one)
+        if pid is not None and one.tree is None:
+            # Not read now: the process is being exec'd (reading its /proc
+            # files may wait for that), and a crash-looping run is gone before
+            # its first sample. `_sample` reads it, while it is still ours.
+            one.tree = ProcessTree(pid, look=False)
+            one.hysteresis = Hysteresis(one.limits) if one.limits else None
+            first = one.interval if one.limits else min(one.interval, FIRST_SAMPLE)
+            one.next_due = now + first
+        return one
 
     @staticmethod
     def _follow(program: Program, now: float) -> _Sampled:
@@ -228,6 +266,9 @@ class ResourceSampler:
             one.next_due = now + one.interval  # never a burst to catch up
             if one.tree is None or one.scraping is not None:
                 continue
+            program = one.program
+            if program.pid != one.tree.pid or program.state not in SAMPLED_STATES:
+                continue  # the run ended (reaped: its pid may be reused); forgotten at sync
             figures = one.tree.sample(one.sockets)
             if figures is None:
                 continue

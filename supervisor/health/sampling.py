@@ -125,13 +125,19 @@ class ProcessTree:
     read) and a listing of ``/proc/PID/fd``: half the cost of psutil's
     oneshot() with memory_info/num_threads/num_fds, which reads three files.
     A process is known by pid and start time, so a reused pid is never counted.
+
+    With ``look=False`` the main process is not read until the first `sample`:
+    the caller vouches that ``pid`` is its own unreaped child until then (it
+    cannot be reused) and calls `sample` only while it is.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, look: bool = True) -> None:
         self.pid = pid
         self.procs: dict[int, int] = {}  # pid -> start time (clock ticks after boot)
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            self.procs[pid] = _read_stat(pid)[3]
+        self.unread = not look  # the main process, until its first sample
+        if look:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                self.procs[pid] = _read_stat(pid)[3]
 
     def refresh(self, children: Mapping[int, list[int]]) -> None:
         found, pending = set(), [self.pid]
@@ -139,6 +145,8 @@ class ProcessTree:
             pid = pending.pop()
             found.add(pid)
             pending.extend(c for c in children.get(pid, ()) if c not in found)
+        if self.unread:
+            found.discard(self.pid)  # the first sample reads it
         for pid in found - self.procs.keys():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 self.procs[pid] = _read_stat(pid)[3]
@@ -148,9 +156,15 @@ class ProcessTree:
         totals = dict.fromkeys(("rss_bytes", "open_fds", "threads"), 0)
         if sockets:
             totals["connections"] = 0
-        for pid, started in list(self.procs.items()):
+        procs = list(self.procs.items())
+        if self.unread:
+            procs.insert(0, (self.pid, -1))
+        for pid, started in procs:
             try:
                 state, threads, rss, start = _read_stat(pid)
+                if started == -1:  # the main process's first sample
+                    self.unread = False
+                    self.procs[pid] = started = start
                 if state == b"Z" or start != started:
                     raise ProcessLookupError(pid)  # exited, or the pid is someone else's now
                 fds, socks = _fd_counts(pid, sockets)
