@@ -55,6 +55,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from supervisor import fileops
 from supervisor.config import CAPABILITIES, ProgramSpec
+from supervisor.core import cgroup
 
 if TYPE_CHECKING:  # imported where used: an idle daemon never loads psutil (issue 18, RSS)
     import psutil
@@ -190,11 +191,26 @@ def _resolved(state_dir: Path) -> str:
     return str(state_dir.resolve())
 
 
+# gosup's environment decoded, with the raw bytes it was decoded from.
+_base_env: tuple[dict[bytes, bytes], dict[str, str]] | None = None
+
+
 def base_environment() -> dict[str, str]:
-    """gosup's environment as every child (program, build, validator) starts from."""
+    """gosup's environment as every child (program, build, validator) starts from.
+
+    Decoded again only when gosup's environment changed (CPython's
+    ``os.environ._data``, its raw bytes, compared in C): decoding it every
+    time was a twentieth of a crash-loop start's time on the loop."""
+    global _base_env
+    raw: dict[bytes, bytes] | None = getattr(os.environ, "_data", None)
+    cached = _base_env
+    if raw is not None and cached is not None and cached[0] == raw:
+        return dict(cached[1])
     env = dict(os.environ)
     for var in PRIVATE_ENV:
         env.pop(var, None)
+    if raw is not None:
+        _base_env = (dict(raw), dict(env))
     return env
 
 
@@ -420,6 +436,9 @@ class Child:
         self._noticed: float | None = None  # time.monotonic() when gosup noticed
         self._dead_by: float | None = None  # found dead after a stall that began then
         self._on_exit: list[Callable[[int], None]] = []  # told in the pidfd callback itself
+        # The kernel's OOM-kill count just before the fork, where the spawn
+        # thread read it (None: read it now; see Program._spawn).
+        self.oom_kills_before: int | None = None
         _PULSE.ensure()
         _PULSE.children.add(self)
         self._watch_exit()
@@ -634,14 +653,23 @@ async def launch(
     executable, env, identity, digest = prepared
     if at_once:
         return spawn(spec, executable, env, identity, listeners, fd_name), digest
-    start = functools.partial(_start, spec, executable, env, identity, listeners, fd_name)
+    start = functools.partial(_counted_start, spec, executable, env, identity, listeners, fd_name)
     future = asyncio.get_running_loop().run_in_executor(_spawn_thread(), start)
     try:
-        popen = await asyncio.shield(future)
+        popen, oom_kills = await asyncio.shield(future)
     except asyncio.CancelledError:
         future.add_done_callback(_abandoned)  # started all the same: end it, reap it
         raise
-    return Child(popen, executable), digest
+    child = Child(popen, executable)
+    child.oom_kills_before = oom_kills
+    return child, digest
+
+
+def _counted_start(*args: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """``_start`` in the spawn thread, with the OOM-kill count just before it
+    (the run's baseline: one read of a kernel file the loop need not make)."""
+    oom_kills = cgroup.oom_kills()
+    return _start(*args), oom_kills
 
 
 @functools.cache
@@ -654,12 +682,12 @@ def _spawn_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gosup-spawn")
 
 
-def _abandoned(future: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+def _abandoned(future: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
     """A start whose caller was cancelled meanwhile (gosup stopping): nobody
     watches that child, so it is killed with its group and reaped."""
     if future.cancelled() or future.exception() is not None:
         return
-    popen = future.result()
+    popen = future.result()[0]
     with contextlib.suppress(OSError):
         os.killpg(popen.pid, signal.SIGKILL)
     for pipe in (popen.stdout, popen.stderr):
