@@ -113,7 +113,8 @@ def test_a_new_run_is_first_read_by_its_first_sample() -> None:
         tree.refresh({child.pid: []})
         assert tree.procs == {}  # nothing read yet
         figures = tree.sample(sockets=False)
-        assert figures is not None and figures["threads"] == 1 and figures["rss_bytes"] > 0
+        # (rss may still read 0 this soon after the exec: not asserted)
+        assert figures is not None and figures["threads"] == 1 and figures["open_fds"] >= 3
         assert list(tree.procs) == [child.pid]
     finally:
         child.kill()
