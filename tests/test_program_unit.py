@@ -55,6 +55,7 @@ class FakeChild:
         self.stderr = os.fdopen(r_err, "rb", 0)
         self.ignore_term = ignore_term
         self.signals: list[tuple[str, int]] = []
+        self.oom_kills_before: int | None = None  # as spawn.Child: none read before the fork
 
     def exit(self, code: int, stderr: bytes = b"") -> None:
         if self.exited.done():

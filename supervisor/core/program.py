@@ -582,7 +582,7 @@ class Program:
         self.started_at = self.ctx.clock()
         self.starts += 1
         self._killed = False
-        before = getattr(child, "oom_kills_before", None)  # read by the spawn thread
+        before = child.oom_kills_before  # read by the spawn thread, just before the fork
         self._oom_kills_at_start = cgroup.oom_kills() if before is None else before
         self._record("started", pid=child.pid, attempt=self.failures + 1, binary_sha256=digest)
         try:

@@ -147,13 +147,13 @@ class ResourceSampler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        wake_at, full = -math.inf, True
+        wake_at = -math.inf  # the first round, and any round after a timeout, is a full one
         while True:
             now = loop.time()
             self._wake.clear()  # a state change from here on (the tree pass awaits): one more round
             changed, self._changed = self._changed, {}
             try:
-                if full or now >= wake_at or self.programs() is not self._seen:
+                if now >= wake_at or self.programs() is not self._seen:
                     # Due (or a reload replaced the mapping): every program.
                     self._sync(now)
                     # Up to EARLY x interval ahead of time: programs fall into batches
@@ -177,12 +177,11 @@ class ResourceSampler:
                 for one in self.sampled.values():
                     one.next_due = max(one.next_due, now + one.interval)
                 wake_at = min((s.next_due for s in self.sampled.values()), default=math.inf)
-            full = False
             try:  # until the earliest program is due, or a state changes
                 async with asyncio.timeout(min(wake_at - loop.time(), DEFAULT_INTERVAL)):
                     await self._wake.wait()
             except TimeoutError:
-                full = True
+                wake_at = -math.inf  # due, or DEFAULT_INTERVAL passed: look at every program
 
     def _sync(self, now: float) -> None:
         """Follow the supervisor's programs (a reload replaces changed ones)."""
