@@ -34,12 +34,28 @@ def _ordered(value: Any) -> Any:
     return value
 
 
+def _height(value: Any) -> int:
+    """How deep tables and arrays nest (recursive: the reference)."""
+    if isinstance(value, dict | list) and value:
+        items = value.values() if isinstance(value, dict) else value
+        return 1 + max((_height(v) for v in items), default=0)
+    return 0
+
+
 def _same_as_tomllib(text: str, key: str) -> None:
     expected = _outcome(tomllib.loads, text)
-    cold = _outcome(lambda t: tomlchunks.loads(t, key), text)
-    warm = _outcome(lambda t: tomlchunks.loads(t, key), text)  # every piece from the cache
+    heights = []
+
+    def parse(text: str) -> dict[str, Any]:
+        doc, height = tomlchunks.parse(text, key)
+        heights.append((height, _height(doc)))
+        return doc
+
+    cold = _outcome(parse, text)
+    warm = _outcome(parse, text)  # every piece from the cache
     assert cold == expected, text
     assert warm == expected, text
+    assert all(got == want for got, want in heights), (text, heights)
 
 
 # Each is a document whose pieces, parsed alone, could be put together wrongly.
@@ -79,6 +95,9 @@ TRICKY = [
     '[a]\ns = """abc\\\n[b]\n"""\n',  # a line continuation in a string
     "[a]\nx = 1 # [b]\n[b]\n",
     "[" * 40 + "]" * 40,  # nested too deep for some parsers
+    "[a]\nx = " + "[" * 20 + "1" + "]" * 20 + "\n[b]\ny = []\nz = {}\n",  # heights
+    "[" + ".".join("abcdefghijklmnopq") + "]\n[a.b]\nx = [{}]\n",
+    "x = [[], {}]\n[a]\n",
     '[programs.api]\ncommand = ["/bin/true"]\n[programs.api.logs]\nbackups = 1\n'
     '[programs.web]\ncommand = ["/bin/true"]\n',
 ]

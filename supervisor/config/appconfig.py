@@ -923,6 +923,8 @@ def _claim(
 ) -> bool:
     """Note the config files and sockets of a kept ``spec`` as ``_program``
     does; False (nothing noted) when another program has one of them."""
+    if not spec.config_files and not spec.sockets:  # (most programs)
+        return True
     if any(f.path in seen for f in spec.config_files):
         return False
     if any(s.text in seen_sockets for s in spec.sockets):
@@ -952,8 +954,6 @@ MAX_DEPTH = 16  # tables and arrays in tables: app.toml needs 5 at most
 
 def _too_deep(data: object) -> str | None:
     """The key path of the first value nested deeper than MAX_DEPTH, if any."""
-    if not _deeper_than(data, MAX_DEPTH):
-        return None  # (the common case, without building a path for every value)
     todo: list[tuple[object, str, int]] = [(data, "", 0)]
     while todo:
         value, path, depth = todo.pop()
@@ -966,17 +966,6 @@ def _too_deep(data: object) -> str | None:
     return None
 
 
-def _deeper_than(value: object, limit: int) -> bool:
-    """Whether a value sits more than ``limit`` tables or arrays below ``value``."""
-    values = value.values() if isinstance(value, dict) else value
-    if not isinstance(values, (list, type({}.values()))) or not values:
-        return False
-    if limit <= 0:
-        return True
-    nested = [item for item in values if isinstance(item, (dict, list))]
-    return any(_deeper_than(item, limit - 1) for item in nested)
-
-
 def _parse(text: str, source: str, sha256: str) -> AppConfig:
     # The file may come from anyone who can write it: nesting that exhausts
     # the parser's recursion, or ours, is a config error, never a traceback.
@@ -985,12 +974,13 @@ def _parse(text: str, source: str, sha256: str) -> AppConfig:
     try:
         # As tomllib.loads(text), the tables unchanged since the last read of
         # this file from a cache (a reload of 1,000 programs changing one).
-        data = tomlchunks.loads(text, str(path))
+        data, height = tomlchunks.parse(text, str(path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([_syntax_error(source, text, exc)]) from None
     except RecursionError:
         raise ConfigError([f"{too_deep} (too deep to parse)"]) from None
-    if (where := _too_deep(data)) is not None:
+    # (The path is looked for only when the height says there is one.)
+    if height > MAX_DEPTH and (where := _too_deep(data)) is not None:
         raise ConfigError([f"{too_deep}: {where[:200]}"])
     base = str(path.parent)
     errors: list[str] = []

@@ -35,7 +35,9 @@ _ARRAY_OF_TABLES = re.compile(r"^[ \t]*\[\[", re.M)
 # A header of bare keys (the common case): its key path without a parse.
 _BARE = re.compile(r"[ \t]*\[[ \t]*([A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*)[ \t]*\]")
 
-_Piece = tuple[tuple[str, ...], dict[str, Any]]  # (header key path, the table's body)
+# A piece: its header's key path, its table's body, and how deep the
+# document nests at least because of it (``height``).
+_Piece = tuple[tuple[str, ...], dict[str, Any], int]
 
 # The pieces of the last text parsed for each key (the caller's file): piece
 # text -> its header path and body. Replaced whole by each parse, so it holds
@@ -46,15 +48,16 @@ _CACHE_KEYS = 4
 _CACHE_LOCK = threading.Lock()
 
 
-def loads(text: str, key: str = "") -> dict[str, Any]:
-    """``tomllib.loads(text)``: the same document, or the same error.
+def parse(text: str, key: str = "") -> tuple[dict[str, Any], int]:
+    """``tomllib.loads(text)`` (the same document, or the same error) and
+    the document's ``height``.
 
     ``key`` names the text's source (its path): the pieces of the last text
     parsed under that key are reused. The values in the document are shared
     with the cache: the caller must not change them.
     """
     if _ARRAY_OF_TABLES.search(text):
-        return tomllib.loads(text)
+        return _whole(text)
     starts = [m.start() for m in _OPENS.finditer(text)]
     if not starts or starts[0] != 0:
         starts.insert(0, 0)
@@ -67,22 +70,42 @@ def loads(text: str, key: str = "") -> dict[str, Any]:
         if piece is None:
             piece = _parse_piece(chunk, root=i == 0)
             if piece is None:
-                return tomllib.loads(text)
+                return _whole(text)
             pieces[chunk] = piece
         elif chunk in pieces:  # the same table text twice: a redefinition
-            return tomllib.loads(text)
+            return _whole(text)
         else:
             pieces[chunk] = piece
         order.append(piece)
     document = _merge(order)
     if document is None:
-        return tomllib.loads(text)
+        return _whole(text)
     with _CACHE_LOCK:
         _CACHE.pop(key, None)
         while len(_CACHE) >= _CACHE_KEYS:
             del _CACHE[next(iter(_CACHE))]
         _CACHE[key] = pieces
-    return document
+    return document, max((piece[2] for piece in order), default=0)
+
+
+def _whole(text: str) -> tuple[dict[str, Any], int]:
+    document = tomllib.loads(text)
+    return document, height(document)
+
+
+def height(value: object) -> int:
+    """How many tables and arrays deep ``value`` nests: 0 for a scalar or an
+    empty table or array, else 1 + the deepest of its items. (Without
+    recursion: a document may nest as deep as tomllib reads.)"""
+    deepest = 0
+    todo = [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (dict, list)) and items:
+            deepest = max(deepest, depth)
+            todo += ((item, depth + 1) for item in items if isinstance(item, (dict, list)))
+    return deepest
 
 
 def _parse_piece(chunk: str, root: bool) -> _Piece | None:
@@ -92,7 +115,7 @@ def _parse_piece(chunk: str, root: bool) -> _Piece | None:
     except (tomllib.TOMLDecodeError, RecursionError):
         return None
     if root and not _OPENS.match(chunk):  # the text before the first header: root keys
-        return (), data
+        return (), data, height(data)
     path = _header_path(chunk)
     if path is None:
         return None
@@ -104,7 +127,7 @@ def _parse_piece(chunk: str, root: bool) -> _Piece | None:
         node = node[part]
     if len(data) != 1 or not isinstance(node, dict):
         return None
-    return path, node
+    return path, node, len(path) + height(node)  # its table sits len(path) below the root
 
 
 def _header_path(chunk: str) -> tuple[str, ...] | None:
@@ -129,7 +152,7 @@ def _merge(pieces: list[_Piece]) -> dict[str, Any] | None:
     # Tables headers made, by id: True once declared by its own header,
     # False while only a header below it made it (it may be declared once).
     made: dict[int, bool] = {id(document): True}
-    for path, body in pieces:
+    for path, body, _ in pieces:
         if not path:  # the root keys, before any header
             document.update(body)
             continue
