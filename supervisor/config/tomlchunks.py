@@ -98,11 +98,16 @@ def height(value: object) -> int:
     empty table or array, else 1 + the deepest of its items. (Without
     recursion: a document may nest as deep as tomllib reads.)"""
     deepest = 0
-    todo = [(value, 1)]
+    todo: list[tuple[object, int]] = [(value, 1)]
     while todo:
         value, depth = todo.pop()
-        items = value.values() if isinstance(value, dict) else value
-        if isinstance(value, (dict, list)) and items:
+        if isinstance(value, dict):
+            items: Any = value.values()
+        elif isinstance(value, list):
+            items = value
+        else:
+            continue
+        if items:
             deepest = max(deepest, depth)
             todo += ((item, depth + 1) for item in items if isinstance(item, (dict, list)))
     return deepest
