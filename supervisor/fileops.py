@@ -1,5 +1,6 @@
 """What gosup does to files in several places (stdlib only): SHA-256 of files
-and bytes, the one way gosup hashes content, and making renames durable.
+and bytes, the one way gosup hashes content, making renames durable, and
+dropping big files without freeing their blocks on the caller's thread.
 
 Every hash gosup records or compares goes through here: the binary of each
 start (core/spawn.py, which caches it), staged and live config files
@@ -31,13 +32,16 @@ thread's arena.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the same interface, and typeshed knows this one
+    from concurrent.futures import ThreadPoolExecutor
     from hashlib import sha256 as _new_sha256
 else:
     try:
@@ -141,3 +145,68 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- dropping big files ----------------------------------------------------------------
+#
+# Deleting (or renaming onto) a big file frees its blocks inside the system
+# call: 883 ms for a 1 GiB log backup on ext4 mounted with ``discard``, and
+# log and history rotations run on the loop (issue 18). The file that goes
+# is renamed aside in its directory (metadata only) and unlinked by a
+# thread. A hidden name left by a gosup killed in between is deleted when a
+# file in that directory is next opened (``sweep_discarded``).
+
+DISCARD_SUFFIX = ".gosup-discard"
+_discards = itertools.count(1)
+_swept: set[str] = set()
+_discarder: ThreadPoolExecutor | None = None
+_discarder_lock = threading.Lock()
+
+OnError = Callable[[str], object] | None  # hears "cannot delete ...", from the thread
+
+
+def discard(path: str | os.PathLike[str], on_error: OnError = None) -> None:
+    """Remove ``path`` (if it exists) without freeing its blocks in this thread."""
+    directory, name = os.path.split(os.fspath(path))
+    aside = os.path.join(directory, f".{name}.{os.getpid()}-{next(_discards)}{DISCARD_SUFFIX}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    _unlink_later(aside, on_error)
+
+
+def sweep_discarded(directory: str | os.PathLike[str], on_error: OnError = None) -> None:
+    """Delete, in the thread, what ``discard`` left in ``directory`` when its
+    gosup was killed: once per directory and process."""
+    key = os.fspath(directory)
+    if key in _swept:
+        return
+    _swept.add(key)
+    try:
+        names = os.listdir(key)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and name.endswith(DISCARD_SUFFIX):
+            _unlink_later(os.path.join(key, name), on_error)
+
+
+def _unlink_later(path: str, on_error: OnError) -> None:
+    global _discarder
+    with _discarder_lock:
+        if _discarder is None:
+            from concurrent.futures import ThreadPoolExecutor  # (not on the CLI's path)
+
+            _discarder = ThreadPoolExecutor(1, thread_name_prefix="gosup-discard")
+        _discarder.submit(_unlink_quietly, path, on_error)
+
+
+def _unlink_quietly(path: str, on_error: OnError) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if on_error is not None:
+            on_error(f"cannot delete {path}: {exc.strerror or exc}")

@@ -262,8 +262,12 @@ class History:
         self._open()
 
     def _open(self) -> None:
+        from supervisor import fileops  # (the writer's: not on `gosup history`'s path)
+
         # mode only applies to the last component; parents get the umask default.
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # What a killed gosup's rotation left to delete (once per directory and gosup).
+        fileops.sweep_discarded(self.path.parent, self._report)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(self.path, flags, FILE_MODE)
         st = os.fstat(fd)
@@ -276,19 +280,25 @@ class History:
         self._fd = None
 
     def _rotate(self) -> None:
-        """history.jsonl -> .1 -> .2 ... keeping ``backups`` files."""
+        """history.jsonl -> .1 -> .2 ... keeping ``backups`` files. What goes
+        is discarded (``fileops.discard``): no rename here lands on a file, so
+        none frees blocks on the loop (a history file is up to
+        history_max_size, 64 MiB by default)."""
+        from supervisor import fileops
+
         self._close_fd()
+        extra = self.backups + 1
+        while backup_path(self.path, extra).exists():  # from a larger history_backups
+            fileops.discard(backup_path(self.path, extra), self._report)
+            extra += 1
         if self.backups > 0:
-            extra = self.backups + 1
-            while backup_path(self.path, extra).exists():  # from a larger history_backups
-                backup_path(self.path, extra).unlink()
-                extra += 1
+            fileops.discard(backup_path(self.path, self.backups), self._report)
             for index in range(self.backups - 1, 0, -1):
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(backup_path(self.path, index), backup_path(self.path, index + 1))
             os.replace(self.path, backup_path(self.path, 1))
         else:
-            self.path.unlink(missing_ok=True)
+            fileops.discard(self.path, self._report)
         self._open()
 
     def _report(self, message: str) -> None:

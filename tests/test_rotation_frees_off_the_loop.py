@@ -8,6 +8,8 @@ goes is renamed aside (metadata only) and deleted by a thread."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import threading
 from pathlib import Path
@@ -15,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from supervisor.core import output
+from supervisor import fileops
 from supervisor.core.output import RotatingFile
+from supervisor.history import History
 
 
 def _watch(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
@@ -77,6 +80,50 @@ def test_a_discarded_backup_left_by_a_killed_gosup_is_deleted_at_the_next_open(
 ) -> None:
     left = tmp_path / ".app.stdout.log.17.gosup-discard"
     left.write_bytes(b"x" * 4096)
-    output._swept_dirs.discard(tmp_path)
+    fileops._swept.discard(str(tmp_path))
     RotatingFile(tmp_path / "app.stdout.log", max_size=1000, backups=1).open()
+    wait_for(lambda: not left.exists(), 10, "the leftover to be deleted")
+
+
+# The history rotates the same way (history_max_size, 64 MiB by default:
+# dropping its oldest backup froze the loop too).
+
+
+@pytest.mark.parametrize("backups", [0, 1, 3])
+def test_a_history_rotation_frees_nothing_on_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backups: int
+) -> None:
+    path = tmp_path / "history.jsonl"
+    history = History(path, max_size=1000, backups=backups)
+    # A backup beyond history_backups (it was larger before): dropped too.
+    (tmp_path / f"history.jsonl.{backups + 1}").write_bytes(b"{}\n" * 100)
+    seen = _watch(monkeypatch)
+    for i in range(40):  # about 8 files' worth
+        history.record("started", program="p", n=i, pad="x" * 150)
+    history.close()
+    me = threading.current_thread().name
+    assert [op for op in seen if op[1] == me and op[2] > 0] == []
+    kept = ["history.jsonl"] + [f"history.jsonl.{n}" for n in range(1, backups + 1)]
+    wait_for(
+        lambda: sorted(p.name for p in tmp_path.iterdir()) == sorted(kept),
+        10,
+        "the dropped history files to be deleted",
+    )
+    # Newest last in the live file, then .1, .2 ... each older than the one before.
+    ns = [
+        [json.loads(line)["n"] for line in (tmp_path / name).read_text().splitlines()]
+        for name in kept
+    ]
+    assert ns[0][-1] == 39
+    assert all(older[-1] < newer[0] for newer, older in itertools.pairwise(ns))
+    assert any(op[1] != me and op[2] > 0 for op in seen)  # the thread did delete them
+
+
+def test_a_dropped_history_file_left_by_a_killed_gosup_is_deleted_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    left = tmp_path / ".history.jsonl.5.1234-1.gosup-discard"
+    left.write_bytes(b"x" * 4096)
+    fileops._swept.discard(str(tmp_path))
+    History(tmp_path / "history.jsonl").close()
     wait_for(lambda: not left.exists(), 10, "the leftover to be deleted")

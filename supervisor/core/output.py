@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import contextlib
 import os
 import select
@@ -46,6 +45,7 @@ from typing import IO, Protocol
 
 from loguru import logger
 
+from supervisor import fileops
 from supervisor.core.lines import LineSplitter, Tail
 
 TAIL_BYTES = 64 * 1024
@@ -112,8 +112,8 @@ class RotatingFile:
         if self._fd is not None and self._still_ours():
             return
         self.close()
-        if self.path.parent not in _swept_dirs:  # once per directory and gosup
-            _sweep_discarded(self.path.parent)
+        # What a killed gosup's rotation left to delete (once per directory and gosup).
+        fileops.sweep_discarded(self.path.parent, _discard_failed)
         try:
             try:
                 self._fd = _open_log(self.path)
@@ -182,13 +182,16 @@ class RotatingFile:
             self._mid_line = not data.endswith(b"\n")
 
     def rotate(self) -> None:
-        """name -> name.1 -> ... -> name.N; what goes is discarded (``discard``):
-        no rename here lands on a file, so none frees blocks on the loop."""
+        """name -> name.1 -> ... -> name.N; what goes is discarded
+        (``fileops.discard``): no rename here lands on a file, so none frees
+        blocks on the loop."""
         self.close()
         if self.backups == 0:
-            discard(self.path)
+            fileops.discard(self.path, _discard_failed)
         else:
-            discard(self.path.with_name(f"{self.path.name}.{self.backups}"))
+            fileops.discard(
+                self.path.with_name(f"{self.path.name}.{self.backups}"), _discard_failed
+            )
             for n in range(self.backups - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{n}")
                 if older.exists():
@@ -223,57 +226,8 @@ class RotatingFile:
                 os.close(fd)
 
 
-# -- discarding old backups ------------------------------------------------------------
-#
-# Deleting (or renaming onto) a big file frees its blocks inside the system
-# call: 883 ms for a 1 GiB log backup on ext4 mounted with ``discard``, and
-# a rotation runs on the loop. The backup that goes is renamed aside in its
-# directory (metadata only) and unlinked by a thread. A hidden name left by
-# a gosup killed in between is deleted at the next start (``_sweep_discarded``).
-
-DISCARD_SUFFIX = ".gosup-discard"
-_discard_count = 0
-_swept_dirs: set[Path] = set()
-_discarder: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def discard(path: Path) -> None:
-    """Remove ``path`` (if it exists) without freeing its blocks in this thread."""
-    global _discard_count
-    _discard_count += 1
-    aside = path.with_name(f".{path.name}.{os.getpid()}-{_discard_count}{DISCARD_SUFFIX}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    _unlink_later(aside)
-
-
-def _unlink_later(path: Path) -> None:
-    global _discarder
-    if _discarder is None:
-        _discarder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gosup-discard")
-    _discarder.submit(_unlink_quietly, path)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.warning("cannot delete the old log backup {}: {}", path, exc)
-
-
-def _sweep_discarded(directory: Path) -> None:
-    _swept_dirs.add(directory)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(".") and name.endswith(DISCARD_SUFFIX):
-            _unlink_later(directory / name)
+def _discard_failed(message: str) -> None:
+    logger.warning("old log backup: {}", message)
 
 
 class Writer(Protocol):
