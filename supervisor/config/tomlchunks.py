@@ -14,9 +14,11 @@ text. How that holds:
 - Each piece is parsed alone; its header's key path comes from its first line.
 - The pieces' tables are put together by TOML's rules, strictly: a header may
   go through or declare a table that earlier headers made, and declare one
-  only once; nothing else is merged (a key met twice, a table made by dotted
-  keys or inline, a root key, ``[[arrays]]``). Anything else is left to
-  ``tomllib`` on the whole text, which accepts it or names the error.
+  only once; ``[[a]]`` adds a table to an array that such headers made, and
+  a header under ``a`` goes into its last table. Nothing else is merged (a
+  key met twice, a table made by dotted keys or inline, a root key or an
+  array of them under a header). Anything else is left to ``tomllib`` on
+  the whole text, which accepts it or names the error.
 
 Stdlib only, like the rest of ``supervisor.config``.
 """
@@ -28,16 +30,19 @@ import threading
 import tomllib
 from typing import Any
 
-# A line that may open a table: optional indentation, then one "[" (a "[["
-# line, an array of tables, sends the whole text to tomllib).
+# A line that may open a table (``[a]``) or add one to an array (``[[a]]``).
 _OPENS = re.compile(r"^[ \t]*\[", re.M)
-_ARRAY_OF_TABLES = re.compile(r"^[ \t]*\[\[", re.M)
 # A header of bare keys (the common case): its key path without a parse.
-_BARE = re.compile(r"[ \t]*\[[ \t]*([A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*)[ \t]*\]")
+_KEYS = r"[ \t]*([A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*)[ \t]*"
+_BARE = re.compile(rf"[ \t]*\[{_KEYS}\]")
+_BARE_ARRAY = re.compile(rf"[ \t]*\[\[{_KEYS}\]\]")
 
-# A piece: its header's key path, its table's body, and how deep the
-# document nests at least because of it (``height``).
-_Piece = tuple[tuple[str, ...], dict[str, Any], int]
+# A piece: its header's key path, its table's body, the body's ``height``,
+# and whether its header is ``[[path]]`` (a table added to an array).
+_Piece = tuple[tuple[str, ...], dict[str, Any], int, bool]
+
+# What headers made, by id (``_merge``).
+_IMPLICIT, _DECLARED, _ARRAY = 0, 1, 2
 
 # The pieces of the last text parsed for each key (the caller's file): piece
 # text -> its header path and body. Replaced whole by each parse, so it holds
@@ -56,8 +61,6 @@ def parse(text: str, key: str = "") -> tuple[dict[str, Any], int]:
     parsed under that key are reused. The values in the document are shared
     with the cache: the caller must not change them.
     """
-    if _ARRAY_OF_TABLES.search(text):
-        return _whole(text)
     starts = [m.start() for m in _OPENS.finditer(text)]
     if not starts or starts[0] != 0:
         starts.insert(0, 0)
@@ -77,15 +80,15 @@ def parse(text: str, key: str = "") -> tuple[dict[str, Any], int]:
         else:
             pieces[chunk] = piece
         order.append(piece)
-    document = _merge(order)
-    if document is None:
+    merged = _merge(order)
+    if merged is None:
         return _whole(text)
     with _CACHE_LOCK:
         _CACHE.pop(key, None)
         while len(_CACHE) >= _CACHE_KEYS:
             del _CACHE[next(iter(_CACHE))]
         _CACHE[key] = pieces
-    return document, max((piece[2] for piece in order), default=0)
+    return merged
 
 
 def _whole(text: str) -> tuple[dict[str, Any], int]:
@@ -120,26 +123,33 @@ def _parse_piece(chunk: str, root: bool) -> _Piece | None:
     except (tomllib.TOMLDecodeError, RecursionError):
         return None
     if root and not _OPENS.match(chunk):  # the text before the first header: root keys
-        return (), data, height(data)
-    path = _header_path(chunk)
-    if path is None:
+        return (), data, height(data), False
+    header = _header_path(chunk)
+    if header is None:
         return None
+    path, array = header
     node: Any = data
     for depth, part in enumerate(path):
         # Above the header's table there is nothing but the path itself.
         if not isinstance(node, dict) or (depth and len(node) != 1) or part not in node:
             return None
         node = node[part]
+    if array:  # [[path]] alone: an array of that one table
+        if not isinstance(node, list) or len(node) != 1:
+            return None
+        node = node[0]
     if len(data) != 1 or not isinstance(node, dict):
         return None
-    return path, node, len(path) + height(node)  # its table sits len(path) below the root
+    return path, node, height(node), array
 
 
-def _header_path(chunk: str) -> tuple[str, ...] | None:
-    """The key path of the header on ``chunk``'s first line."""
+def _header_path(chunk: str) -> tuple[tuple[str, ...], bool] | None:
+    """The key path of the header on ``chunk``'s first line, and whether it
+    is ``[[path]]``."""
     line = chunk.split("\n", 1)[0]
-    if m := _BARE.match(line):
-        return tuple(part.strip(" \t") for part in m[1].split("."))
+    for pattern, array in ((_BARE, False), (_BARE_ARRAY, True)):
+        if m := pattern.match(line):
+            return tuple(part.strip(" \t") for part in m[1].split(".")), array
     try:  # quoted keys: let tomllib read the header alone
         data: Any = tomllib.loads(line)
     except (tomllib.TOMLDecodeError, RecursionError):
@@ -148,35 +158,59 @@ def _header_path(chunk: str) -> tuple[str, ...] | None:
     while isinstance(data, dict) and len(data) == 1:
         ((part, data),) = data.items()
         path.append(part)
-    return tuple(path) if data == {} and path else None
+    if not path:
+        return None
+    if data == {}:
+        return tuple(path), False
+    return (tuple(path), True) if data == [{}] else None
 
 
-def _merge(pieces: list[_Piece]) -> dict[str, Any] | None:
-    """The document the pieces make, by TOML's table rules; None when unsure."""
+def _merge(pieces: list[_Piece]) -> tuple[dict[str, Any], int] | None:
+    """The document the pieces make, by TOML's table rules, and its height;
+    None when unsure."""
     document: dict[str, Any] = {}
-    # Tables headers made, by id: True once declared by its own header,
-    # False while only a header below it made it (it may be declared once).
-    made: dict[int, bool] = {id(document): True}
-    for path, body, _ in pieces:
+    deepest = 0
+    # What headers made, by id: a table declared by its own header, one made
+    # only on the way to a header below it (it may be declared once), an
+    # array of tables.
+    made: dict[int, int] = {id(document): _DECLARED}
+    for path, body, body_height, array in pieces:
         if not path:  # the root keys, before any header
             document.update(body)
+            deepest = max(deepest, body_height)
             continue
-        node = document
+        node, depth = document, len(path) + array + body_height
         for part in path[:-1]:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-                made[id(child)] = False
+                made[id(child)] = _IMPLICIT
+            elif made.get(id(child)) == _ARRAY:  # a header under [[a]]: its last table
+                child = child[-1]
+                depth += 1
             elif id(child) not in made:  # a value, or a table made by keys
                 return None
             node = child
-        table = node.get(path[-1])
-        if table is None:
-            table = node[path[-1]] = dict(body)
-            made[id(table)] = True
-        elif made.get(id(table)) is False and not any(k in table for k in body):
-            table.update(body)
-            made[id(table)] = True
+        # The header's table sits len(path) below the root, one more for each
+        # array on the way and for its own.
+        deepest = max(deepest, depth)
+        last = path[-1]
+        existing = node.get(last)
+        table = dict(body)
+        if array:
+            if existing is None:
+                node[last] = existing = []
+                made[id(existing)] = _ARRAY
+            elif made.get(id(existing)) != _ARRAY:
+                return None
+            existing.append(table)
+        elif existing is None:
+            node[last] = table
+        elif made.get(id(existing)) == _IMPLICIT and not any(k in existing for k in body):
+            existing.update(body)
+            made[id(existing)] = _DECLARED
+            continue
         else:
             return None
-    return document
+        made[id(table)] = _DECLARED
+    return document, deepest
