@@ -6,8 +6,8 @@ The result is always exactly what ``tomllib.loads`` gives, or its error:
 anything this module is not sure of goes to ``tomllib.loads`` on the whole
 text. How that holds:
 
-- The text is cut before every line that opens a table (``[a.b]``). Such a
-  line inside a multi-line string or array leaves the piece before it with an
+- The text is cut before every line that opens a table (``[a.b]``,
+  ``[[a.b]]``). Such a line inside a multi-line string or array leaves the piece before it with an
   unclosed string or array, which ``tomllib`` refuses: then the whole text is
   parsed at once. So a piece that parses alone is parsed the same way as in
   the whole text (TOML has no other construct spanning lines).
@@ -75,7 +75,7 @@ def parse(text: str, key: str = "") -> tuple[dict[str, Any], int]:
             if piece is None:
                 return _whole(text)
             pieces[chunk] = piece
-        elif chunk in pieces:  # the same table text twice: a redefinition
+        elif chunk in pieces:  # the same text twice: an error, or [[a]] twice
             return _whole(text)
         else:
             pieces[chunk] = piece
