@@ -41,8 +41,8 @@ LOW = ("init", "protocol", "fileops", "history", "config")
 ALLOWED: dict[str, frozenset[str]] = {
     "init": frozenset(),
     "protocol": frozenset({"init"}),
-    "fileops": frozenset({"init"}),  # hashing, durable renames: stdlib only
-    "history": frozenset({"init", "protocol"}),
+    "fileops": frozenset({"init"}),  # hashing, durable renames, dropping big files: stdlib only
+    "history": frozenset({"init", "protocol", "fileops"}),  # fileops: a rotation's drop
     "config": frozenset({"init", "protocol", "fileops", "config"}),
     "core": frozenset({*LOW, "core"}),
     "health": frozenset({*LOW, "core", "health"}),
