@@ -55,7 +55,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from supervisor import fileops
 from supervisor.config import CAPABILITIES, ProgramSpec
-from supervisor.core import cgroup
+from supervisor.core import cgroup, exechelper
 
 if TYPE_CHECKING:  # imported where used: an idle daemon never loads psutil (issue 18, RSS)
     import psutil
@@ -241,9 +241,16 @@ def _setpriv() -> str | None:
     return path if "--pdeathsig" in usage.stdout else None
 
 
-def _death_signal_argv(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+def _death_signal_argv(
+    argv: list[str], plain: bool = False
+) -> tuple[list[str], Callable[[], None] | None]:
     """The argv (and preexec function) that give the child a parent-death signal:
     if gosup dies, even by SIGKILL, the kernel kills the child too.
+
+    ``plain``: the child keeps gosup's user and gets no capabilities, so
+    gosup's own static helper can do it (``exechelper``: no more than the
+    exec itself, where setpriv's dynamic linking costs about 1 ms a start).
+    Otherwise, or where that helper is not available, as follows.
 
     ``setpriv --pdeathsig KILL -- prog`` sets it and execs the program, and keeps
     Popen on its vfork path. A ``preexec_fn`` does the same from Python, but it
@@ -256,6 +263,9 @@ def _death_signal_argv(argv: list[str]) -> tuple[list[str], Callable[[], None] |
     is the second exec, not setpriv's libraries, and nothing in Popen sets
     the signal between fork and exec without one of them.
     """
+    # (The helper execs argv[0] as given, without a PATH search.)
+    if plain and os.path.isabs(argv[0]) and (helper := exechelper.path()) is not None:
+        return [helper, *argv], None
     setpriv = _setpriv()
     if setpriv is not None:
         return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
@@ -720,6 +730,7 @@ def _prepare(
     env = child_environment(spec, identity, extra_env)
     executable = resolve_executable(spec.command[0], spec.directory, env)
     _setpriv()  # probed once, here rather than on the loop
+    exechelper.path()  # made and checked once (an exec), likewise
     return executable, env, identity, binary_sha256(executable)
 
 
@@ -861,7 +872,8 @@ def start_child(
     argv = [executable, *command[1:]]
     if listen_fds:
         argv = listen_argv(argv, listen_fds)
-    argv, preexec = _death_signal_argv(argv)
+    # The exec helper needs gosup's user (it is one of gosup's descriptors).
+    argv, preexec = _death_signal_argv(argv, plain=not drop and not capabilities)
     if capabilities:
         argv = _with_capabilities(argv, identity if drop else None, capabilities)
         drop = False  # setpriv switches the user itself, keeping the capabilities
