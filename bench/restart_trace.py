@@ -262,7 +262,7 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
         "kill": "SIGKILL sent -> the process is dead (kernel)",
         "detection": "dead -> the supervisor's code runs (pidfd wakeup / waitpid)",
         "bookkeeping": "-> Popen called (records, state machine)",
-        "fork/exec": "Popen -> goapp exec'd (gosup: via setpriv)",
+        "fork/exec": "Popen -> goapp exec'd (gosup: via its exec helper)",
         "Go start": "exec -> goapp's start stamp",
         "total": "SIGKILL -> start stamp",
     }
