@@ -72,9 +72,10 @@ import contextlib
 import fcntl
 import functools
 import os
-import platform
 import struct
 import subprocess
+import sys
+import threading
 
 CODE = (
     bytes.fromhex(
@@ -129,11 +130,19 @@ _MFD_CLOEXEC, _MFD_ALLOW_SEALING, _MFD_EXEC = 0x1, 0x2, 0x10
 _F_ADD_SEALS, _SEALS = 1033, 0x1 | 0x2 | 0x4 | 0x8
 
 
-@functools.cache
+_made = threading.Lock()
+
+
 def path() -> str | None:
     """``/proc/<gosup>/fd/<n>``, the helper to exec; None where it cannot be
     used (then setpriv is). Made and checked once per process (one exec)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    with _made:  # (two threads' first starts must not make two)
+        return _path()
+
+
+@functools.cache
+def _path() -> str | None:
+    if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
         return None
     fd = _memfd()
     if fd is None:
