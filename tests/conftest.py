@@ -171,6 +171,16 @@ def _remove(procs: list[psutil.Process]) -> None:
                 p.kill()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def exec_helper_made() -> None:
+    """gosup's exec helper (core/exechelper.py) is a memfd kept open for the
+    life of the process, made at its first start: made before any test counts
+    the fds it leaves open (``no_leftover_processes``)."""
+    from supervisor.core import exechelper
+
+    exechelper.path()
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Fail the test if any process it started (at any depth) outlives it, even as a zombie."""
