@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,13 +76,28 @@ def test_rotation_frees_nothing_on_the_callers_thread(
     assert any(op[1] != me and op[2] > 0 for op in seen)  # the thread did delete them
 
 
-def test_a_discarded_backup_left_by_a_killed_gosup_is_deleted_at_the_next_open(
-    tmp_path: Path,
+def _open_log(directory: Path) -> None:
+    RotatingFile(directory / "app.stdout.log", max_size=1000, backups=1).open()
+
+
+def _open_history(directory: Path) -> None:
+    History(directory / "history.jsonl").close()
+
+
+@pytest.mark.parametrize(
+    ("left_name", "open_file"),
+    [
+        (".app.stdout.log.17.gosup-discard", _open_log),
+        (".history.jsonl.5.1234-1.gosup-discard", _open_history),
+    ],
+)
+def test_what_a_killed_gosup_left_to_delete_is_deleted_at_the_next_open(
+    tmp_path: Path, left_name: str, open_file: Callable[[Path], None]
 ) -> None:
-    left = tmp_path / ".app.stdout.log.17.gosup-discard"
+    left = tmp_path / left_name
     left.write_bytes(b"x" * 4096)
     fileops._swept.discard(str(tmp_path))
-    RotatingFile(tmp_path / "app.stdout.log", max_size=1000, backups=1).open()
+    open_file(tmp_path)
     wait_for(lambda: not left.exists(), 10, "the leftover to be deleted")
 
 
@@ -117,13 +133,3 @@ def test_a_history_rotation_frees_nothing_on_the_callers_thread(
     assert ns[0][-1] == 39
     assert all(older[-1] < newer[0] for newer, older in itertools.pairwise(ns))
     assert any(op[1] != me and op[2] > 0 for op in seen)  # the thread did delete them
-
-
-def test_a_dropped_history_file_left_by_a_killed_gosup_is_deleted_at_the_next_open(
-    tmp_path: Path,
-) -> None:
-    left = tmp_path / ".history.jsonl.5.1234-1.gosup-discard"
-    left.write_bytes(b"x" * 4096)
-    fileops._swept.discard(str(tmp_path))
-    History(tmp_path / "history.jsonl").close()
-    wait_for(lambda: not left.exists(), 10, "the leftover to be deleted")
