@@ -177,29 +177,38 @@ def discard(path: str | os.PathLike[str], on_error: OnError = None) -> None:
 
 
 def sweep_discarded(directory: str | os.PathLike[str], on_error: OnError = None) -> None:
-    """Delete, in the thread, what ``discard`` left in ``directory`` when its
-    gosup was killed: once per directory and process."""
+    """Delete what ``discard`` left in ``directory`` when its gosup was killed:
+    once per directory and process, listed and deleted by the thread (a log
+    directory of 1,000 programs holds thousands of names)."""
     key = os.fspath(directory)
     if key in _swept:
         return
     _swept.add(key)
+    _in_thread(_sweep, key, on_error)
+
+
+def _sweep(directory: str, on_error: OnError) -> None:
     try:
-        names = os.listdir(key)
+        names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         if name.startswith(".") and name.endswith(DISCARD_SUFFIX):
-            _unlink_later(os.path.join(key, name), on_error)
+            _unlink_quietly(os.path.join(directory, name), on_error)
 
 
 def _unlink_later(path: str, on_error: OnError) -> None:
+    _in_thread(_unlink_quietly, path, on_error)
+
+
+def _in_thread(fn: Callable[[str, OnError], None], path: str, on_error: OnError) -> None:
     global _discarder
     with _discarder_lock:
         if _discarder is None:
             from concurrent.futures import ThreadPoolExecutor  # (not on the CLI's path)
 
             _discarder = ThreadPoolExecutor(1, thread_name_prefix="gosup-discard")
-        _discarder.submit(_unlink_quietly, path, on_error)
+        _discarder.submit(fn, path, on_error)
 
 
 def _unlink_quietly(path: str, on_error: OnError) -> None:

@@ -92,13 +92,26 @@ def _open_history(directory: Path) -> None:
     ],
 )
 def test_what_a_killed_gosup_left_to_delete_is_deleted_at_the_next_open(
-    tmp_path: Path, left_name: str, open_file: Callable[[Path], None]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    left_name: str,
+    open_file: Callable[[Path], None],
 ) -> None:
     left = tmp_path / left_name
     left.write_bytes(b"x" * 4096)
     fileops._swept.discard(str(tmp_path))
+    listed: list[str] = []
+    real_listdir = os.listdir
+
+    def listdir(path: object = ".") -> list[str]:
+        listed.append(threading.current_thread().name)
+        return real_listdir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "listdir", listdir)
     open_file(tmp_path)
     wait_for(lambda: not left.exists(), 10, "the leftover to be deleted")
+    # Listed by the thread too: a log directory may hold thousands of names.
+    assert listed and threading.current_thread().name not in listed
 
 
 # The history rotates the same way (history_max_size, 64 MiB by default:
