@@ -6,13 +6,13 @@ failed, and its children must die with their parent, even by SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import pid_alive, wait_for
@@ -38,7 +38,7 @@ def test_the_helper_runs_the_program_with_its_argv_and_environment_untouched() -
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
-    argv, seen = __import__("json").loads(done.stdout)
+    argv, seen = json.loads(done.stdout)
     assert argv == args
     assert {k: v for k, v in seen.items() if k != "LC_CTYPE"} == env
 
@@ -66,9 +66,10 @@ def test_the_memfd_is_sealed_and_never_inherited() -> None:
 
 
 _PARENT = """
-import subprocess, sys, time
+import time
+from pathlib import Path
 from supervisor.core import spawn
-p = spawn.start_child(["sleep", "300"], __import__("pathlib").Path("."), {"PATH": "/usr/bin:/bin"})
+p = spawn.start_child(["sleep", "300"], Path("."), {"PATH": "/usr/bin:/bin"})
 print(p.pid, flush=True)
 time.sleep(300)
 """
@@ -102,9 +103,7 @@ def test_a_child_started_through_it_dies_with_its_sigkilled_parent(tmp_path: Pat
             os.kill(child, signal.SIGKILL)
 
 
-def test_gosup_starts_a_plain_program_through_it_and_a_user_switch_through_setpriv(
-    monkeypatch: Any,
-) -> None:
+def test_gosup_starts_a_plain_program_through_it_and_a_user_switch_through_setpriv() -> None:
     helper = exechelper.path()
     assert spawn._death_signal_argv(["/bin/true"], plain=True) == ([helper, "/bin/true"], None)
     # Not as its own user (a switch, capabilities), or a path to search: setpriv.

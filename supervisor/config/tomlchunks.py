@@ -69,16 +69,12 @@ def parse(text: str, key: str = "") -> tuple[dict[str, Any], int]:
     order: list[_Piece] = []
     for i, start in enumerate(starts):
         chunk = text[start : starts[i + 1] if i + 1 < len(starts) else len(text)]
-        piece = before.get(chunk) or pieces.get(chunk)
-        if piece is None:
-            piece = _parse_piece(chunk, root=i == 0)
-            if piece is None:
-                return _whole(text)
-            pieces[chunk] = piece
-        elif chunk in pieces:  # the same text twice: an error, or [[a]] twice
+        if chunk in pieces:  # the same text twice: an error, or [[a]] twice
             return _whole(text)
-        else:
-            pieces[chunk] = piece
+        piece = before.get(chunk) or _parse_piece(chunk, root=i == 0)
+        if piece is None:
+            return _whole(text)
+        pieces[chunk] = piece
         order.append(piece)
     merged = _merge(order)
     if merged is None:

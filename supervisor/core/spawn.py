@@ -259,9 +259,12 @@ def _death_signal_argv(
     Measured again for issue 18 at gosup's RSS (43 MiB, load 10, Popen -> a Go
     program's start stamp, p50 of 40): without either 4.3 ms, setpriv 6.8,
     ``preexec_fn`` 12.2 (Popen itself blocks the loop 9 ms: the fork copies
-    the page tables), a static C helper doing only prctl + exec 6.3: the cost
-    is the second exec, not setpriv's libraries, and nothing in Popen sets
-    the signal between fork and exec without one of them.
+    the page tables), a static C helper doing only prctl + exec 6.3. On the
+    CPU of later runs (a 40 MiB process, p50 of 40) setpriv cost 0.96 ms a
+    start over none, a static helper linked with glibc 0.42, one of bare
+    system calls (``exechelper``) 0.03: there the cost is setpriv's linking
+    and libc's start, not the second exec. Nothing in Popen sets the signal
+    between fork and exec without one of these.
     """
     # (The helper execs argv[0] as given, without a PATH search.)
     if plain and os.path.isabs(argv[0]) and (helper := exechelper.path()) is not None:
