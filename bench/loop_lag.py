@@ -31,7 +31,9 @@ Beside the lag, what bounds it (load-independent where the lag is not):
 the CPU time of gosup's loop thread and of all its threads per crash-loop
 start in the window, how long the loop thread waited for a CPU (run queue,
 ``/proc/PID/task/PID/schedstat``: a share of the window the loop could not
-run however little it had to do) and the load average at both ends.
+run however little it had to do), the load average at both ends and the
+CPU time the hypervisor took from this VM (``steal`` in /proc/stat: the
+machine giving less).
 ``--loop-rt`` is a diagnostic, never the measurement: it gives gosup's loop
 thread (only that thread; its children are not affected,
 ``SCHED_RESET_ON_FORK``) the real-time policy SCHED_RR at priority 1, so the
@@ -166,6 +168,7 @@ def cpu_snapshot(pid: int, wd: Path) -> dict[str, float]:
     """gosup's CPU and run-queue wait (seconds: its loop thread, all its threads),
     its history's ``started`` records so far, the clock and the load average."""
     out = {"t": time.monotonic(), "load1": os.getloadavg()[0], "cpu": 0.0}
+    out["steal"] = steal_seconds()
     out["loop_cpu"] = out["loop_wait"] = 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -181,6 +184,15 @@ def cpu_snapshot(pid: int, wd: Path) -> dict[str, float]:
     return out
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this VM's CPUs had work
+    (``steal`` in /proc/stat, all CPUs, seconds): the machine giving less,
+    which no load average shows."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / (os.sysconf("SC_CLK_TCK") or 100) if len(fields) > 8 else 0.0
+
+
 def cpu_window(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
     """The window's CPU: shares of one core, and milliseconds per start."""
     secs, starts = b["t"] - a["t"], b["starts"] - a["starts"]
@@ -190,6 +202,7 @@ def cpu_window(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
         "loop_cpu_pct": round(100 * (b["loop_cpu"] - a["loop_cpu"]) / secs, 1),
         "all_cpu_pct": round(100 * (b["cpu"] - a["cpu"]) / secs, 1),
         "loop_runq_wait_pct": round(100 * (b["loop_wait"] - a["loop_wait"]) / secs, 1),
+        "steal_pct": round(100 * (b["steal"] - a["steal"]) / secs, 1),
         "loop_cpu_ms_per_start": per("loop_cpu"),
         "all_cpu_ms_per_start": per("cpu"),
         "load1": [round(a["load1"], 2), round(b["load1"], 2)],
@@ -420,9 +433,10 @@ def report(quiet: dict[str, Any], stress: dict[str, Any], n: int) -> tuple[list,
     cost = common.table(
         "What the loop costs (% of one core; run-queue wait: the loop ready, no CPU free)",
         ["phase", "starts", "loop CPU %", "all threads CPU %", "loop run-queue wait %",
-         "loop CPU ms/start", "all CPU ms/start", "load avg (begin, end)"],
+         "loop CPU ms/start", "all CPU ms/start", "load avg (begin, end)", "steal %"],
         [[label, c["starts"], c["loop_cpu_pct"], c["all_cpu_pct"], c["loop_runq_wait_pct"],
-          c["loop_cpu_ms_per_start"], c["all_cpu_ms_per_start"], c["load1"]]
+          c["loop_cpu_ms_per_start"], c["all_cpu_ms_per_start"], c["load1"],
+          c.get("steal_pct", "-")]
          for label, c in (("quiet", quiet["cpu"]), ("stress", stress["cpu"]))],
     )  # fmt: skip
     lag = stress["lag"]
