@@ -7,6 +7,11 @@ a child flooding its output costs one syscall per chunk and gosup's memory
 does not grow (asyncio stops reading the pipe while we write, and the kernel's
 pipe buffer pushes back on the child).
 
+A flood gives way to supervision: while a pipe hands over full chunks and
+the loop runs late (``BulkPacer``), that pipe rests between chunks and the
+child's writes wait in its pipe, so restarts, timers and replies come
+first; on a machine with CPU to spare a flood is read as fast as it comes.
+
 Each run's stderr also keeps a bounded tail of its own, which is what the Go
 crash parser and the exit record's ``output_tail`` read after that child
 exits (the runtime writes its panic there): during an overlap restart the old
@@ -38,6 +43,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,6 +472,97 @@ class PipeReader(asyncio.Protocol):
 READ_SIZE = 256 * 1024  # what one read of a pipe hands over at most (as asyncio's pipes)
 
 
+class BulkPacer:
+    """Output that floods gives way to supervision when the loop runs late.
+
+    A pipe that hands over a full chunk (``READ_SIZE``: the child writes
+    faster than gosup reads) is flooding, and each of its chunks costs the
+    loop a read and a write of 256 KiB. While any pipe floods, a timer every
+    ``PROBE`` seconds measures how late the loop runs it. When it runs more
+    than ``LATE`` late ``STREAK`` times in a row (the machine's CPUs are
+    full, or the loop has more to do than it can; one slow write is not
+    that), a flooding pipe rests ``PAUSE`` after each full chunk for the
+    next ``HOLD`` seconds: at least 10 MiB/s of a flood is still
+    read, the rest waits in the child's pipe (which then blocks the child's
+    writes: nothing is lost), and the loop's restarts, timers and replies
+    come first. Measured (docs/benchmarks.md, "Loop lag"): a 1 GB flood
+    beside 200 crash-looping programs took 47% of a core on the loop,
+    paced 38%, the same as without the flood.
+
+    On a machine with CPU to spare the probe is never late and a flood is
+    read as fast as the child writes. A run that ended is drained at full
+    speed (``PipePump.unpace``). One pacer per loop (``pacer``).
+    """
+
+    PROBE = 0.025  # seconds between the probes, while a pipe floods
+    LATE = 0.002  # how late the probe may run ...
+    STREAK = 3  # ... this many times in a row before floods give way
+    HOLD = 2.0  # seconds floods give way after a late probe
+    PAUSE = 0.025  # a flooding pipe's rest after each full chunk, meanwhile
+    REPORT_EVERY = 60.0  # at most one log line per this many seconds
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.until = -1.0  # loop.time() until which floods give way
+        self.pauses = 0  # rests taken, all told
+        self._handle: asyncio.TimerHandle | None = None
+        self._flooded = False  # a full chunk since the last probe
+        self._streak = 0  # late probes in a row
+        self._reported: float | None = None  # loop.time() of the last log line
+
+    def flooding(self) -> bool:
+        """A pipe handed over a full chunk: whether it should rest now."""
+        self._flooded = True
+        if self._handle is None:
+            self._handle = self._loop.call_later(self.PROBE, self._probe)
+        return self._loop.time() < self.until
+
+    def observe(self, late: float) -> None:
+        """The probe ran ``late`` seconds after it was due."""
+        if late <= self.LATE:
+            self._streak = 0
+            return
+        self._streak += 1
+        if self._streak < self.STREAK:
+            return
+        now = self._loop.time()
+        self.until = now + self.HOLD
+        if self._reported is None or now - self._reported >= self.REPORT_EVERY:
+            self._reported = now
+            logger.info(
+                "the event loop ran {:.0f} ms late: output that floods is read at a "
+                "slower pace for {:g}s, its writer waits (nothing is lost)",
+                1000 * late,
+                self.HOLD,
+            )
+
+    def _probe(self) -> None:
+        handle, self._handle = self._handle, None
+        assert handle is not None
+        self.observe(self._loop.time() - handle.when())
+        if self._flooded:  # else no pipe floods: the probe stops until one does
+            self._flooded = False
+            self._handle = self._loop.call_later(self.PROBE, self._probe)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+_pacers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BulkPacer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pacer(loop: asyncio.AbstractEventLoop) -> BulkPacer:
+    """The loop's BulkPacer (made at its first use)."""
+    found = _pacers.get(loop)
+    if found is None:
+        found = _pacers[loop] = BulkPacer(loop)
+    return found
+
+
 class PipePump:
     """One of a child's output pipes, read on the loop: each chunk goes to
     ``feed``; at its end (EOF, a read error, ``close``) ``at_end`` is called
@@ -487,6 +584,8 @@ class PipePump:
         self._pipe: IO[bytes] | None = pipe
         self._fd = pipe.fileno()
         self._feed, self._done, self._at_end = feed, done, at_end
+        self._pacer: BulkPacer | None = pacer(self._loop)  # None: read at full speed
+        self._rest: asyncio.TimerHandle | None = None  # the reader is off until then
         os.set_blocking(self._fd, False)
         self._loop.add_reader(self._fd, self._read_ready)
 
@@ -506,13 +605,39 @@ class PipePump:
         except Exception as exc:  # a bug in what consumes the output: stop reading
             logger.opt(exception=exc).error("handling a child's output failed")
             self.close()
+            return
+        if len(data) == READ_SIZE and self._pacer is not None and self._pipe is not None:
+            self._give_way(self._pacer)
+
+    def _give_way(self, pace: BulkPacer) -> None:
+        """A full chunk: the pipe floods. Rest if the loop runs late (BulkPacer)."""
+        if pace.flooding():
+            pace.pauses += 1
+            self._loop.remove_reader(self._fd)
+            self._rest = self._loop.call_later(pace.PAUSE, self._go_on)
+
+    def _go_on(self) -> None:
+        self._rest = None
+        if self._pipe is not None:
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def unpace(self) -> None:
+        """Read at full speed from now on (the run is over: drain it)."""
+        self._pacer = None
+        if self._rest is not None:
+            self._rest.cancel()
+            self._go_on()
 
     def close(self) -> None:
         """Stop reading and close the pipe (done at EOF by itself)."""
         pipe, self._pipe = self._pipe, None
         if pipe is None:
             return
-        self._loop.remove_reader(self._fd)
+        if self._rest is not None:  # resting: the reader is off already
+            self._rest.cancel()
+            self._rest = None
+        else:
+            self._loop.remove_reader(self._fd)
         with contextlib.suppress(OSError):
             pipe.close()
         if self._at_end is not None:
@@ -533,6 +658,8 @@ class RunPipes:
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for both pipes to reach EOF, then close them."""
         pending = [fut for fut in self.done if not fut.done()]
+        for transport in self.transports:
+            transport.unpace()  # what is left of the run is read at full speed
         if pending:  # (usually both ended with the child: no wait, no loop turn)
             await asyncio.wait(pending, timeout=timeout)
         self.close()
