@@ -37,6 +37,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import gobuild
 
+
+def _default_signals_for_the_tests() -> None:
+    """A run started as a background job of a script (``bash .ci/run &``)
+    gets SIGINT and SIGQUIT ignored, and every process the tests start
+    would inherit that: a ``gosup history -f`` the test ends with SIGINT
+    would ignore it, as ``tail -f`` would. The tests expect what an
+    operator's terminal gives: the default actions. (What gosup does when
+    it is itself started ignoring signals: tests/test_signal_dispositions.py.)"""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+_default_signals_for_the_tests()
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 TAG_VAR = "GOSUP_TEST_TAG"
@@ -223,11 +239,19 @@ class Gosup:
         self.out = directory / "gosup.out"
         self.err = directory / "gosup.err"
 
-    def start(self, extra_env: dict[str, str] | None = None) -> Gosup:
+    def start(
+        self, extra_env: dict[str, str] | None = None, ignoring: tuple[str, ...] = ()
+    ) -> Gosup:
+        """Start gosup; ``ignoring``: with these signals ("INT", "QUIT" ...)
+        ignored, as a shell script's background job or nohup starts it (sh's
+        ``trap ''`` then ``exec``: gosup keeps the pid)."""
         env = dict(os.environ, **(extra_env or {}))
+        argv = [sys.executable, "-m", "supervisor", "run", str(self.config), *self.args]
+        if ignoring:
+            argv = ["sh", "-c", f"trap '' {' '.join(ignoring)}; exec \"$@\"", "sh", *argv]
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "run", str(self.config), *self.args],
+                argv,
                 cwd=self.dir,
                 stdout=out,
                 stderr=err,

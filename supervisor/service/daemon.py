@@ -192,6 +192,11 @@ class Supervisor:
         router = self.signals = SignalRouter(loop)
         for sig in HANDLED_SIGNALS:
             router.on(sig, self._signals.put_nowait)
+        if ignored := router.catch_ignored():  # else the programs would start ignoring them
+            logger.info(
+                "started with {} ignored: still ignored by gosup, at their default in programs",
+                ", ".join(signal.Signals(sig).name for sig in ignored),
+            )
         dispatcher = loop.create_task(self._dispatch_signals(), name="signals")
         try:
             for service in self.services:

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 Callback = Callable[[int], object]
+# Ignored by Python itself at start, and given back to children by Popen.
+_LEFT_ALONE = frozenset({signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ})
 
 
 def _caught(signum: int, frame: Any) -> None:
@@ -45,6 +47,7 @@ class SignalRouter:
         self._loop = loop
         self._callbacks: dict[int, Callback] = {}
         self._previous: dict[int, Any] = {}  # handlers before ours, for ``release``
+        self._quiet: set[int] = set()  # caught without a callback (``catch_ignored``)
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -63,9 +66,41 @@ class SignalRouter:
     def on(self, sig: int, callback: Callback) -> None:
         """Call ``callback(sig)`` on the loop at each ``sig``."""
         self._callbacks[sig] = callback
+        self._quiet.discard(sig)
         previous = signal.signal(sig, _caught)
         self._previous.setdefault(sig, previous)
         signal.siginterrupt(sig, False)  # a system call in a thread is restarted, not failed
+
+    def catch_ignored(self) -> list[int]:
+        """Catch, and do nothing at, every signal this process was started
+        ignoring; returns them.
+
+        An ignored signal stays ignored across fork and exec, and a child
+        would start ignoring it too: a shell script's background job starts
+        with SIGINT and SIGQUIT ignored, nohup with SIGHUP. gosup catches
+        SIGINT and SIGHUP itself, but not SIGQUIT or SIGTSTP, say: a program
+        that sets no handler of its own would keep ignoring them, and sh
+        cannot even trap a signal that was ignored when it started, so
+        ``gosup signal QUIT`` to a wrapper script did nothing. A caught signal
+        is reset to its default in the child at exec, and gosup goes on doing
+        nothing at it. SIGPIPE and SIGXFSZ stay as Python set them (Popen
+        gives them back to children). A later ``on`` for one of them takes
+        it over."""
+        caught: list[int] = []
+        for sig in sorted(signal.valid_signals()):
+            if sig in _LEFT_ALONE or sig in self._callbacks:
+                continue
+            try:
+                if signal.getsignal(sig) != signal.SIG_IGN:
+                    continue
+                previous = signal.signal(sig, _caught)
+            except (OSError, ValueError):  # one the kernel or Python will not hand over
+                continue
+            self._previous.setdefault(sig, previous)
+            self._quiet.add(sig)
+            signal.siginterrupt(sig, False)
+            caught.append(int(sig))
+        return caught
 
     def ignore(self, sig: int) -> None:
         """From now on ``sig`` does nothing at all (never its default action)."""
@@ -83,8 +118,9 @@ class SignalRouter:
         if not self._open:
             return
         self._open = False
-        for sig in list(self._callbacks):
+        for sig in [*self._callbacks, *self._quiet]:
             self.release(sig)
+        self._quiet.clear()
         self._loop.remove_reader(self._reader.fileno())
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(self._previous_fd)
