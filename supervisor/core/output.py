@@ -544,11 +544,6 @@ class BulkPacer:
             self._flooded = False
             self._handle = self._loop.call_later(self.PROBE, self._probe)
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
 
 _pacers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BulkPacer] = (
     weakref.WeakKeyDictionary()
