@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import pid_alive, wait_for
 from test_program_unit import FAST, WAIT, Harness, run
 
@@ -101,6 +102,34 @@ def test_a_command_before_the_restart_waits_for_the_sweep(tmp_path: Path) -> Non
         # The replacement was started before the exit's bookkeeping (and so
         # before the stop queued during it): the stop then stopped it.
         assert len(h.children) == 2 and not h.children[1].alive()
+
+    run(tmp_path, body, backoff=FAST, start_seconds=5.0)
+
+
+def test_a_crash_that_can_have_left_nothing_is_not_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subreaper gosup skips the sweep's thread hop when the run's group is
+    empty and it has no child it did not start; a stray child, or a gosup
+    that adopts nothing (its leftovers can be anywhere), still sweeps."""
+    strays = [False]
+    monkeypatch.setattr(spawn, "strays", lambda: strays[0])
+
+    async def body(h: Harness) -> None:
+        swept: list[str] = []
+        adopts = [True]
+        h.program.ctx.marked_escapees = lambda name: swept.append(name) or []
+        h.program.ctx.adopts = lambda: adopts[0]
+        h.program.post(Start())
+        for n, (adopting, stray, sweeps) in enumerate(
+            [(True, False, 0), (True, True, 1), (False, False, 2), (True, False, 2)], start=1
+        ):
+            adopts[0], strays[0] = adopting, stray
+            await h.started(n)
+            h.child.exit(1)  # a failed start: swept (or not) before the backoff
+            await h.until(lambda: h.program.state in (S.BACKOFF, S.FATAL), f"backoff #{n}")
+            assert len(swept) == sweeps, (n, swept)
+            await h.advance(60.0)  # past any backoff
 
     run(tmp_path, body, backoff=FAST, start_seconds=5.0)
 

@@ -7,7 +7,8 @@
 - our cgroup's paths and limits are read once per few seconds, not at each
   start; a reload makes them read again.
 - the crash sweep of a subreaper gosup reads only the environments of the
-  orphans it adopted, not every process's.
+  orphans it adopted, not every process's; a crash whose group is empty
+  and that left no orphan is not swept at all (``spawn.strays``).
 - the reaper reads the state of the children it did not start only.
 - a stop's tree walk reads the tree's own /proc entries, not every process's.
 """
@@ -222,6 +223,56 @@ def test_the_sweep_of_a_subreaper_looks_only_at_what_it_adopted(tmp_path: Path) 
     finally:
         os.kill(outsider, signal.SIGKILL)
         wait_for(lambda: not pid_alive(outsider), 10, "the outsider to go")
+
+
+_STRAYS = """
+import os, signal, threading
+from pathlib import Path
+from supervisor.core import spawn
+
+assert spawn.become_subreaper()
+assert not spawn.strays(), "no child yet"
+started, done = threading.Event(), threading.Event()
+helper = []
+
+def program():  # started by another thread, as gosup's spawn thread starts programs
+    cmd = ["sh", "-c", "setsid sleep 60 </dev/null >/dev/null 2>&1 & echo $!"]
+    p = spawn.start_child(cmd, Path("."), dict(os.environ))
+    helper.append(int(p.stdout.read().split()[0]))
+    p.wait()  # the program is gone: its helper is an orphan now
+    started.set()
+    done.wait(30)  # this thread, the one that started the program, lives on
+
+t = threading.Thread(target=program)
+t.start()
+assert started.wait(30)
+main = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+print("stray", spawn.strays(), helper[0], main, flush=True)
+os.kill(helper[0], signal.SIGKILL)
+os.waitpid(helper[0], 0)
+print("after", spawn.strays(), flush=True)
+done.set()
+t.join()
+"""
+
+
+def test_an_orphan_comes_to_the_main_thread_and_is_a_stray(tmp_path: Path) -> None:
+    """``spawn.strays`` reads only the main thread's children: the kernel gives
+    an orphan to its subreaper's first live thread, even when another thread
+    (still alive) started the program that left it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _STRAYS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    word, verdict, helper, main = first.split(" ", 3)
+    assert (word, verdict) == ("stray", "True"), first
+    assert f"'{helper}'" in main, f"the orphan {helper} is not the main thread's child: {main}"
+    assert second == "after False", second
 
 
 def test_the_reaper_reads_no_state_of_the_children_it_is_told_to_skip() -> None:

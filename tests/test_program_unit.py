@@ -88,6 +88,9 @@ class FakeChild:
     def ended_ago(self) -> float:
         return 0.0
 
+    def group_empty(self) -> bool:
+        return True
+
     def group_members(self) -> list[Any]:
         return []
 

@@ -111,6 +111,9 @@ class Context:
     # program name -> processes of its past runs that left its group and were
     # found by their marks (service/orphans.py); swept with the group at a stop
     marked_escapees: Callable[[str], list[psutil.Process]] = lambda name: []
+    # whether the orphans of gosup's children come to it (the subreaper, PID 1):
+    # then a crash whose group is empty and that left no orphan needs no sweep
+    adopts: Callable[[], bool] = lambda: False
     # (spec, extra env, at_once=) -> (child, binary sha256); tests inject fakes here
     launcher: Launcher = spawn.launch
 
@@ -779,10 +782,17 @@ class Program:
         yet. After a start at once it runs beside the new run, which it must
         never touch: only processes started before ``started_from`` (the
         clock tick the new start began in, ``spawn.start_ticks``) are killed,
-        and the children of those (a leftover's late fork)."""
+        and the children of those (a leftover's late fork).
+
+        Most crashes leave nothing: when gosup adopts orphans, the run's group
+        is empty and gosup has no child it did not start (``spawn.strays``),
+        nothing of the run can be left, and no thread is asked (under a crash
+        loop the sweeps' hops cost gosup more CPU than anything else did)."""
         if self._crashed is None:
             return
         (child, snapshot), self._crashed = self._crashed, None
+        if not snapshot and self.ctx.adopts() and child.group_empty() and not spawn.strays():
+            return
 
         def sweep() -> None:
             with spawn.one_look():

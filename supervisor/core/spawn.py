@@ -342,6 +342,28 @@ def one_look() -> Iterator[None]:
             _look.children = None
 
 
+def strays() -> bool:
+    """Whether gosup has a child it did not start: an orphan re-parented to it
+    (as the subreaper or PID 1), or one whose start another thread has not
+    registered yet. Called on the loop (main) thread after a crash, to skip
+    the sweep when nothing can be left (``Program._sweep_crashed``).
+
+    One file: the main thread's ``/proc/self/task/PID/children``. The kernel
+    gives an orphan to the first live thread of its reaper, the main thread
+    while it runs (kernel/exit.c, ``find_new_reaper``/``find_alive_thread``,
+    Linux >= 3.19), and a child the loop thread forked itself is registered
+    before the loop goes on. True where the kernel lacks the file (unknown)."""
+    if not _children_files():
+        return True
+    try:
+        listed = _read_proc(f"/proc/self/task/{os.getpid()}/children").split()
+    except OSError:
+        return True
+    if not listed:
+        return False
+    return not {int(pid) for pid in listed} <= _started_pids(running_only=True)
+
+
 def adopted(program: str) -> list[psutil.Process]:
     """Orphans of ``program``'s runs re-parented to gosup (the subreaper), found
     by their ``GOSUP_PROGRAM`` mark, with their descendants. Children gosup
@@ -547,6 +569,18 @@ class Child:
             if _pgid(proc.pid) not in (self.pid, None):
                 with contextlib.suppress(psutil.Error):
                     proc.send_signal(sig)
+
+    def group_empty(self) -> bool:
+        """Whether nothing is left in the child's process group (one ``kill(0)``,
+        after the leader was reaped); False when something is, even a process
+        gosup may not signal."""
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def group_members(self) -> list[psutil.Process]:
         """Processes still in the child's process group (after the leader is gone)."""

@@ -90,6 +90,7 @@ def build(config: AppConfig, *, echo: bool = False, dev: bool = False) -> Superv
     sup.services = [s for s in services if s is not None]
     sup.ctx.env_providers = (go_env, leftovers.marks, notify.environment)
     sup.ctx.marked_escapees = leftovers.escapees
+    sup.ctx.adopts = lambda: leftovers.adopts
 
     def config_sync(sup: Supervisor, program: Program) -> Attachment | None:
         if not program.spec.config_files:
