@@ -96,6 +96,10 @@ def _json_default(value: object) -> object:
     return to_dict() if callable(to_dict) else str(value)
 
 
+# One encoder for every record (json.dumps with options makes one a call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
 def backup_path(path: Path, index: int) -> Path:
     """``history.jsonl.1`` (the newest backup), ``.2`` ..."""
     return path.with_name(f"{path.name}.{index}")
@@ -155,7 +159,7 @@ class History:
             head["program"] = program
         head["event"] = event
         rec: dict[str, object] = head | fields
-        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+        line = _ENCODER.encode(rec)
         self._append((line + "\n").encode())
         if not all(type(value) in _PLAIN for value in fields.values()):
             rec = json.loads(line)  # as a reader will see it: Crash -> dict, Path -> str

@@ -70,6 +70,13 @@ READY_GRACE = 1.0  # the readiness backstop fires this long after within + timeo
 # The longest a start waits for work handed in with hold_next_start (a slow
 # disk): past it the program starts all the same and the work finishes by itself.
 HOLD_TIMEOUT = 10.0
+# A crash loop's log: the first LOUD_FAILURES failed runs in a row are logged
+# in full (started, exited); after them, one exit line every FOLD_EVERY seconds
+# says how many were not logged (the history has every run). 200 programs
+# crash-looping wrote 400 lines a second, past journald's rate limit, and the
+# lines cost gosup's loop more than any other part of a start.
+LOUD_FAILURES = 5
+FOLD_EVERY = 30.0
 # Restarts gosup asks for itself that count as a failed run when they recur
 # within backoff.reset_after of the start (a limit below the idle baseline).
 FAILING_RESTARTS = frozenset({"leak", "unhealthy"})
@@ -275,6 +282,8 @@ class Program:
         # taken at its stop), and the sweeps running beside a new run.
         self._crashed: tuple[spawn.Child, list[psutil.Process]] | None = None
         self._exit_log: dict[str, Any] | None = None  # an exit logged after its restart began
+        self._folded = 0  # a long failure series' exits not logged since the last line
+        self._folded_at = 0.0  # (ctx.clock) when its last exit line was logged
         self._sweeps: set[asyncio.Future[None]] = set()
 
     # -- the outside world's side --------------------------------------------
@@ -595,7 +604,10 @@ class Program:
             for pipe in (child.stdout, child.stderr):
                 with contextlib.suppress(OSError):
                     pipe.close()
-        logger.info("{}: started pid {}", self.name, child.pid)
+        if self.failures < LOUD_FAILURES:
+            logger.info("{}: started pid {}", self.name, child.pid)
+        else:  # a long failure series: its exit lines say how it goes (_log_exit)
+            logger.debug("{}: started pid {}", self.name, child.pid)
         if spec.ready is None:
             self._deadline = self.ctx.clock() + spec.start_seconds
         else:  # the prober decides; this is only its backstop
@@ -745,7 +757,8 @@ class Program:
         self._crashed = (child, list(self._snapshot))
         if not at_once:
             await self._sweep_crashed(None)
-        self._log_exit(info, later=at_once)
+        failed = not healthy and self._should_restart(code)  # a failure series goes on
+        self._log_exit(info, later=at_once, series=self.failures + 1 if failed else 0)
         if self._should_restart(code):
             self._after_failed_run(healthy=healthy)
         await self._run_ended(child, None)
@@ -757,15 +770,38 @@ class Program:
             logger.opt(exception=exc).error("{}: cannot list what is left of the run", self.name)
             return list(self._snapshot)
 
-    def _log_exit(self, info: dict[str, Any] | None, later: bool = False) -> None:
+    def _log_exit(self, info: dict[str, Any] | None, later: bool = False, series: int = 0) -> None:
         """Log an exit; ``later``: once the restart at once has begun (a log line
-        is a fraction of a millisecond the replacement need not wait for)."""
+        is a fraction of a millisecond the replacement need not wait for).
+
+        ``series``: the exit is the n-th failed run in a row (0: not a failed
+        run). Past LOUD_FAILURES, one exit line every FOLD_EVERY seconds."""
         if later:
             self._exit_log = info
             return
         info, self._exit_log = info or self._exit_log, None
-        if info is not None:
-            logger.warning("{}: exited: {}", self.name, _exit_summary(info))
+        if info is None:
+            return
+        summary = _exit_summary(info)
+        if series < LOUD_FAILURES:
+            self._folded = 0
+        elif series == LOUD_FAILURES:
+            self._folded, self._folded_at = 0, self.ctx.clock()
+            summary += (
+                f" ({series} failed runs in a row: from now on one exit line every"
+                f" {FOLD_EVERY:g}s; `gosup history {self.name}` has every run)"
+            )
+        elif self.ctx.clock() - self._folded_at < FOLD_EVERY:
+            self._folded += 1
+            logger.debug("{}: exited: {}", self.name, summary)
+            return
+        else:
+            summary += (
+                f" (failed run {series} in a row; {self._folded} more exits since the"
+                f" last line, each in the history)"
+            )
+            self._folded, self._folded_at = 0, self.ctx.clock()
+        logger.warning("{}: exited: {}", self.name, summary)
 
     def _leftovers(
         self, child: spawn.Child, snapshot: list[psutil.Process]
