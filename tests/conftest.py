@@ -247,11 +247,15 @@ class Gosup:
         self.err = directory / "gosup.err"
 
     def start(
-        self, extra_env: dict[str, str] | None = None, ignoring: tuple[str, ...] = ()
+        self,
+        extra_env: dict[str, str] | None = None,
+        ignoring: tuple[str, ...] = (),
+        session: bool = False,
     ) -> Gosup:
         """Start gosup; ``ignoring``: with these signals ("INT", "QUIT" ...)
         ignored, as a shell script's background job or nohup starts it (sh's
-        ``trap ''`` then ``exec``: gosup keeps the pid)."""
+        ``trap ''`` then ``exec``: gosup keeps the pid); ``session``: in a
+        session of its own, as systemd starts it (else it shares the tests')."""
         env = dict(os.environ, **(extra_env or {}))
         argv = [sys.executable, "-m", "supervisor", "run", str(self.config), *self.args]
         if ignoring:
@@ -264,6 +268,7 @@ class Gosup:
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                start_new_session=session,
             )
         return self
 

@@ -149,6 +149,7 @@ def test_full_example_parses_to_the_documented_values(tmp_path: Path) -> None:
     assert sup.log_dir == tmp_path / "logs"
     assert sup.metrics_listen == "127.0.0.1:9109"
     assert sup.shutdown_timeout == 30.0
+    assert sup.nice == -10  # the default
 
     api = config.program("api")
     assert config.programs == (api,)
@@ -592,6 +593,9 @@ def test_missing_or_bad_command(tmp_path: Path, text: str, expected: str) -> Non
             "supervisor.metrics_listen: must be 'host:port'",
         ),
         ("[supervisor]\nshutdown_timeout = '0s'", "supervisor.shutdown_timeout: must be > 0"),
+        ("[supervisor]\nnice = 20", "supervisor.nice: must be a nice value from -20 to 19, got 20"),
+        ("[supervisor]\nnice = -21", "supervisor.nice: must be a nice value from -20 to"),
+        ("[supervisor]\nnice = 'high'", "supervisor.nice: must be an integer, not string"),
         ("supervisor = 1", "supervisor: must be a table, not integer"),
         ("programs = []", "programs: must be a table, not array"),
         ("[programs]\napi = 'x'", "programs.api: must be a table, not string"),

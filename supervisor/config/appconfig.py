@@ -231,6 +231,7 @@ class SupervisorSpec:
     history_max_size: int = 64 * 1024**2  # history.jsonl rotates here ...
     history_backups: int = 5  # ... keeping this many older files
     status_page: bool = False  # the read-only HTML page at metrics_listen "/"
+    nice: int = -10  # gosup's session's autogroup nice (service/cpuweight.py)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,13 @@ def _integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _wrong_type("an integer", value)
     return value
+
+
+def _nice(value: object) -> int:
+    n = _integer(value)
+    if not -20 <= n <= 19:
+        raise ValueError(f"must be a nice value from -20 to 19, got {n}")
+    return n
 
 
 def _number(value: object) -> float:
@@ -540,6 +548,7 @@ def _supervisor(t: _Table | None, base: str) -> SupervisorSpec:
             "history_backups", _non_negative_integer, SupervisorSpec.history_backups
         ),
         status_page=t.get("status_page", _boolean, False),
+        nice=t.get("nice", _nice, SupervisorSpec.nice),
     )
     if spec.status_page and spec.metrics_listen is None:
         t.error("status_page", "needs metrics_listen (the page is served there, at /)")

@@ -40,6 +40,7 @@ from supervisor.core.states import SIGNALLABLE_STATES, ProcessState
 from supervisor.core.tasks import cancel_and_wait
 from supervisor.history import History
 from supervisor.protocol import HISTORY_NAME
+from supervisor.service import cpuweight
 from supervisor.service.signals import SignalRouter
 
 # How a program's child runs (DESIGN §4): a reload that changes one of these
@@ -197,6 +198,8 @@ class Supervisor:
                 "started with {} ignored: still ignored by gosup, at their default in programs",
                 ", ".join(signal.Signals(sig).name for sig in ignored),
             )
+        # Before any program starts: what busy programs take, gosup still gets.
+        logger.log(*cpuweight.weigh_session(self.config.supervisor.nice))
         dispatcher = loop.create_task(self._dispatch_signals(), name="signals")
         try:
             for service in self.services:
