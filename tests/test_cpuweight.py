@@ -48,13 +48,14 @@ def test_a_higher_nice_is_applied_without_privilege(gosup_factory: Any) -> None:
 
 
 def test_a_gosup_sharing_its_session_leaves_it_alone(gosup_factory: Any) -> None:
-    g = gosup_factory(SLEEPER)
+    ours = _autogroup_nice(os.getpid())
+    g = gosup_factory("[supervisor]\nnice = 7\n" + SLEEPER)  # (unprivileged: it could)
     g.args = [*g.args, "-v"]
     g.start()  # in the tests' session, as `gosup run` typed in a shell
     try:
         g.running_pid("s")
-        assert _autogroup_nice(g.pid) == _autogroup_nice(os.getpid())
-        assert "not applied: gosup does not lead its session" in g.log()
+        assert _autogroup_nice(g.pid) == _autogroup_nice(os.getpid()) == ours != 7
+        assert "nice = 7 not applied: gosup does not lead its session" in g.log()
     finally:
         assert g.stop() == 0
 
@@ -70,27 +71,27 @@ def test_weigh_session_outcomes(tmp_path: Path) -> None:
     )
     group.write_text("/autogroup-7 nice 0\n")
     # This test's process does not lead its session: nothing is written.
+    out = _weigh_in_a_child(group, session=False)
+    assert out.startswith("DEBUG|[supervisor] nice = -10 not applied: gosup does not lead"), out
+    assert group.read_text() == "/autogroup-7 nice 0\n"
+    # Leading its session, it writes the value (here into a plain file).
+    out = _weigh_in_a_child(group, session=True)
+    assert out.startswith("INFO|gosup's session runs at nice -10"), out
+    assert group.read_text() == "-10"
+
+
+def _weigh_in_a_child(group: Path, session: bool) -> str:
+    """``weigh_session(-10, group)`` in a child process, leading its own
+    session or not: "LEVEL|message"."""
     probe = (
         "import sys; from pathlib import Path; from supervisor.service import cpuweight;"
         "print(*cpuweight.weigh_session(-10, Path(sys.argv[1])), sep='|')"
     )
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", probe, str(group)],
         capture_output=True,
         text=True,
         check=True,
+        start_new_session=session,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     ).stdout.strip()
-    assert out.startswith("DEBUG|[supervisor] nice = -10 not applied: gosup does not lead"), out
-    assert group.read_text() == "/autogroup-7 nice 0\n"
-    # Leading its session, it writes the value (here into a plain file).
-    out = subprocess.run(
-        [sys.executable, "-c", probe, str(group)],
-        capture_output=True,
-        text=True,
-        check=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    ).stdout.strip()
-    assert out.startswith("INFO|gosup's session runs at nice -10"), out
-    assert group.read_text() == "-10"

@@ -245,11 +245,14 @@ def program():  # started by another thread, as gosup's spawn thread starts prog
 
 t = threading.Thread(target=program)
 t.start()
-assert started.wait(30)
-main = open(f"/proc/self/task/{os.getpid()}/children").read().split()
-print("stray", spawn.strays(), helper[0], main, flush=True)
-os.kill(helper[0], signal.SIGKILL)
-os.waitpid(helper[0], 0)
+try:
+    assert started.wait(30)
+    main = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+    print("stray", spawn.strays(), helper[0], main, flush=True)
+finally:  # the helper never outlives this script
+    if helper:
+        os.kill(helper[0], signal.SIGKILL)
+        os.waitpid(helper[0], 0)
 print("after", spawn.strays(), flush=True)
 done.set()
 t.join()

@@ -73,8 +73,8 @@ HOLD_TIMEOUT = 10.0
 # A crash loop's log: the first LOUD_FAILURES failed runs in a row are logged
 # in full (started, exited); after them, one exit line every FOLD_EVERY seconds
 # says how many were not logged (the history has every run). 200 programs
-# crash-looping wrote 400 lines a second, past journald's rate limit, and the
-# lines cost gosup's loop more than any other part of a start.
+# crash-looping wrote 400 lines a second, past journald's default rate limit
+# (10,000 lines in 30 s), after which it drops gosup's other lines too.
 LOUD_FAILURES = 5
 FOLD_EVERY = 30.0
 # Restarts gosup asks for itself that count as a failed run when they recur
@@ -757,9 +757,10 @@ class Program:
         self._crashed = (child, list(self._snapshot))
         if not at_once:
             await self._sweep_crashed(None)
-        failed = not healthy and self._should_restart(code)  # a failure series goes on
+        restart = self._should_restart(code)
+        failed = restart and not healthy  # a failure series goes on
         self._log_exit(info, later=at_once, series=self.failures + 1 if failed else 0)
-        if self._should_restart(code):
+        if restart:
             self._after_failed_run(healthy=healthy)
         await self._run_ended(child, None)
 
