@@ -216,16 +216,9 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         desc = _describe(left)
         _remove(left)
         pytest.fail(f"processes left behind: {desc}")
-    # fds the test process itself still holds open (pipes to gosup, files).
-    # One a thread of gosup's code holds for a moment (the discard thread
-    # listing a directory) closes by itself: looked at again, 2 s at most.
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked_fds = set(os.listdir("/proc/self/fd")) - fds_before
-        leaked = {fd for fd in leaked_fds if os.path.exists(f"/proc/self/fd/{fd}")}
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)  # a poll with a deadline
+    leaked_fds = set(os.listdir("/proc/self/fd")) - fds_before
+    # fds the test process itself still holds open (pipes to gosup, files)
+    leaked = {fd for fd in leaked_fds if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked, f"file descriptors left open: {leaked}"
 
 

@@ -77,7 +77,9 @@ def test_rotation_frees_nothing_on_the_callers_thread(
 
 
 def _open_log(directory: Path) -> None:
-    RotatingFile(directory / "app.stdout.log", max_size=1000, backups=1).open()
+    log = RotatingFile(directory / "app.stdout.log", max_size=1000, backups=1)
+    log.open()
+    log.close()  # a RotatingFile holds a bare fd: dropping it closes nothing
 
 
 def _open_history(directory: Path) -> None:
