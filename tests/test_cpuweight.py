@@ -80,6 +80,21 @@ def test_weigh_session_outcomes(tmp_path: Path) -> None:
     assert group.read_text() == "-10"
 
 
+def test_the_default_autogroup_is_not_mistaken_for_no_autogroups(tmp_path: Path) -> None:
+    """A session started by no setsid since boot (PID 1's, a CI runner's) is
+    in the kernel's default group: its /proc/PID/autogroup is empty, not
+    missing. gosup sharing such a session says it does not lead it; leading
+    one (which setsid would have given its own group) it says why not."""
+    group = tmp_path / "autogroup"
+    group.write_text("")
+    out = _weigh_in_a_child(group, session=False)
+    assert out.startswith("DEBUG|[supervisor] nice = -10 not applied: gosup does not lead"), out
+    out = _weigh_in_a_child(group, session=True)
+    assert out.startswith("INFO|[supervisor] nice = -10 not applied: gosup's session is in"), out
+    assert "the kernel's default autogroup" in out, out
+    assert group.read_text() == ""
+
+
 def _weigh_in_a_child(group: Path, session: bool) -> str:
     """``weigh_session(-10, group)`` in a child process, leading its own
     session or not: "LEVEL|message"."""

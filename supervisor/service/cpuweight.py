@@ -50,15 +50,23 @@ def weigh_session(nice: int, path: Path = AUTOGROUP) -> tuple[str, str]:
     """Set our session's autogroup nice to ``nice``: (log level, what to log).
     Not applied because gosup shares its session is a debug line (each
     ``gosup run`` in a shell); any other outcome is worth an info line."""
-    current = session_nice(path)
-    if current is None:
+    if not path.exists():
         return "INFO", "[supervisor] nice: this kernel has no autogroups (no /proc/self/autogroup)"
+    current = session_nice(path)
     if current == nice:
         return "INFO", f"gosup's session runs at nice {nice} (autogroup), its programs' at 0"
     if os.getsid(0) != os.getpid():
         return "DEBUG", (
             f"[supervisor] nice = {nice} not applied: gosup does not lead its session "
             "(started from a shell), which it would raise with it"
+        )
+    if current is None:
+        # The kernel prints nothing for a task outside any autogroup: a
+        # session no setsid has made since boot (PID 1's) stays in the
+        # default group, which has no weight of its own to set.
+        return "INFO", (
+            f"[supervisor] nice = {nice} not applied: gosup's session is in "
+            "the kernel's default autogroup (empty /proc/self/autogroup)"
         )
     try:
         path.write_text(str(nice))
