@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -93,16 +94,35 @@ def loadgen() -> Path:
 
 def go_build(src: Path, out: Path) -> Path:
     """``go build`` of the stdlib-only package in ``src`` into ``out``, unless
-    ``out`` is newer than every source; BenchError when it cannot be built."""
-    sources = [*src.glob("*.go"), src / "go.mod"]
-    newest = max(p.stat().st_mtime for p in sources if p.exists())
-    if out.exists() and out.stat().st_mtime >= newest:
+    ``out`` was built from these very sources (a digest of them is kept beside
+    it: an mtime would call a copied or restored cache up to date);
+    BenchError when it cannot be built."""
+    stamp = out.with_name(out.name + ".sources")
+    digest = _sources_digest(src)
+    if out.exists() and stamp.exists() and stamp.read_text() == digest:
         return out
+    stamp.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _build(src, out)
+    stamp.write_text(digest)
+    return out
+
+
+def _sources_digest(src: Path) -> str:
+    """sha256 over the package's file names and contents."""
+    h = hashlib.sha256()
+    for path in sorted([*src.glob("*.go"), src / "go.mod"]):
+        if path.exists():
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _build(src: Path, out: Path) -> None:
     gobuild = _import_gobuild()
     if gobuild is not None:  # the tests' builder: the same flags the tests use
         try:
-            return Path(gobuild.build(src, out))
+            gobuild.build(src, out)
+            return
         except RuntimeError as exc:
             raise BenchError(f"go build of {src} failed:\n{str(exc)[-2000:]}") from exc
     go = shutil.which("go", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
@@ -114,7 +134,6 @@ def go_build(src: Path, out: Path) -> Path:
     )
     if run.returncode != 0:
         raise BenchError(f"go build of {src} failed:\n{run.stderr[-2000:]}")
-    return out
 
 
 def _import_gobuild() -> Any:
